@@ -1,0 +1,65 @@
+"""Argument checks shared by the network and the training loop (raise MLPError)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from mlp.errors import MLPError
+
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype) -> np.dtype:
+    """``"float32"``/``"float64"`` (or the numpy types) -> ``np.dtype``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise MLPError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return dt
+
+
+def check_X(X, n_features: int, dtype: np.dtype, name: str = "X", finite: bool = False):
+    """Return ``X`` as a C-contiguous ``(n, n_features)`` array of ``dtype`` (copy only if needed)."""
+    X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != n_features:
+        raise MLPError(f"{name} must have shape (n, {n_features}), got {X.shape}")
+    if X.shape[0] == 0:
+        raise MLPError(f"{name} has no rows")
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool):
+        raise MLPError(f"{name} must be numeric, got dtype {X.dtype}")
+    X = np.ascontiguousarray(X, dtype=dtype)
+    if finite and not np.isfinite(X).all():
+        raise MLPError(f"{name} contains NaN or infinite values")
+    return X
+
+
+def check_y(y, n: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """Return integer labels ``(n,)`` as ``intp`` after checking shape and range."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise MLPError(f"{name} must have shape ({n},) to match the inputs, got {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise MLPError(f"{name} must hold integer class labels, got dtype {y.dtype}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        raise MLPError(
+            f"{name} labels must be in [0, {n_classes}), got values from {lo} to {hi}"
+        )
+    return y.astype(np.intp, copy=False)
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
+                 integer=False) -> None:
+    """Check ``value`` is a (finite, real or integer) number within the given bounds."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
+        what = "an integer" if integer else "a finite number"
+        raise MLPError(f"{name} must be {what}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise MLPError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise MLPError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")

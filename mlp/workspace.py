@@ -1,0 +1,121 @@
+"""Preallocated buffers for one batch size, and the training kernels that fill them.
+
+The training loop calls :func:`train_step` hundreds of times per epoch; every array it
+touches (batch copy, activations, dropout masks, gradients) lives in a :class:`Workspace`
+allocated once per batch size, so a step allocates almost nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlp.losses import softmax_cross_entropy_grad_
+
+
+class Workspace:
+    """Buffers for batches of exactly ``n`` rows of a given network.
+
+    Attributes
+    ----------
+    X : ndarray, shape (n, n_features)
+        Where the loop gathers the batch's inputs.
+    y : ndarray of intp, shape (n,)
+        The batch's labels.
+    A : list of ndarray, A[l] shape (n, fan_out_l)
+        Layer outputs (activation applied in place; the last one holds the logits, then
+        the logits' gradient).
+    dW, db : lists of ndarray shaped like the weights and biases
+        Gradients of the objective (mean CE + l2/2 sum ||W||^2).
+    grads : list of ndarray
+        ``[dW0, db0, dW1, db1, ...]``, aligned with ``MLP.params``.
+    """
+
+    def __init__(self, net, n: int, dropout: float = 0.0) -> None:
+        dt = net.dtype
+        sizes = [W.shape[1] for W in net.weights]
+        self.n = n
+        self.dropout = float(dropout)
+        self.X = np.empty((n, net.weights[0].shape[0]), dt)
+        self.y = np.empty(n, np.intp)
+        self.A = [np.empty((n, k), dt) for k in sizes]
+        hidden = sizes[:-1]
+        # dZ of hidden layers; the output layer's dZ is written over its logits.
+        self.dZ = [np.empty((n, k), dt) for k in hidden]
+        if self.dropout:
+            self.mask = [np.empty((n, k), dt) for k in hidden]
+            self.keep = [np.empty((n, k), bool) for k in hidden]
+            self.D = [np.empty((n, k), dt) for k in hidden]  # dropped-out outputs
+        else:
+            self.D = self.A[:-1]
+        self.dW = [np.empty_like(W) for W in net.weights]
+        self.db = [np.empty_like(b) for b in net.biases]
+        self.grads = [g for pair in zip(self.dW, self.db, strict=True) for g in pair]
+        self._l2_tmp = [np.empty_like(W) for W in net.weights]
+
+
+def train_step(net, ws: Workspace, X: np.ndarray, y: np.ndarray, l2: float,
+               rng: np.random.Generator | None = None) -> tuple[float, int]:
+    """Forward and backward pass on one batch; gradients land in ``ws.dW``/``ws.db``.
+
+    Parameters
+    ----------
+    net : MLP
+    ws : Workspace
+        Built for ``X.shape[0]`` rows.
+    X : ndarray, shape (n, n_features)
+    y : ndarray of intp, shape (n,)
+    l2 : float
+        Adds ``l2 * W`` to every ``dW`` (biases are not decayed).
+    rng : Generator, optional
+        Draws the dropout masks; needed when ``ws.dropout > 0``.
+
+    Returns
+    -------
+    loss_sum : float
+        Sum of the batch's per-sample cross-entropies (no penalty).
+    n_correct : int
+        Correct predictions of this (dropout-perturbed) forward pass.
+    """
+    act = net._act
+    W, b = net.weights, net.biases
+    n_layers = len(W)
+    keep_prob = 1.0 - ws.dropout
+
+    # Forward.
+    inp = X
+    for layer in range(n_layers):
+        Z = ws.A[layer]
+        np.matmul(inp, W[layer], out=Z)
+        Z += b[layer]
+        if layer < n_layers - 1:
+            act.forward(Z, out=Z)
+            if ws.dropout:
+                # Inverted dropout: scale kept units by 1/keep so inference needs no change.
+                mask = ws.mask[layer]
+                rng.random(dtype=mask.dtype, out=mask)
+                np.less(mask, keep_prob, out=ws.keep[layer])
+                np.multiply(ws.keep[layer], 1.0 / keep_prob, out=mask)
+                np.multiply(Z, mask, out=ws.D[layer])
+            inp = ws.D[layer]
+
+    # Loss and dZ of the output layer, fused, in the logits buffer.
+    loss_sum, n_correct = softmax_cross_entropy_grad_(ws.A[-1], y)
+
+    # Backward.
+    dZ = ws.A[-1]
+    for layer in range(n_layers - 1, -1, -1):
+        inp = X if layer == 0 else ws.D[layer - 1]
+        np.matmul(inp.T, dZ, out=ws.dW[layer])
+        if l2:
+            np.multiply(W[layer], l2, out=ws._l2_tmp[layer])
+            ws.dW[layer] += ws._l2_tmp[layer]
+        np.sum(dZ, axis=0, out=ws.db[layer])  # one bias gradient per unit
+        if layer == 0:
+            break  # no dX: nobody needs the input's gradient
+        dA = ws.dZ[layer - 1]
+        np.matmul(dZ, W[layer].T, out=dA)
+        if ws.dropout:
+            dA *= ws.mask[layer - 1]
+        act.backward(ws.A[layer - 1], dA)
+        dZ = dA
+    return loss_sum, n_correct

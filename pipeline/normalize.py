@@ -1,0 +1,151 @@
+"""Pixel normalization fitted on training data only, then applied unchanged to val/test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError, DataError
+
+METHODS = ("scale", "standardize")
+_ROWS_PER_CHUNK = 4096  # bounds the float64 temporaries while computing statistics
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class Normalizer:
+    """Map uint8 pixels to floats.
+
+    ``scale``: ``x / 255`` (as in the original notebook), no statistics.
+    ``standardize``: ``(x / 255 - mean_) / std_`` with per-pixel ``mean_`` and ``std_`` computed
+    on the data given to :meth:`fit` (the training part only, so nothing leaks from validation
+    or test data). ``std_`` is floored at ``min_std`` so constant pixels (MNIST's borders) map to
+    0 instead of dividing by zero.
+
+    Attributes
+    ----------
+    method : str
+    min_std : float
+        Floor for ``std_``, in [0, 1] pixel units.
+    mean_, std_ : np.ndarray or None
+        Shape (n_features,), float64; None for ``scale``.
+    """
+
+    method: str
+    min_std: float = 1e-3
+    mean_: np.ndarray | None = None
+    std_: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, X: np.ndarray, method: str = "scale", *, min_std: float = 1e-3) -> Normalizer:
+        """Learn the statistics of ``X``.
+
+        Parameters
+        ----------
+        X : np.ndarray, shape (n_samples, n_features)
+            Training pixels in 0..255 (normally uint8).
+        method : {"scale", "standardize"}
+        min_std : float
+            Floor for the per-pixel standard deviation (after scaling to [0, 1]).
+        """
+        if method not in METHODS:
+            raise ConfigError(f"unknown normalization {method!r}; choose one of {METHODS}")
+        X = _check_2d(X, "X")
+        if method == "scale":
+            return cls(method=method, min_std=min_std)
+        if X.shape[0] == 0:
+            raise DataError("cannot fit 'standardize' on an empty array")
+        mean, std = _mean_std(X)
+        mean, std = mean / 255.0, np.maximum(std / 255.0, min_std)
+        mean.flags.writeable = False
+        std.flags.writeable = False
+        return cls(method=method, min_std=min_std, mean_=mean, std_=std)
+
+    @property
+    def n_features(self) -> int | None:
+        """Number of features seen in :meth:`fit` (None for ``scale``, which accepts any)."""
+        return None if self.mean_ is None else self.mean_.shape[0]
+
+    def transform(self, X: np.ndarray, dtype: str | np.dtype = "float32") -> np.ndarray:
+        """Normalize ``X``.
+
+        Parameters
+        ----------
+        X : np.ndarray, shape (n_samples, n_features)
+            Pixels in 0..255.
+        dtype : str or np.dtype
+            Floating dtype of the result.
+
+        Returns
+        -------
+        np.ndarray, shape (n_samples, n_features), ``dtype``
+            A new array (``X`` is never modified).
+        """
+        X = _check_2d(X, "X")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise ConfigError(f"transform dtype must be floating, got {dtype}")
+        out = X.astype(dtype)  # always a copy: callers may pass read-only cached arrays
+        out /= dtype.type(255.0)
+        if self.method == "standardize":
+            if X.shape[1] != self.n_features:
+                raise DataError(
+                    f"normalizer was fitted on {self.n_features} features, got {X.shape[1]}"
+                )
+            out -= self.mean_.astype(dtype)
+            out /= self.std_.astype(dtype)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (lists of floats), to save next to a model."""
+        return {
+            "method": self.method,
+            "min_std": self.min_std,
+            "mean": None if self.mean_ is None else self.mean_.tolist(),
+            "std": None if self.std_ is None else self.std_.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Normalizer:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            method, min_std = data["method"], float(data["min_std"])
+            mean, std = data.get("mean"), data.get("std")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"invalid normalizer data: {exc!r}") from None
+        if method not in METHODS:
+            raise DataError(f"invalid normalizer data: unknown method {method!r}")
+        if method == "scale":
+            return cls(method=method, min_std=min_std)
+        if mean is None or std is None or len(mean) != len(std):
+            raise DataError("invalid normalizer data: 'standardize' needs mean and std lists")
+        mean_arr = np.asarray(mean, dtype=np.float64)
+        std_arr = np.asarray(std, dtype=np.float64)
+        mean_arr.flags.writeable = False
+        std_arr.flags.writeable = False
+        return cls(method=method, min_std=min_std, mean_=mean_arr, std_=std_arr)
+
+    def __repr__(self) -> str:
+        return f"Normalizer(method={self.method!r}, n_features={self.n_features})"
+
+
+def _check_2d(X: np.ndarray, name: str) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise DataError(f"{name} must be 2-D (n_samples, n_features), got shape {X.shape}")
+    return X
+
+
+def _mean_std(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) std in float64, two passes over row chunks."""
+    n = X.shape[0]
+    total = np.zeros(X.shape[1])
+    for start in range(0, n, _ROWS_PER_CHUNK):
+        total += X[start : start + _ROWS_PER_CHUNK].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    sq = np.zeros(X.shape[1])
+    for start in range(0, n, _ROWS_PER_CHUNK):
+        dev = X[start : start + _ROWS_PER_CHUNK].astype(np.float64) - mean
+        sq += np.einsum("ij,ij->j", dev, dev)
+    return mean, np.sqrt(sq / n)

@@ -1,0 +1,43 @@
+"""Plain result records passed from workers back to the flow (small and picklable)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """The outcome of training one network on one (lambda, fold) of the cross-validation.
+
+    ``history`` maps column names (``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
+    ``val_accuracy``, ``lr``, ``seconds``...) to one value per epoch. A diverged training keeps
+    its partial history; its summary metrics are NaN and it is left out of the selection.
+    """
+
+    l2_lambda: float
+    fold: int
+    seed: int
+    val_accuracy: float
+    val_loss: float
+    train_accuracy: float
+    train_loss: float
+    epochs: int
+    seconds: float
+    history: dict[str, list[float]] = field(default_factory=dict)
+    diverged: bool = False
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.diverged and math.isfinite(self.val_accuracy)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set metrics of a trained model."""
+
+    accuracy: float
+    loss: float
+    n_samples: int
+    confusion: list[list[int]]  # confusion[true][predicted]
