@@ -34,7 +34,7 @@ _CHUNK = 8192
 
 @dataclass(frozen=True)
 class Loss:
-    """Mean cross-entropy ``data``, L2 ``penalty`` (l2/2 sum ||W||^2) and ``total = data + penalty``."""
+    """Mean cross-entropy ``data``, L2 ``penalty`` (l2/2 sum ||W||^2), ``total`` (their sum)."""
 
     data: float
     penalty: float
@@ -221,7 +221,7 @@ class MLP:
         check_number("l2", l2, low=0)
         X = check_X(X, self.n_features, self.dtype)
         y = check_y(y, X.shape[0], self.n_classes)
-        ws = Workspace(self, X.shape[0])
+        ws = Workspace(self, X.shape[0], gather=False)
         loss_sum, _ = train_step(self, ws, X, y, float(l2))
         data = loss_sum / X.shape[0]
         pen = self.penalty(l2)
@@ -242,8 +242,11 @@ class MLP:
         """Inverse of :meth:`get_state`."""
         arch = state["architecture"]
         return cls.from_arrays(
-            state["weights"], state["biases"], activation=arch["activation"],
-            dtype=arch["dtype"], init=state.get("init", "he"),
+            state["weights"],
+            state["biases"],
+            activation=arch["activation"],
+            dtype=arch["dtype"],
+            init=state.get("init", "he"),
         )
 
     @classmethod
@@ -277,8 +280,9 @@ class MLP:
             if len(s) != 2 or np.shape(b) != (s[1],):
                 raise MLPError(f"layer {layer}: W shape {s} and b shape {np.shape(b)} disagree")
             if layer and shapes[layer - 1][1] != s[0]:
-                raise MLPError(f"layer {layer}: fan_in {s[0]} != previous fan_out "
-                               f"{shapes[layer - 1][1]}")
+                raise MLPError(
+                    f"layer {layer}: fan_in {s[0]} != previous fan_out {shapes[layer - 1][1]}"
+                )
         dt = check_dtype(dtype if dtype is not None else np.asarray(weights[0]).dtype)
         net = cls.__new__(cls)
         net._act = get_activation(activation)

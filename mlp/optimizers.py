@@ -65,9 +65,7 @@ class Optimizer:
     def _init_state(self, params: list[np.ndarray]) -> None:
         pass
 
-    def _update_one(
-        self, i: int, p: np.ndarray, g: np.ndarray, lr: float, tmp: np.ndarray
-    ) -> None:
+    def _update_one(self, i: int, p: np.ndarray, g: np.ndarray, lr: float, tmp: np.ndarray) -> None:
         raise NotImplementedError
 
 
@@ -190,8 +188,9 @@ def make_optimizer(name: str, lr: float = 0.1, **kwargs) -> Optimizer:
         if name == "sgd":
             return SGD(lr, **kwargs)
         if name in ("momentum", "nesterov"):
-            return SGD(lr, momentum=kwargs.pop("momentum", 0.9), nesterov=name == "nesterov",
-                       **kwargs)
+            return SGD(
+                lr, momentum=kwargs.pop("momentum", 0.9), nesterov=name == "nesterov", **kwargs
+            )
         if name == "adam":
             return Adam(lr, **kwargs)
     except TypeError as exc:

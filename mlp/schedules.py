@@ -63,6 +63,6 @@ def make_schedule(name: str, base_lr: float, epochs: int, **kwargs) -> Schedule:
     min_lr = float(kwargs.get("min_lr", 0.0))
     if not 0 <= min_lr <= base_lr:
         raise MLPError(f"min_lr must be in [0, base_lr={base_lr}], got {min_lr}")
-    return lambda epoch: min_lr + (base_lr - min_lr) * 0.5 * (
-        1.0 + math.cos(math.pi * (epoch - 1) / epochs)
+    return lambda epoch: (
+        min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs))
     )

@@ -23,7 +23,7 @@ def check_dtype(dtype) -> np.dtype:
 
 
 def check_X(X, n_features: int, dtype: np.dtype, name: str = "X", finite: bool = False):
-    """Return ``X`` as a C-contiguous ``(n, n_features)`` array of ``dtype`` (copy only if needed)."""
+    """Return ``X`` as a C-contiguous ``(n, n_features)`` ``dtype`` array (copy only if needed)."""
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[1] != n_features:
         raise MLPError(f"{name} must have shape (n, {n_features}), got {X.shape}")
@@ -46,14 +46,13 @@ def check_y(y, n: int, n_classes: int, name: str = "y") -> np.ndarray:
         raise MLPError(f"{name} must hold integer class labels, got dtype {y.dtype}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= n_classes:
-        raise MLPError(
-            f"{name} labels must be in [0, {n_classes}), got values from {lo} to {hi}"
-        )
+        raise MLPError(f"{name} labels must be in [0, {n_classes}), got values from {lo} to {hi}")
     return y.astype(np.intp, copy=False)
 
 
-def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
-                 integer=False) -> None:
+def check_number(
+    name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False
+) -> None:
     """Check ``value`` is a (finite, real or integer) number within the given bounds."""
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):

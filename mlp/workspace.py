@@ -30,13 +30,14 @@ class Workspace:
         ``[dW0, db0, dW1, db1, ...]``, aligned with ``MLP.params``.
     """
 
-    def __init__(self, net, n: int, dropout: float = 0.0) -> None:
+    def __init__(self, net, n: int, dropout: float = 0.0, gather: bool = True) -> None:
         dt = net.dtype
         sizes = [W.shape[1] for W in net.weights]
         self.n = n
         self.dropout = float(dropout)
-        self.X = np.empty((n, net.weights[0].shape[0]), dt)
-        self.y = np.empty(n, np.intp)
+        # Batch copies, only when the loop gathers batches (full-batch steps read X itself).
+        self.X = np.empty((n, net.weights[0].shape[0]), dt) if gather else None
+        self.y = np.empty(n, np.intp) if gather else None
         self.A = [np.empty((n, k), dt) for k in sizes]
         hidden = sizes[:-1]
         # dZ of hidden layers; the output layer's dZ is written over its logits.
@@ -53,8 +54,14 @@ class Workspace:
         self._l2_tmp = [np.empty_like(W) for W in net.weights]
 
 
-def train_step(net, ws: Workspace, X: np.ndarray, y: np.ndarray, l2: float,
-               rng: np.random.Generator | None = None) -> tuple[float, int]:
+def train_step(
+    net,
+    ws: Workspace,
+    X: np.ndarray,
+    y: np.ndarray,
+    l2: float,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, int]:
     """Forward and backward pass on one batch; gradients land in ``ws.dW``/``ws.db``.
 
     Parameters

@@ -77,7 +77,10 @@ def fold_seed(seed: int, l2_lambda: float, fold: int) -> int:
     """A seed derived from (seed, lambda, fold) only, never from execution order.
 
     Every runner (sequential, threads, processes, Dask) therefore trains bit-identical networks.
+    ``fold=-1`` is the final model trained on all the training data.
     """
+    if fold < -1:
+        raise ValueError(f"fold must be >= -1 (got {fold})")
     lam_bits = struct.unpack("<2I", struct.pack("<d", float(l2_lambda)))
-    sequence = np.random.SeedSequence([seed, fold, *lam_bits])
+    sequence = np.random.SeedSequence([seed, fold + 1, *lam_bits])
     return int(sequence.generate_state(1, dtype=np.uint32)[0])

@@ -3,7 +3,8 @@
 An IDX file is a header followed by the data in C order, big-endian::
 
     bytes 0-1   0x00 0x00
-    byte  2     dtype code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64)
+    byte  2     dtype code: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+                0x0D float32, 0x0E float64
     byte  3     number of dimensions (ndim)
     then ndim   big-endian uint32 sizes, then prod(sizes) items.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -145,7 +147,7 @@ def _parse(path: Path, stream: BinaryIO, *, compressed: bool) -> IdxFile:
         raise DataError(f"{path}: truncated IDX header (expected {ndim} dimension sizes)")
     dims = struct.unpack(f">{ndim}I", dims_raw)
     dtype = IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on absurd headers
 
     # Read at most one byte past the declared size: enough to detect trailing data, and a
     # header claiming absurd sizes cannot make us allocate more than the file really holds.

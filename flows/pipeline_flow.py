@@ -1,0 +1,195 @@
+"""The Prefect flows: ``mlp-pipeline`` (the whole workflow) and ``cv`` (the sweep only).
+
+data -> folds -> train_fold for every (lambda, fold) in parallel -> CV table and lambda ->
+final model on all training data -> test evaluation -> MLflow record. The flow process is the
+only MLflow writer: workers return small :class:`~pipeline.results.FoldResult` records.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import BrokenExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+
+from flows.runners import make_task_runner
+from flows.tasks import configured_fold_task, step
+from pipeline.config import PipelineConfig
+from pipeline.data import Dataset
+from pipeline.errors import PipelineError
+from pipeline.folds import make_folds
+from pipeline.progress import reporter
+from pipeline.resources import cpu_count, set_blas_threads
+from pipeline.results import FoldResult
+from pipeline.selection import cv_table, select_lambda
+from pipeline.tracking import PipelineRecorder
+from pipeline.training import load_configured_dataset, predict_test, train_final
+
+
+@dataclass
+class Sweep:
+    """Every (lambda, fold) result, and how many were trained now vs. reused from the cache."""
+
+    results: list[FoldResult]
+    trained: int
+    cached: int
+    worker_restarts: int
+
+
+def _load_data(config: PipelineConfig) -> Dataset:
+    """Load, verify and subset the dataset; check the folds fit it before any training."""
+    dataset = load_configured_dataset(config.data)
+    cv = config.cv
+    make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
+    return dataset
+
+
+load_data = step(_load_data, name="load_data")
+cv_table_task = step(cv_table, name="cv_table")
+select_lambda_task = step(select_lambda, name="select_lambda")
+train_final_task = step(train_final, name="train_final")
+evaluate_task = step(predict_test, name="evaluate")
+
+
+def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: PipelineRecorder) -> Sweep:
+    """Submit ``train_fold`` for every (lambda, fold) and record each result as it arrives.
+
+    A worker process that dies breaks its whole pool and bypasses Prefect's retries, so the
+    unfinished trainings are resubmitted to a fresh runner, up to ``execution.retries`` times.
+    """
+    logger = get_run_logger()
+    fold_task = configured_fold_task(config)
+    blas = config.execution.resolved_blas_threads(cpu_count())
+    pending = [(lam, fold) for lam in config.cv.lambdas for fold in range(config.cv.folds)]
+    done: dict[tuple[float, int], FoldResult] = {}
+    trained = cached = restarts = 0
+    reporter().sweep_started(len(pending))
+    while pending:
+        try:
+            with make_task_runner(config.execution) as runner:
+                futures = {
+                    runner.submit(
+                        fold_task,
+                        parameters={
+                            "config": config,
+                            "ref": dataset.ref,
+                            "l2_lambda": lam,
+                            "fold": fold,
+                            "blas_threads": blas,
+                        },
+                    ): (lam, fold)
+                    for lam, fold in pending
+                }
+                for future in as_completed(list(futures)):
+                    result: FoldResult = future.result()
+                    was_cached = future.state.name == "Cached"
+                    cached += was_cached
+                    trained += not was_cached
+                    done[futures[future]] = result
+                    recorder.log_fold(result)
+                    reporter().fold_finished(result, cached=was_cached)
+            pending = []
+        except BrokenExecutor as exc:
+            pending = [key for key in pending if key not in done]
+            restarts += 1
+            if restarts > config.execution.retries:
+                raise PipelineError(
+                    f"a worker process died {restarts} times ({exc}); "
+                    f"{len(pending)} trainings unfinished"
+                ) from None
+            logger.warning(
+                "a worker process died; resubmitting %d unfinished trainings to a fresh pool",
+                len(pending),
+            )
+    results = [done[key] for key in sorted(done)]
+    logger.info("sweep done: %d trained, %d reused from the cache", trained, cached)
+    return Sweep(results, trained, cached, restarts)
+
+
+def _flow_tags() -> dict[str, str]:
+    return {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name() or ""),
+    }
+
+
+@flow(name="cv", log_prints=False)
+def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
+    """Cross-validate every lambda and record the CV table (no final model)."""
+    started = time.perf_counter()
+    dataset = load_data(config)
+    with PipelineRecorder(config.tracking) as recorder:
+        parent = recorder.start(
+            config, dataset.name, dataset.fingerprint, tags={**_flow_tags(), "flow": "cv"}
+        )
+        sweep = run_sweep(config, dataset, recorder)
+        table = cv_table_task(sweep.results)
+        best = select_lambda_task(table)
+        recorder.log_cv_summary(table, best)
+        wall = time.perf_counter() - started
+        recorder.log_metrics_summary(wall)
+    return {
+        "mlflow_run_id": parent,
+        "best_l2_lambda": best,
+        "cv_table": table.to_dict(orient="records"),
+        "trained_folds": sweep.trained,
+        "cached_folds": sweep.cached,
+        "wall_seconds": wall,
+    }
+
+
+@flow(name="mlp-pipeline", log_prints=False)
+def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
+    """The whole workflow: cross-validated lambda, final model, test evaluation, MLflow record."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    dataset = load_data(config)
+    with PipelineRecorder(config.tracking) as recorder:
+        parent = recorder.start(
+            config,
+            dataset.name,
+            dataset.fingerprint,
+            tags={**_flow_tags(), "flow": "mlp-pipeline"},
+        )
+        sweep = run_sweep(config, dataset, recorder)
+        table = cv_table_task(sweep.results)
+        best = select_lambda_task(table)
+        logger.info("best lambda %g", best)
+        recorder.log_cv_summary(table, best)
+
+        # The pool is gone now: the final model may use every core.
+        set_blas_threads(cpu_count())
+        epochs = config.training.resolved_final_epochs
+        reporter().final_started(epochs, best)
+        final = train_final_task(config, dataset, best, callback=reporter().final_epoch)
+        evaluation, predicted = evaluate_task(final, dataset)
+        logger.info("test accuracy %.4f", evaluation.accuracy)
+        record = recorder.log_final(
+            final.network,
+            final.normalizer,
+            final.history,
+            evaluation,
+            dataset.X_test,
+            dataset.y_test,
+            predicted,
+            l2_lambda=best,
+        )
+        wall = time.perf_counter() - started
+        recorder.log_metrics_summary(wall)
+    return {
+        "mlflow_run_id": parent,
+        "best_l2_lambda": best,
+        "cv_table": table.to_dict(orient="records"),
+        "test_accuracy": evaluation.accuracy,
+        "test_loss": evaluation.loss,
+        "model_uri": record.model_uri,
+        "registered_version": record.registered_version,
+        "champion": record.champion,
+        "trained_folds": sweep.trained,
+        "cached_folds": sweep.cached,
+        "wall_seconds": wall,
+    }

@@ -1,0 +1,41 @@
+"""Cache keys for fold results, so a re-run skips the (lambda, fold) trainings already done."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+
+from pipeline.config import PipelineConfig
+
+# Settings that cannot change a fold's result: where it runs and where it is recorded.
+_IRRELEVANT_SECTIONS = ("execution", "tracking")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("mlp-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def fold_cache_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: int) -> str:
+    """A key from the dataset fingerprint, the result-relevant config, lambda, fold and seed.
+
+    The CV grid (``cv.lambdas``) is left out: adding a lambda must not invalidate the folds of
+    the others. The package version is in, so a new engine never reuses old results.
+    """
+    settings = config.model_dump(mode="json", exclude=set(_IRRELEVANT_SECTIONS))
+    settings["cv"].pop("lambdas")
+    # The fingerprint identifies the data; where the files live and how they came don't matter.
+    settings["data"].pop("data_dir")
+    settings["data"].pop("download")
+    payload = {
+        "dataset": fingerprint,
+        "settings": settings,
+        "l2_lambda": float(l2_lambda).hex(),
+        "fold": fold,
+        "version": package_version(),
+    }
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"fold-{digest[:32]}"

@@ -1,0 +1,452 @@
+"""The ``mlp-pipeline`` command line.
+
+Exit codes: 0 success, 2 bad input / config / data (one ``error:`` line, no traceback),
+1 unexpected failure, 130 interrupted. Set ``MLP_PIPELINE_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlp import MLPError
+from pipeline.config import PipelineConfig, parse_set_options, resolve_config
+from pipeline.errors import PipelineError
+
+app = typer.Typer(
+    name="mlp-pipeline",
+    help="Train, cross-validate and track a from-scratch NumPy MLP on MNIST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect and verify the datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+out = Console()
+
+# ----------------------------------------------------------------------------- shared options
+
+Preset = Annotated[
+    str | None, typer.Option("--preset", help="notebook, default or quick (default: default)")
+]
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="TOML file with [data], [model], ... sections")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting: --set training.epochs=3 (repeatable)"),
+]
+Dataset = Annotated[
+    str | None, typer.Option("--dataset", help="mnist, fashion-mnist or mnist-sample")
+]
+DataDir = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="Folder of the IDX files (env MLP_PIPELINE_DATA_DIR, ./data)"),
+]
+Hidden = Annotated[
+    str | None, typer.Option("--hidden", help="Hidden layer sizes, comma-separated: 256,128")
+]
+Activation = Annotated[str | None, typer.Option(help="relu, tanh or sigmoid")]
+Optimizer = Annotated[str | None, typer.Option(help="gd, sgd, momentum, nesterov or adam")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate")]
+Epochs = Annotated[int | None, typer.Option(help="Training epochs")]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size")]
+Seed = Annotated[int | None, typer.Option(help="Random seed")]
+LimitTrain = Annotated[int | None, typer.Option("--limit-train", help="Training subset size")]
+LimitTest = Annotated[int | None, typer.Option("--limit-test", help="Test subset size")]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow URI (env MLFLOW_TRACKING_URI, sqlite in mlruns/)"),
+]
+Experiment = Annotated[str | None, typer.Option(help="MLflow experiment name")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
+
+
+def _overrides(**flags: Any) -> dict[str, Any]:
+    """Map CLI flags to dotted config keys, skipping the ones not given."""
+    keys = {
+        "dataset": "data.dataset",
+        "data_dir": "data.data_dir",
+        "limit_train": "data.limit_train",
+        "limit_test": "data.limit_test",
+        "hidden": "model.hidden_sizes",
+        "activation": "model.activation",
+        "optimizer": "training.optimizer",
+        "lr": "training.lr",
+        "epochs": "training.epochs",
+        "final_epochs": "training.final_epochs",
+        "batch_size": "training.batch_size",
+        "lambdas": "cv.lambdas",
+        "folds": "cv.folds",
+        "seed": "cv.seed",
+        "runner": "execution.runner",
+        "workers": "execution.workers",
+        "dask_address": "execution.dask_address",
+        "tracking_uri": "tracking.tracking_uri",
+        "experiment": "tracking.experiment",
+    }
+    overrides: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag in {"hidden", "lambdas"}:
+            value = _number_list(flag, value)
+        overrides[keys[flag]] = value
+    return overrides
+
+
+def _number_list(flag: str, text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"--{flag} expects comma-separated numbers, got {text!r}") from None
+    if flag == "hidden":
+        if any(v != int(v) for v in values):
+            raise PipelineError(f"--hidden expects whole numbers, got {text!r}")
+        return [int(v) for v in values]
+    return values
+
+
+def _config(
+    preset: str | None, config: Path | None, set_: list[str] | None, **flags: Any
+) -> PipelineConfig:
+    overrides = parse_set_options(set_ or [])
+    overrides.update(_overrides(**flags))
+    return resolve_config(preset, config, overrides)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@app.command()
+def train(
+    l2: Annotated[float, typer.Option("--l2", help="L2 strength lambda", min=0.0)] = 1e-4,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    limit_train: LimitTrain = None,
+    limit_test: LimitTest = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="Don't record in MLflow")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train one network on all training data with a given lambda and report test accuracy."""
+    from pipeline.progress import epoch_bar
+    from pipeline.training import load_configured_dataset, predict_test, train_final
+
+    cfg = _config(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, hidden=hidden,
+        activation=activation, optimizer=optimizer, lr=lr, final_epochs=epochs,
+        batch_size=batch_size, seed=seed, limit_train=limit_train, limit_test=limit_test,
+        tracking_uri=tracking_uri, experiment=experiment,
+    )  # fmt: skip
+    data = load_configured_dataset(cfg.data)
+    epochs_total = cfg.training.resolved_final_epochs
+    with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_epoch:
+        final = train_final(cfg, data, l2, callback=on_epoch)
+    evaluation, predicted = predict_test(final, data)
+    out.print(
+        f"test accuracy {evaluation.accuracy:.4f}  test loss {evaluation.loss:.4f}  "
+        f"({data.name}, {evaluation.n_samples} test images, {final.seconds:.1f} s training)"
+    )
+    if not no_track:
+        from pipeline.tracking import PipelineRecorder
+
+        with PipelineRecorder(cfg.tracking) as recorder:
+            run_id = recorder.start(cfg, data.name, data.fingerprint, tags={"flow": "train"})
+            recorder.log_final(
+                final.network, final.normalizer, final.history, evaluation,
+                data.X_test, data.y_test, predicted, l2_lambda=l2,
+            )  # fmt: skip
+        out.print(f"MLflow run {run_id}")
+        out.print(f"open the MLflow UI: {_ui_command(recorder.tracking_uri)}")
+
+
+def _ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    from pipeline.tracking import redact_uri
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_uri(tracking_uri)
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+# ----------------------------------------------------------------------------- run / cv
+
+Lambdas = Annotated[
+    str | None, typer.Option("--lambdas", help="L2 strengths, comma-separated: 1e-4,1e-3")
+]
+Folds = Annotated[int | None, typer.Option(help="Number of CV folds")]
+FinalEpochs = Annotated[
+    int | None, typer.Option("--final-epochs", help="Epochs of the final model")
+]
+Runner = Annotated[str | None, typer.Option(help="sequential, thread, process or dask")]
+Workers = Annotated[int | None, typer.Option(help="Parallel workers (default: cores)")]
+DaskAddress = Annotated[
+    str | None, typer.Option("--dask-address", help="tcp://host:port of a Dask scheduler")
+]
+
+
+def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Run a flow in this process with one Prefect API and progress bars."""
+    import signal
+
+    from flows.server import prefect_api
+    from pipeline.progress import ConsoleReporter, reporting
+
+    def _terminate(signum: int, frame: Any) -> None:
+        # SIGTERM ends the run like Ctrl-C, so its MLflow runs end KILLED, not RUNNING.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    from flows.pipeline_flow import cv_flow, mlp_pipeline
+
+    flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
+    with prefect_api(), reporting(ConsoleReporter(enabled=progress)):
+        return flow_fn(cfg)
+
+
+def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
+    from pipeline.tracking import resolve_tracking_uri
+
+    best = result["best_l2_lambda"]
+    table = Table(title=f"cross-validation ({cfg.cv.folds} folds)")
+    for column in ("λ", "val accuracy (mean ± std)", "val loss", "diverged", ""):
+        table.add_column(column, justify="right")
+    for row in result["cv_table"]:
+        chosen = row["l2_lambda"] == best
+        table.add_row(
+            f"{row['l2_lambda']:g}",
+            f"{row['mean_val_accuracy']:.4f} ± {row['std_val_accuracy']:.4f}",
+            f"{row['mean_val_loss']:.4f}",
+            str(row["diverged_folds"]),
+            "[bold green]← chosen[/bold green]" if chosen else "",
+            style="bold" if chosen else None,
+        )
+    out.print(table)
+    out.print(
+        f"trainings: {result['trained_folds']} run, {result['cached_folds']} reused from cache; "
+        f"wall time {result['wall_seconds']:.1f} s"
+    )
+    if "test_accuracy" in result:
+        out.print(
+            f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
+            f"test loss {result['test_loss']:.4f})"
+        )
+        if result.get("registered_version") is not None:
+            champion = " (new champion)" if result.get("champion") else ""
+            out.print(
+                f"model {cfg.tracking.registered_model} version "
+                f"{result['registered_version']}{champion}"
+            )
+    out.print(f"MLflow run {result['mlflow_run_id']}")
+    out.print(f"open the MLflow UI: {_ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}")
+
+
+@app.command()
+def run(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    limit_train: LimitTrain = None,
+    limit_test: LimitTest = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    final_epochs: FinalEpochs = None,
+    batch_size: BatchSize = None,
+    lambdas: Lambdas = None,
+    folds: Folds = None,
+    seed: Seed = None,
+    runner: Runner = None,
+    workers: Workers = None,
+    dask_address: DaskAddress = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the whole pipeline: CV over lambda, final model, test evaluation, MLflow record."""
+    cfg = _config(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        limit_test=limit_test, hidden=hidden, activation=activation, optimizer=optimizer, lr=lr,
+        epochs=epochs, final_epochs=final_epochs, batch_size=batch_size, lambdas=lambdas,
+        folds=folds, seed=seed, runner=runner, workers=workers, dask_address=dask_address,
+        tracking_uri=tracking_uri, experiment=experiment,
+    )  # fmt: skip
+    _print_summary(_run_flow("mlp-pipeline", cfg, progress=not no_progress), cfg)
+
+
+@app.command()
+def cv(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    limit_train: LimitTrain = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lambdas: Lambdas = None,
+    folds: Folds = None,
+    seed: Seed = None,
+    runner: Runner = None,
+    workers: Workers = None,
+    dask_address: DaskAddress = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run only the cross-validation sweep and record its table."""
+    cfg = _config(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        hidden=hidden, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
+        batch_size=batch_size, lambdas=lambdas, folds=folds, seed=seed, runner=runner,
+        workers=workers, dask_address=dask_address, tracking_uri=tracking_uri,
+        experiment=experiment,
+    )  # fmt: skip
+    _print_summary(_run_flow("cv", cfg, progress=not no_progress), cfg)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str, typer.Option("--model", help="MLflow model URI: runs:/ID/model, models:/NAME@ALIAS")
+    ],
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    limit_test: LimitTest = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Test accuracy of a logged or registered model."""
+    import numpy as np
+
+    from pipeline.tracking import load_model_for_eval
+    from pipeline.training import load_configured_dataset
+
+    cfg = _config(None, None, None, dataset=dataset, data_dir=data_dir, limit_test=limit_test)
+    pyfunc = load_model_for_eval(model, tracking_uri=tracking_uri)
+    data = load_configured_dataset(cfg.data)
+    predicted = np.asarray(pyfunc.predict(data.X_test.astype(np.float32)))
+    accuracy = float(np.mean(predicted == data.y_test))
+    out.print(
+        f"test accuracy {accuracy:.4f} ({data.name}, {data.y_test.size} test images, {model})"
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@data_app.command("info")
+def data_info(data_dir: DataDir = None) -> None:
+    """Show which dataset files are found where."""
+    from pipeline.data import dataset_status, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    table = Table(title=f"datasets under {root}")
+    for column in ("dataset", "file", "found at", "layout", "gzip", "bytes"):
+        table.add_column(column)
+    for row in dataset_status(data_dir):
+        table.add_row(
+            row["dataset"],
+            row["file"],
+            row["path"] or "[red]missing[/red]",
+            row["layout"] or "-",
+            {True: "yes", False: "no", None: "-"}[row["compressed"]],
+            "-" if row["size"] is None else f"{row['size']:,}",
+        )
+    out.print(table)
+
+
+@data_app.command("verify")
+def data_verify(
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="One dataset (default: every one found)")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Check dataset files against their canonical SHA-256 (exit 2 on any mismatch)."""
+    from pipeline.data import DATASET_NAMES, dataset_status, verify_dataset
+
+    if dataset is None:
+        present = {row["dataset"] for row in dataset_status(data_dir) if row["path"]}
+        names = [name for name in DATASET_NAMES if name in present]
+    else:
+        names = [dataset]
+    failures = 0
+    table = Table(title="SHA-256 of the decompressed files")
+    for column in ("file", "sha256", "status"):
+        table.add_column(column)
+    for name in names:
+        for row in verify_dataset(name, data_dir):
+            failures += not row["ok"]
+            status = "[green]ok[/green]" if row["ok"] else f"[red]expected {row['expected']}[/red]"
+            table.add_row(row["file"], row["actual"], status)
+    out.print(table)
+    if failures:
+        raise PipelineError(f"{failures} file(s) do not match their canonical checksum")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app and turn every failure into an exit code."""
+    debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        app(args=argv, standalone_mode=False, prog_name="mlp-pipeline")
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("error: interrupted")
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: unknown option, bad value
+        err.print(f"error: {exc.format_message()}", markup=False)
+        sys.exit(2)
+    except (PipelineError, MLPError) as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("error: interrupted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- the last line of defence of a CLI
+        if debug:
+            raise
+        err.print(
+            f"unexpected error: {type(exc).__name__}: {exc} "
+            "(set MLP_PIPELINE_DEBUG=1 for a traceback)",
+            markup=False,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

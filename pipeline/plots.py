@@ -1,0 +1,216 @@
+"""The pipeline's figures, written as PNG files.
+
+Every function builds its own :class:`matplotlib.figure.Figure` (Agg canvas, no pyplot), saves it
+and drops it, so plotting from the flow process or a worker thread leaks no global state and needs
+no display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_DPI = 110
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # attaches itself as figure.canvas
+    return figure
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    figure.clear()  # drop the artists now: a figure without pyplot is freed with its last reference
+    return path
+
+
+def plot_cv_lambda(table: pd.DataFrame, best_lambda: float | None, path: str | Path) -> Path:
+    """Mean validation accuracy against the L2 strength, error bars one std over folds.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One row per lambda with columns ``l2_lambda``, ``mean_val_accuracy`` and
+        ``std_val_accuracy`` (as made by :func:`pipeline.selection.cv_table`).
+    best_lambda : float or None
+        The chosen lambda, marked on the plot (None: nothing marked).
+    path : str or Path
+        Where the PNG goes.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    data = table.sort_values("l2_lambda")
+    lambdas = data["l2_lambda"].to_numpy(dtype=float)
+    means = data["mean_val_accuracy"].to_numpy(dtype=float)
+    stds = np.nan_to_num(data["std_val_accuracy"].to_numpy(dtype=float), nan=0.0)
+
+    figure = _new_figure(6.0, 4.0)
+    axes = figure.add_subplot()
+    axes.errorbar(lambdas, means, yerr=stds, marker="o", capsize=4, label="mean over folds")
+    positive = lambdas[lambdas > 0]
+    if len(positive) and len(positive) == len(lambdas):
+        axes.set_xscale("log")
+    elif len(positive):
+        # A log axis cannot show lambda = 0: symlog is linear below the smallest positive lambda.
+        axes.set_xscale("symlog", linthresh=float(positive.min()))
+    if best_lambda is not None and best_lambda in set(lambdas.tolist()):
+        best_mean = float(means[lambdas == best_lambda][0])
+        axes.scatter(
+            [best_lambda],
+            [best_mean],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            zorder=3,
+            linewidths=2,
+            label=f"chosen lambda = {best_lambda:g}",
+        )
+        axes.axvline(best_lambda, color="tab:red", linestyle=":", linewidth=1)
+    axes.set_xlabel("L2 strength lambda")
+    axes.set_ylabel("validation accuracy")
+    axes.set_title("Cross-validation: accuracy vs lambda")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="best")
+    return _save(figure, path)
+
+
+def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Loss and accuracy per epoch, side by side (validation curves too when present).
+
+    Parameters
+    ----------
+    history_columns : mapping of str to sequence of float
+        ``History.as_columns()``: ``epoch``, ``train_loss``, ``train_accuracy`` and optionally
+        ``val_loss``, ``val_accuracy`` (all NaN means absent), one value per epoch.
+    path : str or Path
+
+    Returns
+    -------
+    Path
+    """
+    n_epochs = len(history_columns.get("train_loss", ()))
+    epochs = list(history_columns.get("epoch", range(1, n_epochs + 1)))
+    figure = _new_figure(10.0, 4.0)
+    for axes, kind in zip(figure.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = _present(history_columns.get(f"{split}_{kind}"))
+            if values is not None:
+                axes.plot(epochs[: len(values)], values, style, marker=".", label=split)
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(kind)
+        axes.set_title(f"Final model: {kind} per epoch")
+        axes.grid(True, alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best")
+    return _save(figure, path)
+
+
+def _present(values: Sequence[float] | None) -> np.ndarray | None:
+    if values is None or len(values) == 0:
+        return None
+    array = np.asarray(values, dtype=float)
+    return None if np.isnan(array).all() else array
+
+
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[int]] | np.ndarray,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """The confusion matrix with every count written in its cell.
+
+    Parameters
+    ----------
+    confusion : array-like, shape (n_classes, n_classes)
+        ``confusion[true][predicted]`` counts.
+    path : str or Path
+    class_names : sequence of str, optional
+        Tick labels (default: 0..n_classes-1).
+
+    Returns
+    -------
+    Path
+    """
+    counts = np.asarray(confusion, dtype=np.int64)
+    n = counts.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    figure = _new_figure(6.5, 5.5)
+    axes = figure.add_subplot()
+    image = axes.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    threshold = counts.max() / 2 if counts.size else 0
+    for true in range(n):
+        for pred in range(n):
+            value = counts[true, pred]
+            axes.text(
+                pred,
+                true,
+                str(value),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > threshold else "black",
+            )
+    axes.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0)
+    axes.set_yticks(range(n), names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    accuracy = np.trace(counts) / counts.sum() if counts.sum() else math.nan
+    axes.set_title(f"Confusion matrix (accuracy {accuracy:.4f})")
+    return _save(figure, path)
+
+
+def plot_misclassified(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    path: str | Path,
+    max_images: int = 36,
+) -> Path:
+    """A grid of the first ``max_images`` test errors, each titled "pred P / true T".
+
+    Parameters
+    ----------
+    images : np.ndarray, shape (n_samples, 784)
+        Raw pixels (any range; each image is shown on its own gray scale).
+    y_true, y_pred : np.ndarray, shape (n_samples,)
+    path : str or Path
+    max_images : int
+
+    Returns
+    -------
+    Path
+    """
+    images = np.asarray(images)
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    wrong = np.flatnonzero(y_true != y_pred)[:max_images]
+    columns = max(1, min(6, len(wrong)))
+    rows = max(1, math.ceil(len(wrong) / columns))
+    figure = _new_figure(1.6 * columns, 1.75 * rows + 0.4)
+    if len(wrong) == 0:
+        axes = figure.add_subplot()
+        axes.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        axes.set_axis_off()
+        return _save(figure, path)
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    side = int(round(math.sqrt(images.shape[1])))
+    for axes, index in zip(grid, wrong, strict=False):
+        axes.imshow(images[index].reshape(side, side), cmap="gray_r")
+        axes.set_title(f"pred {int(y_pred[index])} / true {int(y_true[index])}", fontsize=8)
+    for axes in grid:
+        axes.set_axis_off()
+    figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
+    return _save(figure, path)

@@ -1,0 +1,677 @@
+"""Everything the pipeline writes to MLflow, in one place.
+
+Where runs go (:func:`resolve_tracking_uri`), the experiment, and :class:`PipelineRecorder`: the
+single writer of one pipeline execution. Only the flow process records; parallel workers return
+plain :class:`~pipeline.results.FoldResult` objects and never touch MLflow, so there is no
+per-thread active-run stack to get wrong: every call names its run id through ``MlflowClient``.
+
+Run layout of one execution::
+
+    parent   stage=pipeline   params: flattened config, dataset, versions; cv/test summary metrics;
+                               config.json, cv_results.csv and the PNG plots
+      child  stage=cv         one per (lambda, fold): per-epoch metrics (step = epoch)
+      child  stage=final      the final model's per-epoch metrics and the logged pyfunc model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import plots
+from pipeline.errors import PipelineError, TrackingError
+from pipeline.results import Evaluation, FoldResult
+
+DEFAULT_STORE_DIR = "mlruns"
+CHAMPION_ALIAS = "champion"
+MODEL_NAME = "model"  # the logged model's name inside its run
+MODEL_CODE_PATH = Path(__file__).with_name("mlflow_model.py")
+PACKAGE_NAME = "mlp-pipeline"
+# History columns recorded per epoch (step = epoch); the others (epoch, seconds) are bookkeeping.
+EPOCH_METRICS = ("train_loss", "train_objective", "train_accuracy", "val_loss", "val_accuracy", "lr")
+# Query parameters whose values are secrets in database and server URIs.
+_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "token", "access_token", "secret", "api_key"}
+_HEALTH_TIMEOUT_SECONDS = 5.0
+_TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+# ------------------------------------------------------------------------------------ URIs
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else the local store.
+
+    The local store is ``sqlite:///<absolute ./mlruns>/mlflow.db`` (four slashes: an absolute
+    path, so a later ``cd`` does not start a second store); its folder is created.
+    """
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = Path(DEFAULT_STORE_DIR).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials (``user:password@`` and secret query parameters), for logs."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urllib.parse.urlencode(
+        [
+            (key, value)
+            for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            if key.lower() not in _SECRET_QUERY_KEYS
+        ]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: next to a SQLite store, else the server's choice.
+
+    Without an explicit location MLflow would use the working directory of whichever process
+    happened to create the experiment.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        return None
+    database = Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
+    if not database.is_absolute():
+        database = Path.cwd() / database  # sqlite:///rel.db is relative to the working dir
+    return (database.parent / "artifacts").as_uri()
+
+
+def check_tracking_uri(uri: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> None:
+    """Fail fast (before any training) when an http(s) tracking server does not answer.
+
+    Raises
+    ------
+    TrackingError
+        One line naming the (redacted) URI and the reason.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "sqlite":
+        database = Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
+        if str(database) not in ("", ":memory:"):
+            try:
+                database.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingError(
+                    f"cannot create the MLflow store folder {database.parent}: {exc.strerror}"
+                ) from None
+        return
+    if parts.scheme not in ("http", "https"):
+        return
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
+                                      "", ""))
+    request = urllib.request.Request(health, method="GET")
+    if parts.username is not None:
+        import base64
+
+        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow tracking server {redact_uri(uri)} is not reachable ({reason}); start it "
+            f"(mlflow server) or choose another tracking.tracking_uri"
+        ) from None
+    if status >= 500 or status == 404:
+        raise TrackingError(
+            f"MLflow tracking server {redact_uri(uri)} answered HTTP {status} on /health; "
+            f"is it an MLflow server?"
+        )
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's module-level (fluent) API at ``uri`` for a block, then restore it.
+
+    Only model logging and loading need the fluent API; ``mlflow.set_tracking_uri`` also writes
+    ``$MLFLOW_TRACKING_URI``, which is restored too.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as service_utils
+
+    previous_uri = getattr(service_utils, "_tracking_uri", None)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name``, created (with ``artifact_location``) or restored if needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _mark_stale(client, experiment_id: str) -> list[str]:
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    stale = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("host") != host or not tags.get("pid", "").isdigit():
+            continue  # another machine's run, or not ours: its liveness is unknowable here
+        if _pid_alive(int(tags["pid"])):
+            continue
+        client.set_tag(run.info.run_id, "error", "process ended without closing the run")
+        client.set_terminated(run.info.run_id, "FAILED")
+        stale.append(run.info.run_id)
+    return stale
+
+
+def mark_stale_runs_failed(experiment: str, tracking_uri: str | None = None) -> list[str]:
+    """Set FAILED the runs of ``experiment`` left RUNNING by a process that no longer exists.
+
+    Only runs tagged with this host's name and a ``pid`` (every run the recorder creates) are
+    considered. Returns the run ids changed (empty if the experiment does not exist).
+    """
+    client = _client(resolve_tracking_uri(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else _mark_stale(client, found.experiment_id)
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version(PACKAGE_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
+
+
+def _epoch_metrics(history: Mapping[str, Sequence[float]], timestamp: int) -> list:
+    """One ``Metric`` per (column, epoch) of a history, step = the epoch number (1-based)."""
+    from mlflow.entities import Metric
+
+    n_epochs = max((len(v) for k, v in history.items() if k in EPOCH_METRICS), default=0)
+    epochs = [int(e) for e in history.get("epoch", range(1, n_epochs + 1))]
+    metrics = []
+    for key in EPOCH_METRICS:
+        values = history.get(key)
+        if values is None or all(_is_nan(v) for v in values):
+            continue  # e.g. val_* of a model trained without validation data
+        for epoch, value in zip(epochs, values, strict=False):
+            metrics.append(Metric(key, float(value), timestamp, epoch))
+    return metrics
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def _metrics(values: Mapping[str, float], timestamp: int) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(key, float(value), timestamp, 0) for key, value in values.items()]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class FinalRecord:
+    """Where the final model went: its run, its URI, its registry version, champion or not."""
+
+    run_id: str
+    model_uri: str
+    registered_version: str | None
+    champion: bool
+
+
+# ------------------------------------------------------------------------------------ recorder
+class PipelineRecorder:
+    """Record one pipeline execution: a parent run, its CV and final child runs, the model.
+
+    Use as a context manager so no run is ever left RUNNING::
+
+        with PipelineRecorder(config.tracking) as recorder:
+            recorder.start(config, ds.name, ds.fingerprint)
+            ...
+
+    An exception marks the runs FAILED (tag ``error``: its message on one line);
+    ``KeyboardInterrupt`` or ``SystemExit`` (SIGTERM turned into an exit) marks them KILLED.
+
+    Parameters
+    ----------
+    tracking_config : pipeline.config.TrackingConfig
+        ``tracking_uri`` (None: see :func:`resolve_tracking_uri`), ``experiment``,
+        ``registered_model`` (None: the model is logged but not registered).
+    """
+
+    def __init__(self, tracking_config: Any) -> None:
+        self.tracking_config = tracking_config
+        self.tracking_uri = resolve_tracking_uri(tracking_config.tracking_uri)
+        self.client = None
+        self.experiment_id: str | None = None
+        self.parent_run_id: str | None = None
+        self.stale_run_ids: list[str] = []
+        self._open_children: list[str] = []
+        self._finished = False
+        if urllib.parse.urlsplit(self.tracking_uri).scheme in ("http", "https"):
+            # MLflow would print "View run ... at: <url>" for every run it ends.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+    # -- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> PipelineRecorder:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        if self.parent_run_id is None or self._finished:
+            return False
+        if exc is None:
+            self.finish("FINISHED")
+        elif isinstance(exc, KeyboardInterrupt | SystemExit):
+            self.finish("KILLED", error=f"interrupted ({exc_type.__name__})")
+        else:
+            self.finish("FAILED", error=f"{exc_type.__name__}: {_one_line(exc)}")
+        return False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(
+        self,
+        config: Any,
+        dataset_name: str,
+        dataset_fingerprint: str,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Open the parent run and log the configuration; returns the parent run id.
+
+        Raises :class:`TrackingError` (quickly, before any training) when the store is unusable.
+        """
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        check_tracking_uri(self.tracking_uri)
+        where = redact_uri(self.tracking_uri)
+        try:
+            self.client = _client(self.tracking_uri)
+            self.experiment_id = get_or_create_experiment(
+                self.client,
+                self.tracking_config.experiment,
+                default_artifact_location(self.tracking_uri),
+            )
+            self.stale_run_ids = _mark_stale(self.client, self.experiment_id)
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=run_name,
+                tags={**self._process_tags(), "stage": "pipeline", **(tags or {})},
+            )
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
+        except Exception as exc:  # SQLAlchemy errors from a broken database file, for instance
+            raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
+        self.parent_run_id = run.info.run_id
+        self._finished = False
+
+        params = {key: _stringify(value) for key, value in config.flat().items()}
+        params.update(
+            {
+                "dataset.name": dataset_name,
+                "dataset.fingerprint": dataset_fingerprint,
+                "package.version": _package_version(),
+            }
+        )
+        commit = _git_commit()
+        if commit:
+            params["git.commit"] = commit
+        extra_tags = {"mlflow.source.git.commit": commit} if commit else {}
+        self._log(
+            self.parent_run_id,
+            params=[Param(key, value) for key, value in params.items()],
+            tags=extra_tags,
+        )
+        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+            path = Path(tmp) / "config.json"
+            path.write_text(_config_json(config), encoding="utf-8")
+            self.client.log_artifact(self.parent_run_id, str(path))
+        return self.parent_run_id
+
+    def finish(self, status: str = "FINISHED", *, error: str | None = None) -> None:
+        """End any child run still open and the parent with ``status`` (FINISHED/FAILED/KILLED)."""
+        if status not in _TERMINAL:
+            raise ValueError(f"status must be one of {_TERMINAL}, got {status!r}")
+        if self.parent_run_id is None or self._finished:
+            return
+        for run_id in list(self._open_children):
+            self._end(run_id, status, error)
+        self._end(self.parent_run_id, status, error)
+        self._finished = True
+
+    def _end(self, run_id: str, status: str, error: str | None) -> None:
+        if error:
+            self.client.set_tag(run_id, "error", error[:5000])
+        self.client.set_terminated(run_id, status)
+        if run_id in self._open_children:
+            self._open_children.remove(run_id)
+
+    # -- cross-validation ---------------------------------------------------------------------
+    def log_fold(self, result: FoldResult) -> str:
+        """One finished child run for one (lambda, fold) training; returns its run id.
+
+        Per-epoch metrics use the history's column names with step = epoch; the summary
+        (possibly restored-best) values go to ``fold_*`` metrics so they do not add a point to
+        the histories. A diverged training is tagged ``diverged=true`` with its message.
+        """
+        from mlflow.entities import Param
+
+        tags = {"stage": "cv"}
+        if result.diverged:
+            tags.update({"diverged": "true", "diverged_message": result.message[:5000]})
+        run_id = self._child(f"cv lambda={result.l2_lambda:g} fold={result.fold}", tags)
+        now = _now_ms()
+        summary = {
+            "fold_val_accuracy": result.val_accuracy,
+            "fold_val_loss": result.val_loss,
+            "fold_train_accuracy": result.train_accuracy,
+            "fold_train_loss": result.train_loss,
+            "epochs_run": result.epochs,
+            "train_seconds": result.seconds,
+        }
+        if result.diverged:
+            summary.update({k: math.nan for k in summary if k.startswith("fold_")})
+        self._log(
+            run_id,
+            metrics=_epoch_metrics(result.history, now) + _metrics(summary, now),
+            params=[
+                Param("l2_lambda", _stringify(result.l2_lambda)),
+                Param("fold", str(result.fold)),
+                Param("seed", str(result.seed)),
+            ],
+        )
+        self._end(run_id, "FINISHED", None)
+        return run_id
+
+    def log_cv_summary(self, table: pd.DataFrame, best_lambda: float) -> None:
+        """The chosen lambda and the CV table (``cv_results.csv``, ``cv_lambda.png``) on the parent."""
+        best = table.loc[table["l2_lambda"] == best_lambda, "mean_val_accuracy"]
+        best_accuracy = float(best.iloc[0]) if len(best) else math.nan
+        self._log(
+            self._parent(),
+            metrics=_metrics(
+                {"best_l2_lambda": best_lambda, "cv_best_mean_val_accuracy": best_accuracy},
+                _now_ms(),
+            ),
+        )
+        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+            csv = Path(tmp) / "cv_results.csv"
+            table.to_csv(csv, index=False)
+            png = plots.plot_cv_lambda(table, best_lambda, Path(tmp) / "cv_lambda.png")
+            self.client.log_artifact(self._parent(), str(csv))
+            self.client.log_artifact(self._parent(), str(png))
+
+    # -- final model --------------------------------------------------------------------------
+    def log_final(
+        self,
+        model: Any,
+        normalizer: Any,
+        history_columns: Mapping[str, Sequence[float]],
+        evaluation: Evaluation,
+        test_images: np.ndarray,
+        test_labels: np.ndarray,
+        test_predictions: np.ndarray,
+        *,
+        l2_lambda: float,
+    ) -> FinalRecord:
+        """Record the final model: its training run, test metrics, plots, the pyfunc model.
+
+        Parameters
+        ----------
+        model : mlp.MLP
+            The trained network (saved with its own ``save``).
+        normalizer : pipeline.normalize.Normalizer
+            Fitted on the training data; saved with ``to_dict()``.
+        history_columns : mapping of str to list
+            ``History.as_columns()`` of the final training.
+        evaluation : Evaluation
+            Test accuracy, loss and confusion matrix.
+        test_images : np.ndarray, shape (n_test, 784)
+            Raw test pixels (0..255), for the misclassified grid and the input example.
+        test_labels, test_predictions : np.ndarray, shape (n_test,)
+        l2_lambda : float
+            The lambda the final model was trained with.
+
+        Returns
+        -------
+        FinalRecord
+        """
+        from mlflow.entities import Param
+
+        parent = self._parent()
+        run_id = self._child(f"final lambda={l2_lambda:g}", {"stage": "final"})
+        now = _now_ms()
+        test = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
+        epochs = len(history_columns.get("train_loss", ()))
+        self._log(
+            run_id,
+            metrics=_epoch_metrics(history_columns, now) + _metrics(test, now),
+            params=[Param("l2_lambda", _stringify(l2_lambda)), Param("epochs", str(epochs))],
+        )
+        self._log(parent, metrics=_metrics(test, now))
+
+        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+            folder = Path(tmp)
+            figures = [
+                plots.plot_training_curves(history_columns, folder / "training_curves.png"),
+                plots.plot_confusion_matrix(evaluation.confusion, folder / "confusion_matrix.png"),
+                plots.plot_misclassified(
+                    test_images, test_labels, test_predictions, folder / "misclassified.png"
+                ),
+            ]
+            for figure in figures:
+                self.client.log_artifact(parent, str(figure))
+            model_info = self._log_model(run_id, model, normalizer, test_images, folder)
+        self._end(run_id, "FINISHED", None)
+
+        version = None
+        champion = False
+        if self.tracking_config.registered_model:
+            version = self._create_version(run_id, model_info)
+            champion = self._register(version, evaluation.accuracy)
+            self.client.set_tag(parent, "registered_model_version", version)
+            self.client.set_tag(parent, "champion", str(champion).lower())
+        self.client.set_tag(parent, "model_uri", model_info.model_uri)
+        return FinalRecord(run_id, model_info.model_uri, version, champion)
+
+    def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images, folder: Path):
+        import mlflow
+
+        weights = model.save(folder / "weights.npz")
+        normalizer_path = folder / "normalizer.json"
+        normalizer_path.write_text(json.dumps(normalizer.to_dict()), encoding="utf-8")
+        example = np.asarray(test_images[:5], dtype=np.float32)
+        requirements = [f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+        version = _package_version()
+        requirements.append(PACKAGE_NAME if version == "unknown" else f"{PACKAGE_NAME}=={version}")
+        with _fluent_tracking_uri(self.tracking_uri):
+            # The fluent API is used only here and only on this thread, resuming the run by id.
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                return mlflow.pyfunc.log_model(
+                    name=MODEL_NAME,
+                    python_model=str(MODEL_CODE_PATH),
+                    artifacts={"weights": str(weights), "normalizer": str(normalizer_path)},
+                    input_example=example,
+                    pip_requirements=requirements,
+                )
+
+    def _create_version(self, run_id: str, model_info: Any) -> str:
+        """Register the logged model (through the client: the fluent call prints to stderr)."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.tracking_config.registered_model
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        # The SQLite registry resolves the models:/ source through the fluent tracking URI.
+        with _fluent_tracking_uri(self.tracking_uri):
+            created = self.client.create_model_version(
+                name, source=model_info.model_uri, run_id=run_id, model_id=model_info.model_id
+            )
+        return str(created.version)
+
+    def _register(self, version: str, test_accuracy: float) -> bool:
+        """Tag the new version; move the champion alias to it if it beats the current one."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.tracking_config.registered_model
+        self.client.set_model_version_tag(name, version, "test_accuracy", repr(test_accuracy))
+        if not math.isfinite(test_accuracy):
+            return False
+        try:
+            current = self.client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+            current_accuracy = float(current.tags.get("test_accuracy", "nan"))
+        except MlflowException:
+            current_accuracy = math.nan  # no champion yet
+        if math.isnan(current_accuracy) or test_accuracy > current_accuracy:
+            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            return True
+        return False
+
+    # -- summary ------------------------------------------------------------------------------
+    def log_metrics_summary(self, wall_seconds: float) -> None:
+        """The execution's wall-clock time, on the parent."""
+        self._log(self._parent(), metrics=_metrics({"wall_seconds": wall_seconds}, _now_ms()))
+
+    # -- internals ----------------------------------------------------------------------------
+    def _parent(self) -> str:
+        if self.parent_run_id is None:
+            raise PipelineError("PipelineRecorder.start() must be called before logging")
+        return self.parent_run_id
+
+    def _process_tags(self) -> dict[str, str]:
+        return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+    def _child(self, run_name: str, tags: Mapping[str, str]) -> str:
+        parent = self._parent()
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=run_name,
+            tags={"mlflow.parentRunId": parent, **self._process_tags(), **tags},
+        )
+        self._open_children.append(run.info.run_id)
+        return run.info.run_id
+
+    def _log(self, run_id: str, *, metrics=(), params=(), tags: Mapping[str, str] | None = None):
+        from mlflow.entities import RunTag
+
+        run_tags = [RunTag(key, value) for key, value in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=run_tags)
+
+
+def _config_json(config: Any) -> str:
+    if hasattr(config, "model_dump"):
+        return json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
+    return json.dumps(config.flat(), indent=2) + "\n"
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_model_for_eval(uri: str, tracking_uri: str | None = None) -> Any:
+    """Load a logged model (``runs:/<id>/model``, ``models:/name@champion``, ``models:/name/1``).
+
+    Returns
+    -------
+    mlflow.pyfunc.PyFuncModel
+        ``predict(images)`` with raw pixels, shape (n, 784) float32, returns int64 labels.
+
+    Raises
+    ------
+    PipelineError
+        One line when the run, model, version or alias does not exist.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    resolved = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(resolved)
+    try:
+        with _fluent_tracking_uri(resolved):
+            return mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise PipelineError(f"cannot load model {uri!r}: {_one_line(exc)}") from None

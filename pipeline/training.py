@@ -1,0 +1,251 @@
+"""Training and evaluation glue: from a config, a dataset and a (lambda, fold) to results.
+
+These are the plain functions the Prefect tasks wrap. They hold no orchestration and no
+tracking: workers call them and return small results; the flow process records them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from mlp import MLP, DivergenceError, fit
+from mlp.losses import cross_entropy
+from pipeline.config import DataConfig, PipelineConfig
+from pipeline.data import Dataset, DatasetRef, Normalizer, load_dataset
+from pipeline.errors import DataError
+from pipeline.folds import fold_seed, make_folds, train_indices
+from pipeline.results import Evaluation, FoldResult
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+def load_configured_dataset(data: DataConfig) -> Dataset:
+    """Load the configured dataset with its train/test limits applied (memoized per process)."""
+    return _load_configured(
+        data.dataset, data.data_dir, data.download, data.limit_train, data.limit_test
+    )
+
+
+@lru_cache(maxsize=4)
+def _load_configured(
+    name: str, data_dir: str | None, download: bool, limit_train: int | None, limit_test: int | None
+) -> Dataset:
+    dataset = load_dataset(name, data_dir, download=download)
+    if limit_train is not None or limit_test is not None:
+        dataset = dataset.limit(limit_train, limit_test)
+    return dataset
+
+
+def dataset_from_ref(data: DataConfig, ref: DatasetRef) -> Dataset:
+    """The dataset a worker trains on, checked against the fingerprint the flow saw.
+
+    Workers receive this small reference instead of the arrays, and load the files once per
+    process; a fingerprint mismatch means a worker reads different files than the flow did.
+    """
+    dataset = load_configured_dataset(data)
+    if dataset.fingerprint != ref.fingerprint:
+        raise DataError(
+            f"dataset {ref.name!r} seen by this worker (fingerprint {dataset.fingerprint[:12]}) "
+            f"differs from the flow's ({ref.fingerprint[:12]}): every worker must read the same "
+            "data directory"
+        )
+    return dataset
+
+
+def _fit_network(
+    config: PipelineConfig,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2_lambda: float,
+    epochs: int,
+    seed: int,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    early_stopping: int | None = None,
+    callback: EpochCallback | None = None,
+) -> tuple[MLP, dict[str, list[float]], str]:
+    """Build and train one network; returns (model, history columns, divergence message or "")."""
+    model_cfg, train_cfg = config.model, config.training
+    network = MLP(
+        n_features=X.shape[1],
+        hidden_sizes=list(model_cfg.hidden_sizes),
+        n_classes=10,
+        activation=model_cfg.activation,
+        init=model_cfg.init,
+        dtype=model_cfg.dtype,
+        seed=seed,
+    )
+    records: list[dict[str, Any]] = []
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        records.append(dict(record))
+        if callback is not None:
+            callback(record)
+
+    schedule_kwargs = (
+        {"step_size": train_cfg.step_size, "gamma": train_cfg.gamma}
+        if train_cfg.schedule == "step"
+        else {}
+    )
+    try:
+        fit(
+            network,
+            X,
+            y,
+            epochs=epochs,
+            optimizer=train_cfg.optimizer,
+            lr=train_cfg.lr,
+            momentum=train_cfg.momentum,
+            # "gd" is the homework's full-batch gradient descent: one step per epoch.
+            batch_size=None if train_cfg.optimizer == "gd" else train_cfg.batch_size,
+            l2=l2_lambda,
+            schedule=train_cfg.schedule,
+            schedule_kwargs=schedule_kwargs,
+            dropout=train_cfg.dropout,
+            X_val=X_val,
+            y_val=y_val,
+            early_stopping=early_stopping,
+            seed=seed,
+            callback=on_epoch,
+        )
+        message = ""
+    except DivergenceError as exc:
+        message = str(exc)
+    return network, _columns(records), message
+
+
+def _columns(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    return {key: [float(record.get(key, np.nan)) for record in records] for key in keys}
+
+
+def train_fold(
+    config: PipelineConfig,
+    dataset: Dataset,
+    l2_lambda: float,
+    fold: int,
+    *,
+    callback: EpochCallback | None = None,
+) -> FoldResult:
+    """Train on every fold but ``fold`` with L2 strength ``l2_lambda``; validate on ``fold``.
+
+    The normalizer is fitted on the training part only, so nothing of the validation fold leaks
+    into training. The seed comes from (cv.seed, lambda, fold), never from execution order.
+    """
+    cv = config.cv
+    folds = make_folds(
+        dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed
+    )
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"fold {fold} out of range 0..{len(folds) - 1}")
+    val_idx = folds[fold]
+    train_idx = train_indices(folds, fold)
+    normalizer = Normalizer.fit(dataset.X_train[train_idx], method=config.data.normalization)
+    dtype = config.model.dtype
+    X_tr = normalizer.transform(dataset.X_train[train_idx], dtype=dtype)
+    X_val = normalizer.transform(dataset.X_train[val_idx], dtype=dtype)
+    y_tr = dataset.y_train[train_idx].astype(np.int64)
+    y_val = dataset.y_train[val_idx].astype(np.int64)
+
+    seed = fold_seed(cv.seed, l2_lambda, fold)
+    started = time.perf_counter()
+    network, history, message = _fit_network(
+        config,
+        X_tr,
+        y_tr,
+        l2_lambda=l2_lambda,
+        epochs=config.training.epochs,
+        seed=seed,
+        X_val=X_val,
+        y_val=y_val,
+        early_stopping=config.training.early_stopping,
+        callback=callback,
+    )
+    seconds = time.perf_counter() - started
+    if message:
+        nan = float("nan")
+        return FoldResult(
+            l2_lambda, fold, seed, nan, nan, nan, nan, len(history.get("epoch", [])), seconds,
+            history, diverged=True, message=message,
+        )  # fmt: skip
+    val_loss = network.loss(X_val, y_val).data
+    return FoldResult(
+        l2_lambda=l2_lambda,
+        fold=fold,
+        seed=seed,
+        val_accuracy=network.score(X_val, y_val),
+        val_loss=float(val_loss),
+        train_accuracy=float(history["train_accuracy"][-1]),
+        train_loss=float(history["train_loss"][-1]),
+        epochs=len(history["epoch"]),
+        seconds=seconds,
+        history=history,
+    )
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """The model trained on all training data with the chosen lambda."""
+
+    network: MLP
+    normalizer: Normalizer
+    history: dict[str, list[float]]
+    l2_lambda: float
+    seconds: float
+
+
+def train_final(
+    config: PipelineConfig,
+    dataset: Dataset,
+    l2_lambda: float,
+    *,
+    callback: EpochCallback | None = None,
+) -> FinalModel:
+    """Train the final network on the whole training set with the chosen lambda."""
+    normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
+    X = normalizer.transform(dataset.X_train, dtype=config.model.dtype)
+    y = dataset.y_train.astype(np.int64)
+    seed = fold_seed(config.cv.seed, l2_lambda, fold=-1)
+    started = time.perf_counter()
+    network, history, message = _fit_network(
+        config,
+        X,
+        y,
+        l2_lambda=l2_lambda,
+        epochs=config.training.resolved_final_epochs,
+        seed=seed,
+        callback=callback,
+    )
+    if message:
+        raise DivergenceError(
+            f"the final model diverged: {message}", epoch=len(history.get("epoch", []))
+        )
+    return FinalModel(network, normalizer, history, l2_lambda, time.perf_counter() - started)
+
+
+def predict_test(final: FinalModel, dataset: Dataset) -> tuple[Evaluation, np.ndarray]:
+    """Test-set accuracy, loss and confusion matrix; also returns the predicted labels."""
+    X_test = final.normalizer.transform(dataset.X_test, dtype=final.network.dtype)
+    y_test = dataset.y_test.astype(np.int64)
+    logits = final.network.forward(X_test)
+    predicted = logits.argmax(axis=1)
+    return evaluation_from(y_test, predicted, cross_entropy(logits, y_test)), predicted
+
+
+def evaluation_from(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> Evaluation:
+    """Build an :class:`Evaluation` from true and predicted labels."""
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    return Evaluation(
+        accuracy=float(np.mean(y_true == y_pred)),
+        loss=float(loss),
+        n_samples=int(y_true.size),
+        confusion=confusion.tolist(),
+    )

@@ -1,0 +1,32 @@
+"""Fixtures for the mlp tests: a small real-MNIST subset and tiny random problems."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    """Raw bytes of a gzipped IDX file after its header (16 bytes images, 8 labels)."""
+    with gzip.open(path, "rb") as fh:
+        return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+
+
+@pytest.fixture(scope="session")
+def mnist_small(shared_data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """2000 training + 500 validation MNIST images scaled to [0, 1], float32, and labels."""
+    folder = shared_data_dir / "mnist"
+    X = _read_idx(folder / "train-images-idx3-ubyte.gz", 16).reshape(-1, 784)[:2500]
+    y = _read_idx(folder / "train-labels-idx1-ubyte.gz", 8)[:2500].astype(np.int64)
+    X = X.astype(np.float32) / 255.0
+    return X[:2000], y[:2000], X[2000:], y[2000:]
+
+
+@pytest.fixture
+def tiny_problem() -> tuple[np.ndarray, np.ndarray]:
+    """7 samples, 5 features, 3 classes, float64: small enough for finite differences."""
+    rng = np.random.default_rng(123)
+    return rng.standard_normal((7, 5)), rng.integers(0, 3, size=7)
