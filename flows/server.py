@@ -30,5 +30,19 @@ def prefect_api(startup_timeout: int = 60) -> Iterator[str | None]:
     try:
         yield server.api_url
     finally:
+        _drain_prefect_clients()
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _drain_prefect_clients() -> None:
+    """Send buffered logs and events while the temporary server still answers.
+
+    Otherwise they are flushed at interpreter exit, to a server that is gone, and the process
+    hangs for a minute retrying.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    EventsWorker.drain_all(timeout=10)

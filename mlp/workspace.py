@@ -52,6 +52,8 @@ class Workspace:
         self.db = [np.empty_like(b) for b in net.biases]
         self.grads = [g for pair in zip(self.dW, self.db, strict=True) for g in pair]
         self._l2_tmp = [np.empty_like(W) for W in net.weights]
+        # db = ones @ dZ: a BLAS gemv, faster than np.sum(axis=0) on a (n, k) array.
+        self._ones = np.ones(n, dt)
 
 
 def train_step(
@@ -116,7 +118,7 @@ def train_step(
         if l2:
             np.multiply(W[layer], l2, out=ws._l2_tmp[layer])
             ws.dW[layer] += ws._l2_tmp[layer]
-        np.sum(dZ, axis=0, out=ws.db[layer])  # one bias gradient per unit
+        np.matmul(ws._ones, dZ, out=ws.db[layer])  # sum over the batch: one per unit
         if layer == 0:
             break  # no dX: nobody needs the input's gradient
         dA = ws.dZ[layer - 1]

@@ -30,7 +30,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Inspect and verify the datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console()
+out = Console(soft_wrap=True)
 
 # ----------------------------------------------------------------------------- shared options
 

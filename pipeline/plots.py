@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _DPI = 110
 
@@ -108,6 +109,7 @@ def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: s
             values = _present(history_columns.get(f"{split}_{kind}"))
             if values is not None:
                 axes.plot(epochs[: len(values)], values, style, marker=".", label=split)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(kind)
         axes.set_title(f"Final model: {kind} per epoch")
@@ -196,7 +198,8 @@ def plot_misclassified(
     images = np.asarray(images)
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
-    wrong = np.flatnonzero(y_true != y_pred)[:max_images]
+    errors = np.flatnonzero(y_true != y_pred)
+    wrong = errors[:max_images]
     columns = max(1, min(6, len(wrong)))
     rows = max(1, math.ceil(len(wrong) / columns))
     figure = _new_figure(1.6 * columns, 1.75 * rows + 0.4)
@@ -205,12 +208,28 @@ def plot_misclassified(
         axes.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         axes.set_axis_off()
         return _save(figure, path)
-    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    # One image of all tiles (a label band above each) instead of one axes per tile: 36 axes
+    # under a constrained layout take seconds to draw, one mosaic a fraction of that.
     side = int(round(math.sqrt(images.shape[1])))
-    for axes, index in zip(grid, wrong, strict=False):
-        axes.imshow(images[index].reshape(side, side), cmap="gray_r")
-        axes.set_title(f"pred {int(y_pred[index])} / true {int(y_true[index])}", fontsize=8)
-    for axes in grid:
-        axes.set_axis_off()
-    figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
+    band, gap = side // 2, 2
+    tile_h, tile_w = side + band + gap, side + gap
+    mosaic = np.full((rows * tile_h, columns * tile_w), np.nan)
+    axes = figure.add_subplot()
+    for slot, index in enumerate(wrong):
+        row, column = divmod(slot, columns)
+        top, left = row * tile_h + band, column * tile_w
+        pixels = images[index].reshape(side, side).astype(float)
+        span = np.ptp(pixels) or 1.0
+        mosaic[top : top + side, left : left + side] = (pixels - pixels.min()) / span
+        axes.text(
+            left + side / 2,
+            top - 1,
+            f"pred {int(y_pred[index])} / true {int(y_true[index])}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    axes.imshow(mosaic, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes.set_axis_off()
+    figure.suptitle(f"Misclassified test images: first {len(wrong)} of {len(errors)}")
     return _save(figure, path)

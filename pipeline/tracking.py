@@ -45,7 +45,14 @@ MODEL_NAME = "model"  # the logged model's name inside its run
 MODEL_CODE_PATH = Path(__file__).with_name("mlflow_model.py")
 PACKAGE_NAME = "mlp-pipeline"
 # History columns recorded per epoch (step = epoch); the others (epoch, seconds) are bookkeeping.
-EPOCH_METRICS = ("train_loss", "train_objective", "train_accuracy", "val_loss", "val_accuracy", "lr")
+EPOCH_METRICS = (
+    "train_loss",
+    "train_objective",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+)
 # Query parameters whose values are secrets in database and server URIs.
 _SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "token", "access_token", "secret", "api_key"}
 _HEALTH_TIMEOUT_SECONDS = 5.0
@@ -74,15 +81,16 @@ def redact_uri(uri: str) -> str:
         parts = urllib.parse.urlsplit(uri)
     except ValueError:
         return "<unparsable URI>"
-    netloc = parts.netloc.rpartition("@")[2]
-    query = urllib.parse.urlencode(
-        [
-            (key, value)
-            for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-            if key.lower() not in _SECRET_QUERY_KEYS
-        ]
-    )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    redacted = uri
+    if "@" in parts.netloc:
+        redacted = redacted.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(key, value) for key, value in pairs if key.lower() not in _SECRET_QUERY_KEYS]
+        if len(kept) != len(pairs):
+            query = urllib.parse.urlencode(kept)
+            redacted = redacted.replace("?" + parts.query, "?" + query if query else "", 1)
+    return redacted
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -123,13 +131,15 @@ def check_tracking_uri(uri: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> No
         return
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
-    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
-                                      "", ""))
+    health = urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", "")
+    )
     request = urllib.request.Request(health, method="GET")
     if parts.username is not None:
         import base64
 
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        user = urllib.parse.unquote(parts.username)
+        token = f"{user}:{urllib.parse.unquote(parts.password or '')}"
         request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -271,7 +281,8 @@ def _epoch_metrics(history: Mapping[str, Sequence[float]], timestamp: int) -> li
         if values is None or all(_is_nan(v) for v in values):
             continue  # e.g. val_* of a model trained without validation data
         for epoch, value in zip(epochs, values, strict=False):
-            metrics.append(Metric(key, float(value), timestamp, epoch))
+            if value is not None:
+                metrics.append(Metric(key, float(value), timestamp, epoch))
     return metrics
 
 
@@ -344,10 +355,13 @@ class PipelineRecorder:
             return False
         if exc is None:
             self.finish("FINISHED")
-        elif isinstance(exc, KeyboardInterrupt | SystemExit):
-            self.finish("KILLED", error=f"interrupted ({exc_type.__name__})")
-        else:
-            self.finish("FAILED", error=f"{exc_type.__name__}: {_one_line(exc)}")
+            return False
+        # Best effort: if the store itself is what failed, the original exception matters more.
+        with contextlib.suppress(Exception):
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                self.finish("KILLED", error=f"interrupted ({exc_type.__name__})")
+            else:
+                self.finish("FAILED", error=f"{exc_type.__name__}: {_one_line(exc)}")
         return False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -365,7 +379,6 @@ class PipelineRecorder:
         Raises :class:`TrackingError` (quickly, before any training) when the store is unusable.
         """
         from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
 
         check_tracking_uri(self.tracking_uri)
         where = redact_uri(self.tracking_uri)
@@ -382,14 +395,12 @@ class PipelineRecorder:
                 run_name=run_name,
                 tags={**self._process_tags(), "stage": "pipeline", **(tags or {})},
             )
-        except (MlflowException, OSError) as exc:
-            raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
-        except Exception as exc:  # SQLAlchemy errors from a broken database file, for instance
+        except Exception as exc:  # MlflowException, OSError, SQLAlchemy errors of a broken file
             raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
         self.parent_run_id = run.info.run_id
         self._finished = False
 
-        params = {key: _stringify(value) for key, value in config.flat().items()}
+        params = {key: _stringify(_redact(value)) for key, value in config.flat().items()}
         params.update(
             {
                 "dataset.name": dataset_name,
@@ -468,7 +479,7 @@ class PipelineRecorder:
         return run_id
 
     def log_cv_summary(self, table: pd.DataFrame, best_lambda: float) -> None:
-        """The chosen lambda and the CV table (``cv_results.csv``, ``cv_lambda.png``) on the parent."""
+        """On the parent: the chosen lambda, ``cv_results.csv`` (the table), ``cv_lambda.png``."""
         best = table.loc[table["l2_lambda"] == best_lambda, "mean_val_accuracy"]
         best_accuracy = float(best.iloc[0]) if len(best) else math.nan
         self._log(
@@ -568,16 +579,19 @@ class PipelineRecorder:
         requirements = [f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
         version = _package_version()
         requirements.append(PACKAGE_NAME if version == "unknown" else f"{PACKAGE_NAME}=={version}")
-        with _fluent_tracking_uri(self.tracking_uri):
-            # The fluent API is used only here and only on this thread, resuming the run by id.
-            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-                return mlflow.pyfunc.log_model(
-                    name=MODEL_NAME,
-                    python_model=str(MODEL_CODE_PATH),
-                    artifacts={"weights": str(weights), "normalizer": str(normalizer_path)},
-                    input_example=example,
-                    pip_requirements=requirements,
-                )
+        # The fluent API is used only here and only on this thread, resuming the run by id.
+        nested = mlflow.active_run() is not None
+        with (
+            _fluent_tracking_uri(self.tracking_uri),
+            mlflow.start_run(run_id=run_id, nested=nested),
+        ):
+            return mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(MODEL_CODE_PATH),
+                artifacts={"weights": str(weights), "normalizer": str(normalizer_path)},
+                input_example=example,
+                pip_requirements=requirements,
+            )
 
     def _create_version(self, run_id: str, model_info: Any) -> str:
         """Register the logged model (through the client: the fluent call prints to stderr)."""
@@ -645,10 +659,20 @@ class PipelineRecorder:
         self.client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=run_tags)
 
 
+def _redact(value: Any) -> Any:
+    """Strings that are URIs lose their credentials; lists and dicts are walked."""
+    if isinstance(value, str):
+        return redact_uri(value) if "://" in value else value
+    if isinstance(value, list | tuple):
+        return [_redact(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _redact(item) for key, item in value.items()}
+    return value
+
+
 def _config_json(config: Any) -> str:
-    if hasattr(config, "model_dump"):
-        return json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
-    return json.dumps(config.flat(), indent=2) + "\n"
+    data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config.flat()
+    return json.dumps(_redact(data), indent=2) + "\n"
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -1,11 +1,18 @@
-"""Shared fixtures: where the real datasets live."""
+"""Shared fixtures: where the real datasets live, a Prefect API, a throwaway MLflow store."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
+# Before anything imports Prefect: a private Prefect home, no telemetry (offline machines).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mlp-pipeline-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,3 +24,21 @@ def shared_data_dir() -> Path:
     if not (path / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"real MNIST not found under {path}; set MLP_PIPELINE_TEST_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """One real Prefect API for the session, exported so spawned workers reach it too.
+
+    A temporary server (``prefect_api``) unless ``PREFECT_API_URL`` already names one.
+    """
+    from flows.server import prefect_api
+
+    with prefect_api(startup_timeout=90) as url:
+        yield url or os.environ["PREFECT_API_URL"]
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh MLflow SQLite store in a temporary folder (absolute: four slashes)."""
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"

@@ -1,0 +1,81 @@
+"""Every plot writes a readable PNG, including the awkward inputs (lambda 0, no errors)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import plots
+
+
+def _read_png(path) -> np.ndarray:
+    assert path.is_file() and path.stat().st_size > 0, f"{path} missing or empty"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100, f"{path}: odd image shape {image.shape}"
+    assert image.std() > 0, f"{path} is a blank image"
+    return image
+
+
+def _cv_table(lambdas: list[float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "l2_lambda": lambdas,
+            "mean_val_accuracy": np.linspace(0.90, 0.95, len(lambdas)),
+            "std_val_accuracy": [0.01] * len(lambdas),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "lambdas", [[1e-4, 1e-3, 1e-2], [0.0, 1e-4, 1e-3], [0.0]], ids=["log", "with-zero", "only-zero"]
+)
+def test_cv_lambda_plot(tmp_path, lambdas):
+    path = plots.plot_cv_lambda(_cv_table(lambdas), lambdas[-1], tmp_path / "cv.png")
+    _read_png(path)
+
+
+def test_cv_lambda_plot_tolerates_a_single_fold_std_nan(tmp_path):
+    table = _cv_table([1e-3, 1e-2]).assign(std_val_accuracy=math.nan)
+    _read_png(plots.plot_cv_lambda(table, None, tmp_path / "cv.png"))
+
+
+@pytest.mark.parametrize("with_val", [True, False])
+def test_training_curves(tmp_path, with_val):
+    epochs = 5
+    history = {
+        "epoch": list(range(1, epochs + 1)),
+        "train_loss": np.linspace(2.0, 0.3, epochs).tolist(),
+        "train_accuracy": np.linspace(0.3, 0.95, epochs).tolist(),
+        "val_loss": np.linspace(2.1, 0.4, epochs).tolist() if with_val else [math.nan] * epochs,
+        "val_accuracy": np.linspace(0.3, 0.9, epochs).tolist() if with_val else [math.nan] * epochs,
+    }
+    _read_png(plots.plot_training_curves(history, tmp_path / "curves.png"))
+
+
+def test_confusion_matrix(tmp_path):
+    rng = np.random.default_rng(0)
+    confusion = rng.integers(0, 50, size=(10, 10)) + np.diag(np.full(10, 900))
+    names = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat"] + [f"c{i}" for i in range(5)]
+    _read_png(plots.plot_confusion_matrix(confusion.tolist(), tmp_path / "cm.png"))
+    _read_png(plots.plot_confusion_matrix(confusion, tmp_path / "cm-names.png", names))
+
+
+@pytest.mark.parametrize("n_wrong", [0, 5, 50])
+def test_misclassified(tmp_path, n_wrong):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(60, 784)).astype(np.float32)
+    y_true = rng.integers(0, 10, size=60)
+    y_pred = y_true.copy()
+    y_pred[:n_wrong] = (y_pred[:n_wrong] + 1) % 10
+    _read_png(plots.plot_misclassified(images, y_true, y_pred, tmp_path / "wrong.png"))
+
+
+def test_no_pyplot_figures_leak(tmp_path):
+    before = plt.get_fignums()
+    plots.plot_cv_lambda(_cv_table([1e-3, 1e-2]), 1e-2, tmp_path / "cv.png")
+    assert plt.get_fignums() == before, "plots must not register figures with pyplot"

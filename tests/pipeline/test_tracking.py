@@ -1,0 +1,456 @@
+"""The MLflow record, checked through MlflowClient against a real SQLite store in a temp folder.
+
+Creating a SQLite store costs a few seconds (schema migrations), so one store serves the whole
+module; every test uses its own experiment (and registered model) name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlp import MLP, fit
+from pipeline.config import preset
+from pipeline.data import load_dataset
+from pipeline.errors import PipelineError, TrackingError
+from pipeline.normalize import Normalizer
+from pipeline.results import Evaluation, FoldResult
+from pipeline.selection import cv_table, select_lambda
+from pipeline.tracking import (
+    PipelineRecorder,
+    default_artifact_location,
+    load_model_for_eval,
+    mark_stale_runs_failed,
+    redact_uri,
+    resolve_tracking_uri,
+)
+
+EPOCHS = 3
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{folder}/mlflow.db"  # folder is absolute: four slashes
+
+
+@pytest.fixture(scope="module")
+def client(store_uri) -> MlflowClient:
+    return MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
+
+
+def _config(store_uri: str, experiment: str, registered_model: str | None = None):
+    return preset("quick").replace(
+        {
+            "tracking.tracking_uri": store_uri,
+            "tracking.experiment": experiment,
+            "tracking.registered_model": registered_model,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(shared_data_dir):
+    """A tiny real model: 1000 MNIST training images, a few epochs, 500 test images."""
+    ds = load_dataset("mnist", data_dir=shared_data_dir, download=False).limit(1000, 500)
+    normalizer = Normalizer.fit(ds.X_train, "standardize")
+    X, X_test = normalizer.transform(ds.X_train), normalizer.transform(ds.X_test)
+    net = MLP(784, [32], 10, seed=0)
+    history = fit(
+        net,
+        X,
+        ds.y_train,
+        epochs=EPOCHS,
+        optimizer="sgd",
+        lr=0.1,
+        X_val=X_test,
+        y_val=ds.y_test,
+        seed=0,
+    )
+    predictions = net.predict(X_test)
+    confusion = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(confusion, (ds.y_test.astype(int), predictions), 1)
+    evaluation = Evaluation(
+        accuracy=float(np.mean(predictions == ds.y_test)),
+        loss=float(net.loss(X_test, ds.y_test).data),
+        n_samples=len(predictions),
+        confusion=confusion.tolist(),
+    )
+    return SimpleNamespace(
+        ds=ds,
+        normalizer=normalizer,
+        net=net,
+        history=history.as_columns(),
+        predictions=predictions,
+        evaluation=evaluation,
+    )
+
+
+def _fold_results(history: dict) -> list[FoldResult]:
+    results = []
+    for lam in (0.0, 1e-3):
+        for fold in range(2):
+            shifted = {k: [v + 0.01 * fold for v in vals] for k, vals in history.items()}
+            results.append(
+                FoldResult(
+                    l2_lambda=lam,
+                    fold=fold,
+                    seed=fold,
+                    val_accuracy=0.9 + 0.01 * fold,
+                    val_loss=0.3,
+                    train_accuracy=0.95,
+                    train_loss=0.2,
+                    epochs=EPOCHS,
+                    seconds=1.5,
+                    history=shifted,
+                )
+            )
+    return results
+
+
+@pytest.fixture(scope="module")
+def recorded(store_uri, client, trained):
+    """One whole pipeline record: parent, CV folds (one diverged), summary, final model."""
+    config = _config(store_uri, "whole-pipeline", "mlp-test")
+    folds = _fold_results(trained.history)
+    diverged = FoldResult(
+        l2_lambda=1.0,
+        fold=0,
+        seed=0,
+        val_accuracy=math.nan,
+        val_loss=math.nan,
+        train_accuracy=math.nan,
+        train_loss=math.nan,
+        epochs=2,
+        seconds=0.1,
+        diverged=True,
+        message="loss is inf at epoch 2",
+        history={"epoch": [1, 2], "train_loss": [2.0, math.nan]},
+    )
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    with PipelineRecorder(config.tracking) as recorder:
+        parent = recorder.start(
+            config,
+            trained.ds.name,
+            trained.ds.fingerprint,
+            run_name="test-run",
+            tags={"prefect.flow_run_id": "abc"},
+        )
+        fold_runs = {(r.l2_lambda, r.fold): recorder.log_fold(r) for r in folds}
+        diverged_run = recorder.log_fold(diverged)
+        table = cv_table([*folds, diverged])
+        best = select_lambda(table)
+        recorder.log_cv_summary(table, best)
+        started = time.perf_counter()
+        final = recorder.log_final(
+            trained.net,
+            trained.normalizer,
+            trained.history,
+            trained.evaluation,
+            trained.ds.X_test,
+            trained.ds.y_test,
+            trained.predictions,
+            l2_lambda=best,
+        )
+        final_seconds = time.perf_counter() - started
+        recorder.log_metrics_summary(12.5)
+    return SimpleNamespace(
+        parent=parent,
+        fold_runs=fold_runs,
+        folds=folds,
+        table=table,
+        best=best,
+        final=final,
+        diverged_run=diverged_run,
+        config=config,
+        final_seconds=final_seconds,
+        env_before=env_before,
+    )
+
+
+# ------------------------------------------------------------------------------------ URIs
+def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db", "argument wins"
+    assert resolve_tracking_uri(None) == "http://env:5000", "then the environment"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    default = resolve_tracking_uri(None)
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db", default
+    assert default.startswith("sqlite:////"), "absolute path: four slashes"
+    assert (tmp_path / "mlruns").is_dir(), "the store folder is created"
+    assert default_artifact_location(default) == (tmp_path.resolve() / "mlruns/artifacts").as_uri()
+    assert default_artifact_location("http://server:5000") is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("http://alice:s3cret@host:5000", "http://host:5000"),
+        ("https://token@host/mlflow", "https://host/mlflow"),
+        (
+            "postgresql://u:pw@db:5432/mlflow?password=pw&sslmode=require",
+            "postgresql://db:5432/mlflow?sslmode=require",
+        ),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://host:5000/?token=abc", "http://host:5000/"),
+    ],
+)
+def test_redact_uri(uri, expected):
+    assert redact_uri(uri) == expected
+
+
+def test_unreachable_server_raises_tracking_error_fast():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = _config(f"http://user:hunter2@127.0.0.1:{port}", "never")
+    recorder = PipelineRecorder(config.tracking)
+    started = time.perf_counter()
+    with pytest.raises(TrackingError) as info:
+        recorder.start(config, "mnist", "0" * 16)
+    elapsed = time.perf_counter() - started
+    message = str(info.value)
+    assert elapsed < 6, f"took {elapsed:.1f} s"
+    assert "not reachable" in message and "\n" not in message, message
+    assert "hunter2" not in message, f"credentials leaked: {message}"
+    assert recorder.parent_run_id is None
+
+
+# ------------------------------------------------------------------------------------ runs
+def test_parent_run_params_and_tags(recorded, client):
+    parent = client.get_run(recorded.parent)
+    params, tags = parent.data.params, parent.data.tags
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "test-run"
+    assert tags["stage"] == "pipeline" and tags["prefect.flow_run_id"] == "abc"
+    assert tags["pid"] == str(os.getpid()) and tags["host"] == socket.gethostname()
+    for key, value in recorded.config.flat().items():
+        expected = json.dumps(value) if isinstance(value, list) else str(value)
+        assert params[key] == expected, f"param {key}: {params.get(key)!r} != {expected!r}"
+    assert params["model.hidden_sizes"] == "[64]"
+    assert params["dataset.name"] == "mnist" and len(params["dataset.fingerprint"]) > 8
+    assert "package.version" in params
+    in_git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, check=False)
+    assert ("git.commit" in params) == (in_git.returncode == 0), "git.commit iff in a checkout"
+    assert os.environ.get("MLFLOW_TRACKING_URI") == recorded.env_before, "env var restored"
+    assert mlflow.active_run() is None, "no fluent run left active"
+
+
+def test_parent_summary_metrics(recorded, client, trained):
+    metrics = client.get_run(recorded.parent).data.metrics
+    assert metrics["best_l2_lambda"] == recorded.best
+    best_row = recorded.table.loc[recorded.table["l2_lambda"] == recorded.best]
+    assert metrics["cv_best_mean_val_accuracy"] == pytest.approx(
+        best_row["mean_val_accuracy"].iloc[0]
+    )
+    assert metrics["test_accuracy"] == pytest.approx(trained.evaluation.accuracy)
+    assert metrics["test_loss"] == pytest.approx(trained.evaluation.loss)
+    assert metrics["wall_seconds"] == 12.5
+
+
+def test_fold_runs_are_nested_with_epoch_histories(recorded, client):
+    for result in recorded.folds:
+        run = client.get_run(recorded.fold_runs[(result.l2_lambda, result.fold)])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == recorded.parent
+        assert run.data.tags["stage"] == "cv"
+        assert run.data.params == {
+            "l2_lambda": str(result.l2_lambda),
+            "fold": str(result.fold),
+            "seed": str(result.seed),
+        }
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            history = client.get_metric_history(run.info.run_id, key)
+            steps = [m.step for m in sorted(history, key=lambda m: m.step)]
+            values = [m.value for m in sorted(history, key=lambda m: m.step)]
+            assert steps == list(range(1, EPOCHS + 1)), f"{key} steps {steps}"
+            assert values == pytest.approx(result.history[key]), f"{key} history"
+        assert run.data.metrics["fold_val_accuracy"] == pytest.approx(result.val_accuracy)
+        assert run.data.metrics["epochs_run"] == EPOCHS
+
+
+def test_diverged_fold_is_tagged_with_nan_metrics(recorded, client):
+    run = client.get_run(recorded.diverged_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["diverged"] == "true"
+    assert run.data.tags["diverged_message"] == "loss is inf at epoch 2"
+    assert math.isnan(run.data.metrics["fold_val_accuracy"])
+
+
+def test_artifacts_and_cv_table(recorded, client, tmp_path):
+    names = {f.path for f in client.list_artifacts(recorded.parent)}
+    expected = {
+        "config.json",
+        "cv_results.csv",
+        "cv_lambda.png",
+        "training_curves.png",
+        "confusion_matrix.png",
+        "misclassified.png",
+    }
+    assert expected <= names, f"missing {expected - names}"
+    folder = client.download_artifacts(recorded.parent, "", str(tmp_path))
+    for png in sorted(n for n in expected if n.endswith(".png")):
+        image = matplotlib.image.imread(f"{folder}/{png}")
+        assert image.size > 0 and image.std() > 0, f"{png} unreadable or blank"
+    table = pd.read_csv(f"{folder}/cv_results.csv")
+    pd.testing.assert_frame_equal(table, recorded.table, check_dtype=False)
+    config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    assert config["training"]["epochs"] == recorded.config.training.epochs
+    location = client.get_experiment_by_name("whole-pipeline").artifact_location
+    assert location == default_artifact_location(recorded.config.tracking.tracking_uri)
+
+
+def test_final_run_and_model(recorded, client, trained):
+    final = recorded.final
+    run = client.get_run(final.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == recorded.parent
+    assert run.data.tags["stage"] == "final"
+    history = sorted(client.get_metric_history(final.run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.value for m in history] == pytest.approx(trained.history["train_loss"])
+    assert final.registered_version == "1" and final.champion
+    print(f"log_final took {recorded.final_seconds:.2f} s")  # shown with pytest -s
+
+    images = trained.ds.X_test.astype(np.float32)
+    expected = trained.net.predict(trained.normalizer.transform(trained.ds.X_test))
+    tracking_uri = recorded.config.tracking.tracking_uri
+    for uri in (
+        final.model_uri,
+        f"runs:/{final.run_id}/model",
+        "models:/mlp-test@champion",
+        "models:/mlp-test/1",
+    ):
+        model = load_model_for_eval(uri, tracking_uri)
+        labels = model.predict(images)
+        assert labels.dtype == np.int64 and labels.shape == (len(images),), uri
+        np.testing.assert_array_equal(labels, expected, err_msg=uri)
+
+
+def test_load_model_for_eval_unknown_uri(recorded):
+    tracking_uri = recorded.config.tracking.tracking_uri
+    for uri in ("models:/no-such-model@champion", "runs:/0123456789abcdef/model"):
+        with pytest.raises(PipelineError, match="cannot load model"):
+            load_model_for_eval(uri, tracking_uri)
+
+
+def test_champion_moves_only_on_improvement(store_uri, client, trained):
+    config = _config(store_uri, "champion", "mlp-champion")
+    outcomes = []
+    for accuracy in (0.9, 0.8, 0.95):
+        evaluation = Evaluation(
+            accuracy, 0.3, trained.evaluation.n_samples, trained.evaluation.confusion
+        )
+        with PipelineRecorder(config.tracking) as recorder:
+            recorder.start(config, "mnist", "f" * 16)
+            outcomes.append(
+                recorder.log_final(
+                    trained.net,
+                    trained.normalizer,
+                    trained.history,
+                    evaluation,
+                    trained.ds.X_test,
+                    trained.ds.y_test,
+                    trained.predictions,
+                    l2_lambda=1e-3,
+                )
+            )
+        champion = client.get_model_version_by_alias("mlp-champion", "champion").version
+        outcomes[-1] = (outcomes[-1].registered_version, outcomes[-1].champion, str(champion))
+    assert outcomes == [("1", True, "1"), ("2", False, "1"), ("3", True, "3")], outcomes
+    assert client.get_model_version("mlp-champion", "2").tags["test_accuracy"] == "0.8"
+
+
+def test_no_registration_without_a_registered_model(store_uri, client, trained):
+    config = _config(store_uri, "unregistered", None)
+    with PipelineRecorder(config.tracking) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        record = recorder.log_final(
+            trained.net,
+            trained.normalizer,
+            trained.history,
+            trained.evaluation,
+            trained.ds.X_test,
+            trained.ds.y_test,
+            trained.predictions,
+            l2_lambda=0.0,
+        )
+    assert record.registered_version is None and not record.champion
+    assert record.model_uri.startswith("models:/m-")
+
+
+# ------------------------------------------------------------------------------------ endings
+@pytest.mark.parametrize(
+    ("exception", "status"),
+    [
+        (RuntimeError("boom\nsecond line"), "FAILED"),
+        (KeyboardInterrupt(), "KILLED"),
+        (SystemExit(143), "KILLED"),
+    ],
+)
+def test_context_manager_ends_runs(store_uri, client, exception, status):
+    config = _config(store_uri, "endings")
+    with pytest.raises(type(exception)), PipelineRecorder(config.tracking) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        child = recorder._child("open child", {"stage": "cv"})
+        raise exception
+    parent = client.get_run(recorder.parent_run_id)
+    assert parent.info.status == status
+    assert client.get_run(child).info.status == status, "open children end with the parent"
+    if status == "FAILED":
+        assert parent.data.tags["error"] == "RuntimeError: boom second line"
+
+
+def test_stale_runs_of_dead_processes_are_marked_failed(store_uri, client):
+    config = _config(store_uri, "stale")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    experiment_id = client.create_experiment("stale")
+    tags = {"host": socket.gethostname()}
+    stale = client.create_run(experiment_id, tags={**tags, "pid": str(dead.pid)}).info.run_id
+    alive = client.create_run(experiment_id, tags={**tags, "pid": str(os.getpid())}).info.run_id
+    foreign = client.create_run(experiment_id, tags={"host": "elsewhere", "pid": "1"}).info.run_id
+
+    with PipelineRecorder(config.tracking) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+    assert recorder.stale_run_ids == [stale]
+    assert client.get_run(stale).info.status == "FAILED"
+    assert client.get_run(alive).info.status == "RUNNING"
+    assert client.get_run(foreign).info.status == "RUNNING"
+    for run_id in (alive, foreign):
+        client.set_terminated(run_id, "FINISHED")
+    assert mark_stale_runs_failed("stale", store_uri) == []
+
+
+def test_credentials_in_config_are_not_logged(store_uri, client, tmp_path):
+    config = _config(store_uri, "secrets").replace(
+        {"execution.runner": "dask", "execution.dask_address": "tcp://bob:pw123@sched:8786"}
+    )
+    with PipelineRecorder(config.tracking) as recorder:
+        run_id = recorder.start(config, "mnist", "f" * 16)
+    params = client.get_run(run_id).data.params
+    assert params["execution.dask_address"] == "tcp://sched:8786"
+    folder = client.download_artifacts(run_id, "config.json", str(tmp_path))
+    assert "pw123" not in Path(folder).read_text(encoding="utf-8")
+
+
+def test_corrupt_store_raises_tracking_error(tmp_path):
+    (tmp_path / "mlflow.db").write_text("not a database", encoding="utf-8")
+    config = _config(f"sqlite:///{tmp_path}/mlflow.db", "never")
+    with pytest.raises(TrackingError, match="cannot use MLflow store .*not a database"):
+        PipelineRecorder(config.tracking).start(config, "mnist", "f" * 16)
