@@ -415,9 +415,26 @@ def data_verify(
 # ----------------------------------------------------------------------------- entry point
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and the summary table tell the story; library chatter goes to warnings.
+
+    Prefect still sends every log line to its API (the UI shows them); only its console handler
+    is raised to WARNING. Both can be overridden from the environment.
+    """
+    import logging
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into an exit code."""
     debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
+    _quiet_libraries()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         app(args=argv, standalone_mode=False, prog_name="mlp-pipeline")

@@ -36,9 +36,10 @@ class DataConfig(_Section):
     data_dir: str | None = Field(
         None, description="Folder holding the IDX files (default: $MLP_PIPELINE_DATA_DIR or ./data)"
     )
-    normalization: Literal["scale", "standardize"] = Field(
+    normalization: Literal["scale", "standardize", "standardize-pixel"] = Field(
         "standardize",
-        description="scale: x/255; standardize: per-pixel z-score fitted on training data",
+        description="scale: x/255; standardize: z-score with the training part's mean and std; "
+        "standardize-pixel: per-pixel z-score",
     )
     limit_train: int | None = Field(
         None, gt=0, description="Use a stratified subset of the training set"
@@ -211,9 +212,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # A smoke run in seconds on the bundled sample.
     "quick": {
-        "data": {"dataset": "mnist-sample", "limit_train": 2000, "limit_test": 500},
+        "data": {"dataset": "mnist-sample"},
         "model": {"hidden_sizes": [64]},
-        "training": {"epochs": 3, "lr": 0.05},
+        "training": {"epochs": 4, "lr": 0.1},
         "cv": {"lambdas": [1e-4, 1e-3], "folds": 2},
         "execution": {"runner": "thread"},
     },

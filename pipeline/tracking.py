@@ -340,6 +340,7 @@ class PipelineRecorder:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.stale_run_ids: list[str] = []
+        self._dataset: dict[str, str] = {}
         self._open_children: list[str] = []
         self._finished = False
         if urllib.parse.urlsplit(self.tracking_uri).scheme in ("http", "https"):
@@ -399,6 +400,7 @@ class PipelineRecorder:
             raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
         self.parent_run_id = run.info.run_id
         self._finished = False
+        self._dataset = {"dataset.name": dataset_name, "dataset.fingerprint": dataset_fingerprint}
 
         params = {key: _stringify(_redact(value)) for key, value in config.flat().items()}
         params.update(
@@ -616,6 +618,8 @@ class PipelineRecorder:
 
         name = self.tracking_config.registered_model
         self.client.set_model_version_tag(name, version, "test_accuracy", repr(test_accuracy))
+        for key, value in self._dataset.items():
+            self.client.set_model_version_tag(name, version, key, value)
         if not math.isfinite(test_accuracy):
             return False
         try:

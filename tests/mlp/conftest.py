@@ -7,6 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """One BLAS thread: these small matrices gain nothing from two, and on a shared 2-core
+    machine a descheduled OpenBLAS worker thread makes every step wait (10x slower runs)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:

@@ -150,3 +150,40 @@ def test_state_round_trip():
     assert clone.weights[0][0, 0] != net.weights[0][0, 0], "get_state must copy"
     with pytest.raises(MLPError, match="disagree"):
         MLP.from_arrays([np.zeros((4, 3))], [np.zeros(2)])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_dropout_gradients_match_finite_differences_for_a_fixed_mask(tiny_problem, activation):
+    from mlp.workspace import Workspace, train_step
+
+    X, y = tiny_problem
+    net = MLP(5, [6, 4], 3, activation=activation, dtype="float64", seed=1)
+    for b in net.biases:  # off zero: a fully dropped row would sit on relu's kink
+        b[:] = np.random.default_rng(4).uniform(0.05, 0.2, b.shape)
+    ws = Workspace(net, X.shape[0], dropout=0.4, gather=False)
+
+    def objective() -> float:
+        # The same seed draws the same masks, so the objective is a smooth function.
+        loss_sum, _ = train_step(net, ws, X, y, 0.0, np.random.default_rng(7))
+        return loss_sum / X.shape[0]
+
+    objective()
+    analytic = [g.copy() for g in ws.grads]
+    eps = 1e-6
+    for k, p in enumerate(net.params):
+        numeric = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + eps
+            up = objective()
+            p[i] = old - eps
+            down = objective()
+            p[i] = old
+            numeric[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(
+            analytic[k],
+            numeric,
+            rtol=1e-5,
+            atol=1e-8,
+            err_msg=f"{activation} param {k} with dropout: ours vs finite differences",
+        )

@@ -112,3 +112,23 @@ def test_one_gd_step_with_l2_matches_the_hand_worked_update(tiny_problem):
 def test_bad_optimizer_arguments(call, match):
     with pytest.raises(MLPError, match=match):
         call()
+
+
+def test_one_sgd_epoch_equals_the_loop_written_by_hand(tiny_problem):
+    X, y = tiny_problem  # 7 samples, batches of 3: sizes 3, 3, 1
+    lr, lam = 0.2, 0.01
+    net = MLP(5, [4], 3, dtype="float64", seed=0)
+    ref = net.copy()
+    losses = []
+    for lo in range(0, 7, 3):
+        loss, grads = ref.loss_and_gradients(X[lo : lo + 3], y[lo : lo + 3], l2=lam)
+        losses.append(loss.data * len(y[lo : lo + 3]))
+        for i in range(len(ref.weights)):
+            ref.weights[i] -= lr * grads["dW"][i]
+            ref.biases[i] -= lr * grads["db"][i]
+    rec = fit(net, X, y, epochs=1, lr=lr, l2=lam, batch_size=3, shuffle=False).records[0]
+    for ours, want in zip(net.params, ref.params, strict=True):
+        np.testing.assert_allclose(ours, want, rtol=1e-12, err_msg="fit vs hand-written loop")
+    assert rec["train_loss"] == pytest.approx(sum(losses) / 7, rel=1e-12), (
+        f"train_loss ours {rec['train_loss']} vs sample mean over batches {sum(losses) / 7}"
+    )

@@ -477,17 +477,33 @@ def test_standardize_uses_only_fit_statistics():
     train = rng.integers(0, 100, (200, 6)).astype(np.uint8)
     test = rng.integers(150, 256, (50, 6)).astype(np.uint8)  # very different distribution
     train[:, 0] = 7  # a constant pixel
-    norm = Normalizer.fit(train, "standardize")
+    norm = Normalizer.fit(train, "standardize-pixel")
     np.testing.assert_allclose(norm.mean_, train.mean(axis=0) / 255)
     np.testing.assert_allclose(norm.std_[1:], train[:, 1:].std(axis=0) / 255)
     assert norm.std_[0] == pytest.approx(1e-3), "constant pixel: std floored"
     out = norm.transform(test, dtype="float64")
     np.testing.assert_allclose(out, (test / 255 - norm.mean_) / norm.std_)
     assert np.all(np.isfinite(out))
-    refit = Normalizer.fit(np.vstack([train, test]), "standardize")
+    refit = Normalizer.fit(np.vstack([train, test]), "standardize-pixel")
     assert not np.allclose(refit.mean_, norm.mean_), "statistics must come from the fit data only"
     fitted = norm.transform(train)
     np.testing.assert_allclose(fitted[:, 1:].mean(axis=0), 0, atol=1e-5)
+
+
+def test_standardize_uses_global_statistics_of_fit_data():
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 100, (300, 8)).astype(np.uint8)
+    test = rng.integers(150, 256, (40, 8)).astype(np.uint8)
+    norm = Normalizer.fit(train, "standardize")
+    pixels = train.astype(np.float64) / 255
+    np.testing.assert_allclose(norm.mean_, np.full(8, pixels.mean()), err_msg="global mean")
+    np.testing.assert_allclose(norm.std_, np.full(8, pixels.std()), err_msg="global std")
+    out = norm.transform(test, dtype="float64")
+    np.testing.assert_allclose(out, (test / 255 - pixels.mean()) / pixels.std())
+    fitted = norm.transform(train, dtype="float64")
+    assert fitted.mean() == pytest.approx(0, abs=1e-9) and fitted.std() == pytest.approx(1)
+    refit = Normalizer.fit(np.vstack([train, test]), "standardize")
+    assert refit.mean_[0] != pytest.approx(norm.mean_[0]), "statistics from the fit data only"
 
 
 def test_normalizer_roundtrip_and_errors():

@@ -373,7 +373,8 @@ def test_champion_moves_only_on_improvement(store_uri, client, trained):
         champion = client.get_model_version_by_alias("mlp-champion", "champion").version
         outcomes[-1] = (outcomes[-1].registered_version, outcomes[-1].champion, str(champion))
     assert outcomes == [("1", True, "1"), ("2", False, "1"), ("3", True, "3")], outcomes
-    assert client.get_model_version("mlp-champion", "2").tags["test_accuracy"] == "0.8"
+    tags = client.get_model_version("mlp-champion", "2").tags
+    assert tags["test_accuracy"] == "0.8" and tags["dataset.name"] == "mnist", tags
 
 
 def test_no_registration_without_a_registered_model(store_uri, client, trained):

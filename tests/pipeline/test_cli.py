@@ -1,0 +1,265 @@
+"""The mlp-pipeline command line: a real train run, one-line errors with exit code 2, data commands.
+
+No Prefect and no MLflow here: ``train`` runs with ``--no-track``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+CLI = Path(sys.executable).with_name("mlp-pipeline")
+QUICK_TRAIN = ["train", "--dataset", "mnist-sample", "--epochs", "1", "--hidden", "16",
+               "--no-track", "--no-progress"]  # fmt: skip
+
+
+# pipeline/cli.py catches click.ClickException, but typer >= 0.2x raises its vendored
+# typer._click exceptions, so click usage errors end as "unexpected error" with exit code 1.
+CLICK_USAGE_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="cli.main misses typer's vendored click exceptions (typer._click): exit 1, not 2",
+)
+
+
+def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``main(argv)`` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLP_PIPELINE_DEBUG"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/should-not-exist.db"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def _assert_one_error_line(code: int, err: str, fragment: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}, expected 2; stderr: {err!r}"
+    assert "Traceback" not in err, f"a traceback leaked to stderr:\n{err}"
+    assert len(lines) == 1, f"expected ONE stderr line, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error:"), f"stderr line should start with 'error:': {lines[0]!r}"
+    assert fragment.lower() in lines[0].lower(), f"expected {fragment!r} in {lines[0]!r}"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("MLP_PIPELINE_DEBUG", raising=False)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_train_on_the_sample_prints_test_accuracy(tmp_path):
+    # Arrange: the installed console script, run in an empty folder.
+    env = _clean_env(tmp_path)
+
+    # Act
+    proc = subprocess.run(
+        [str(CLI), *QUICK_TRAIN], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=120,
+    )  # fmt: skip
+
+    # Assert
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    match = re.search(r"test accuracy (\d\.\d+)", proc.stdout)
+    assert match, f"no 'test accuracy' in stdout:\n{proc.stdout}"
+    accuracy = float(match.group(1))
+    assert 0.5 < accuracy <= 1.0, f"one epoch on the sample should beat chance clearly: {accuracy}"
+    assert "1000 test images" in proc.stdout, f"the sample has 1000 test images:\n{proc.stdout}"
+    assert "MLflow" not in proc.stdout, f"--no-track should not record:\n{proc.stdout}"
+    assert not (tmp_path / "mlruns").exists(), "--no-track created an mlruns folder"
+    assert not (tmp_path / "should-not-exist.db").exists(), "--no-track touched the tracking store"
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    # Arrange
+    env = _clean_env(tmp_path)
+
+    # Act
+    proc = subprocess.run(
+        [str(CLI), "train", "--lr", "-1", "--dataset", "mnist-sample", "--no-track"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )  # fmt: skip
+
+    # Assert
+    _assert_one_error_line(proc.returncode, proc.stderr, "training.lr")
+    assert proc.stdout.strip() == "", f"nothing should go to stdout on error: {proc.stdout!r}"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        pytest.param(["--bogus"], "--bogus", marks=CLICK_USAGE_BUG),
+        (["--lr", "-1"], "training.lr"),
+        pytest.param(["--lr", "abc"], "--lr", marks=CLICK_USAGE_BUG),
+        (["--hidden", "0"], "model.hidden_sizes"),
+        (["--hidden", "abc"], "--hidden"),
+        (["--hidden", "1.5"], "--hidden"),
+        pytest.param(["--epochs", "abc"], "--epochs", marks=CLICK_USAGE_BUG),
+        (["--epochs", "0"], "training.final_epochs"),
+        pytest.param(["--l2", "-1"], "--l2", marks=CLICK_USAGE_BUG),
+        (["--dataset", "nope"], "data.dataset"),
+        (["--set", "nosuchsection.x=1"], "nosuchsection.x"),
+        (["--set", "training.epochs=abc"], "training.epochs"),
+        (["--set", "training.epochs"], "key=value"),
+        (["--set", "model.activation=gelu"], "model.activation"),
+        (["--preset", "nope"], "preset"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_train_input_exits_2_with_one_error_line(capsys, extra, fragment):
+    # Arrange
+    argv = ["train", "--dataset", "mnist-sample", "--no-track", "--no-progress", *extra]
+
+    # Act
+    code, out, err = _invoke(argv, capsys)
+
+    # Assert
+    _assert_one_error_line(code, err, fragment)
+
+
+def test_missing_config_file_exits_2(capsys, tmp_path):
+    # Arrange
+    missing = tmp_path / "missing.toml"
+
+    # Act
+    code, out, err = _invoke(["train", "--config", str(missing), "--no-track"], capsys)
+
+    # Assert
+    _assert_one_error_line(code, err, "does not exist")
+    assert "missing.toml" in err, f"the message should name the file: {err!r}"
+
+
+def test_invalid_config_file_exits_2(capsys, tmp_path):
+    # Arrange
+    path = tmp_path / "bad.toml"
+    path.write_text("[training]\nepochz = 3\n", encoding="utf-8")
+
+    # Act
+    code, out, err = _invoke(["train", "--config", str(path), "--no-track"], capsys)
+
+    # Assert
+    _assert_one_error_line(code, err, "training.epochz")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the missing-files DataError (pipeline/data.py _remedies) spans two lines: "
+    "'...not found under ...' then 'To fix: ...'",
+)
+def test_empty_data_dir_without_download_exits_2(capsys, tmp_path):
+    # Arrange
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["train", "--dataset", "mnist", "--data-dir", str(empty), "--set",
+            "data.download=false", "--no-track", "--no-progress"]  # fmt: skip
+
+    # Act
+    code, out, err = _invoke(argv, capsys)
+
+    # Assert
+    _assert_one_error_line(code, err, "error:")
+    assert str(empty) in err or "download" in err.lower(), (
+        f"the message should say where it looked or how to get the data: {err!r}"
+    )
+    assert list(empty.iterdir()) == [], "nothing should be downloaded with data.download=false"
+
+
+def test_dask_address_without_dask_runner_exits_2(capsys):
+    # Act
+    code, out, err = _invoke(
+        ["cv", "--dask-address", "tcp://127.0.0.1:1", "--runner", "thread"], capsys
+    )
+
+    # Assert: rejected by validation, before any flow or server starts.
+    _assert_one_error_line(code, err, "dask_address")
+
+
+@CLICK_USAGE_BUG
+def test_no_arguments_shows_help_without_error(capsys):
+    # Act
+    code, out, err = _invoke([], capsys)
+
+    # Assert
+    assert "train" in out + err, f"help should list the commands:\n{out}{err}"
+    assert "Traceback" not in err, f"traceback on bare invocation:\n{err}"
+    assert "unexpected error" not in err, f"bare invocation is not an unexpected error:\n{err}"
+    assert code in (0, 2), f"bare invocation should exit 0 or 2 (usage), got {code}"
+
+
+def test_help_exits_0(capsys):
+    # Act
+    code, out, err = _invoke(["train", "--help"], capsys)
+
+    # Assert
+    assert code == 0, f"--help should exit 0, got {code}; stderr {err!r}"
+    assert "--no-track" in out, f"train --help should list its options:\n{out}"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_verify_shared_dir_exits_0(capsys, shared_data_dir):
+    # Act
+    code, out, err = _invoke(["data", "verify", "--data-dir", str(shared_data_dir)], capsys)
+
+    # Assert
+    assert code == 0, f"exit {code}; stderr: {err}"
+    assert "ok" in out, f"verify should report ok files:\n{out}"
+    assert "expected" not in out, f"a file did not match its checksum:\n{out}"
+
+
+def test_data_verify_mismatch_exits_2(capsys, tmp_path):
+    # Arrange: a file with the right name but wrong content.
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+
+    # Act
+    code, out, err = _invoke(
+        ["data", "verify", "--dataset", "mnist", "--data-dir", str(tmp_path)], capsys
+    )
+
+    # Assert
+    assert code == 2, f"a corrupt or missing file should exit 2, got {code}; stderr {err!r}"
+    assert "Traceback" not in err, f"traceback leaked:\n{err}"
+    assert err.strip().startswith("error:"), f"stderr should start with 'error:': {err!r}"
+
+
+def test_data_info_exits_0(capsys, shared_data_dir):
+    # Act
+    code, out, err = _invoke(["data", "info", "--data-dir", str(shared_data_dir)], capsys)
+
+    # Assert
+    assert code == 0, f"exit {code}; stderr: {err}"
+    assert "mnist" in out and "fashion-mnist" in out, f"info should list the datasets:\n{out}"
+
+
+def test_data_info_on_empty_dir_reports_missing(capsys, tmp_path, monkeypatch):
+    # Arrange: no --data-dir, no env var: ./data under an empty working directory.
+    monkeypatch.delenv("MLP_PIPELINE_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    # Act
+    code, out, err = _invoke(["data", "info"], capsys)
+
+    # Assert
+    assert code == 0, f"info on an empty folder should still exit 0; stderr: {err}"
+    assert "missing" in out, f"missing files should be reported:\n{out}"
