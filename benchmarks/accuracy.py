@@ -42,6 +42,10 @@ DEFAULT_L2 = 1e-4
 
 # (label, dotted overrides of the default preset, l2). Each is one training on 60k + test.
 SWEEP: list[tuple[str, dict[str, Any], float]] = [
+    ("e5 l2=3e-4", {"training.epochs": 5}, 3e-4),
+    ("e6 l2=3e-4", {"training.epochs": 6}, 3e-4),
+    ("e8 l2=3e-4", {"training.epochs": 8}, 3e-4),
+    ("e8 l2=1e-3", {"training.epochs": 8}, 1e-3),
     ("e8", {"training.epochs": 8}, 1e-4),
     ("e10", {"training.epochs": 10}, 1e-4),
     ("e15", {"training.epochs": 15}, 1e-4),

@@ -369,16 +369,20 @@ def main(argv: list[str] | None = None) -> int:
             ours_exec = executed / med["ours"] / 1e9
             peak = gemm["2048x2048 @ 2048x2048"]
             small = statistics.median(v for k, v in gemm.items() if not k.startswith("2048"))
-            share = ours_conv / peak
+            # The verdict uses the flops really executed: the conventional count credits us
+            # with the first layer's dX we never compute and can exceed 100% of peak.
+            share = ours_exec / peak
             verdict = "PASS" if share >= GEMM_SHARE_TARGET else "MISS"
             results.append(verdict)
             print(f"\nours: {conventional / 1e9:.1f} GFLOP/epoch counted as 6*n*sum(fan_in*fan_out)"
                   f" -> {ours_conv:.1f} GFLOP/s; matmul flops really executed "
                   f"{executed / 1e9:.1f} GFLOP -> {ours_exec:.1f} GFLOP/s")
-            print(f"  share of 2048^2 GEMM peak {100 * share:.0f}% (target >= "
-                  f"{100 * GEMM_SHARE_TARGET:.0f}%)  {verdict}")
-            print(f"  share of batch-128-shape GEMM rate (median of 3 shapes, {small:.1f} GFLOP/s)"
-                  f" {100 * ours_conv / small:.0f}%")
+            print(f"  share of 2048^2 GEMM peak: executed {100 * share:.0f}% (target >= "
+                  f"{100 * GEMM_SHARE_TARGET:.0f}%)  {verdict}; conventional "
+                  f"{100 * ours_conv / peak:.0f}%")
+            print(f"  share of batch-128-shape GEMM rate (median of 3 shapes, {small:.1f} GFLOP/s):"
+                  f" executed {100 * ours_exec / small:.0f}%, conventional "
+                  f"{100 * ours_conv / small:.0f}%")
             for name in ("torch", "sklearn"):
                 if name in med:
                     print(f"  {name}: {conventional / med[name] / 1e9:.1f} GFLOP/s (same count)")

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-steps", type=int, default=None, help="override 300")
     parser.add_argument("--deep-steps", type=int, default=None, help="override 500")
     parser.add_argument("--parts", default="cv,final,deep", help="comma list of cv,final,deep")
+    parser.add_argument("--lambdas", default=None, help="comma list: a subset of the CV lambdas")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             "training.final_epochs": final_steps,
         },
     )
+    if args.lambdas:
+        base = base.replace({"cv.lambdas": [float(v) for v in args.lambdas.split(",")]})
     deep = base.replace({**DEEP_OVERRIDES, "training.final_epochs": deep_steps})
 
     print(f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load avg "

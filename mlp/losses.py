@@ -65,14 +65,21 @@ def softmax_cross_entropy_grad_(logits: np.ndarray, y: np.ndarray) -> tuple[floa
     n_correct : int
         How many rows have their largest logit at ``y`` (training accuracy for free).
     """
-    n = logits.shape[0]
-    rows = np.arange(n)
-    n_correct = int(np.count_nonzero(logits.argmax(axis=1) == y))
-    logits -= logits.max(axis=1, keepdims=True)
-    picked = logits[rows, y]
+    n, k = logits.shape
+    flat = logits.reshape(-1)  # a view: logits is C-contiguous
+    # Flat positions of the true-class logits; np.take/np.put on them are several times
+    # faster than fancy indexing logits[rows, y] on batch-sized arrays.
+    row_start = np.arange(0, n * k, k)
+    true_pos = row_start + y
+    best = logits.argmax(axis=1)
+    n_correct = int(np.count_nonzero(best == y))
+    # Row maxima read through argmax: ``max(axis=1)`` over 10 columns is ~5x slower.
+    logits -= np.take(flat, row_start + best)[:, None]
+    picked = np.take(flat, true_pos)
     np.exp(logits, out=logits)
-    sums = logits.sum(axis=1, keepdims=True)
-    loss_sum = float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
-    logits *= 1.0 / n / sums
-    logits[rows, y] -= 1.0 / n
+    sums = logits.sum(axis=1)
+    loss_sum = float(np.log(sums).sum(dtype=np.float64) - picked.sum(dtype=np.float64))
+    sums *= n
+    logits /= sums[:, None]  # softmax / n
+    np.put(flat, true_pos, np.take(flat, true_pos) - logits.dtype.type(1.0 / n))
     return loss_sum, n_correct

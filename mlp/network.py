@@ -173,7 +173,8 @@ class MLP:
 
     def score(self, X: np.ndarray, y: np.ndarray) -> float:
         """Accuracy in [0, 1] on ``X`` (n, n_features) with labels ``y`` (n,)."""
-        y = check_y(y, np.shape(X)[0] if np.ndim(X) == 2 else -1, self.n_classes)
+        X = check_X(X, self.n_features, self.dtype)
+        y = check_y(y, X.shape[0], self.n_classes)
         return float(np.mean(self.predict(X) == y))
 
     # ----------------------------------------------------------------- loss, gradients

@@ -31,6 +31,10 @@ class Optimizer:
     """
 
     full_batch = False
+    # True if ``update`` accepts gradients already multiplied by the learning rate
+    # (``lr_folded=True``): the training loop then scales the output-layer gradient once,
+    # before backpropagation, and the update saves a full pass over the parameters.
+    folds_lr = False
 
     def __init__(self, lr: float = 0.1) -> None:
         _check_lr(lr)
@@ -39,7 +43,12 @@ class Optimizer:
         self._tmp: list[np.ndarray] | None = None
 
     def update(
-        self, params: list[np.ndarray], grads: list[np.ndarray], lr: float | None = None
+        self,
+        params: list[np.ndarray],
+        grads: list[np.ndarray],
+        lr: float | None = None,
+        *,
+        lr_folded: bool = False,
     ) -> None:
         """Apply one step to ``params`` in place.
 
@@ -51,21 +60,28 @@ class Optimizer:
             ``grads[i]`` has the shape of ``params[i]``; left unchanged.
         lr : float, optional
             This step's learning rate (for schedules); defaults to ``self.lr``.
+        lr_folded : bool
+            ``grads`` already hold ``lr * gradient`` (only for optimizers with
+            ``folds_lr = True``).
         """
         if len(params) != len(grads):
             raise MLPError(f"got {len(params)} parameters but {len(grads)} gradients")
+        if lr_folded and not self.folds_lr:
+            raise MLPError(f"{type(self).__name__} cannot take lr-folded gradients")
         if self._tmp is None:
             self._tmp = [np.empty_like(p) for p in params]
             self._init_state(params)
         self.t += 1
         step_lr = self.lr if lr is None else float(lr)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._update_one(i, p, g, step_lr, self._tmp[i])
+            self._update_one(i, p, g, step_lr, self._tmp[i], lr_folded)
 
     def _init_state(self, params: list[np.ndarray]) -> None:
         pass
 
-    def _update_one(self, i: int, p: np.ndarray, g: np.ndarray, lr: float, tmp: np.ndarray) -> None:
+    def _update_one(
+        self, i: int, p: np.ndarray, g: np.ndarray, lr: float, tmp: np.ndarray, folded: bool
+    ) -> None:
         raise NotImplementedError
 
 
@@ -84,6 +100,8 @@ class SGD(Optimizer):
     nesterov : bool
     """
 
+    folds_lr = True
+
     def __init__(self, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(lr)
         if not 0.0 <= momentum < 1.0:
@@ -98,16 +116,16 @@ class SGD(Optimizer):
         if self.momentum:
             self.velocities = [np.zeros_like(p) for p in params]
 
-    def _update_one(self, i, p, g, lr, tmp):
-        np.multiply(g, lr, out=tmp)  # tmp = lr * g
+    def _update_one(self, i, p, g, lr, tmp, folded):
+        step = g if folded else np.multiply(g, lr, out=tmp)  # folded: g is already lr * g
         if not self.momentum:
-            p -= tmp
+            p -= step
             return
         v = self.velocities[i]
         v *= self.momentum
-        v -= tmp
+        v -= step
         if self.nesterov:
-            p -= tmp
+            p -= step  # before tmp (which may hold step) is reused
             np.multiply(v, self.momentum, out=tmp)
             p += tmp
         else:
@@ -151,7 +169,7 @@ class Adam(Optimizer):
         self.m = [np.zeros_like(p) for p in params]
         self.v = [np.zeros_like(p) for p in params]
 
-    def _update_one(self, i, p, g, lr, tmp):
+    def _update_one(self, i, p, g, lr, tmp, folded):
         m, v = self.m[i], self.v[i]
         m *= self.beta1
         np.multiply(g, 1.0 - self.beta1, out=tmp)

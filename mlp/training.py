@@ -13,6 +13,7 @@ before its update.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,21 +191,27 @@ def fit(
 
     params = net.params
     l2 = float(l2)
+    fold = opt.folds_lr  # gradients come out already multiplied by the learning rate
     history = History()
     best_loss, best_params, bad_epochs = math.inf, None, 0
 
     for epoch in range(1, epochs + 1):
-        step_lr = float(lr_at(epoch))
+        step_lr = lr_at(epoch)
+        if not (isinstance(step_lr, numbers.Real) and math.isfinite(step_lr) and step_lr > 0):
+            raise MLPError(f"schedule gave learning rate {step_lr!r} at epoch {epoch}; need > 0")
+        step_lr = float(step_lr)
         start = time.perf_counter()
         loss_sum, objective_sum, n_correct = 0.0, 0.0, 0
         # NaN/inf only matter at the epoch's end, where they raise DivergenceError.
         with np.errstate(over="ignore", invalid="ignore"):
             if batch_size == n:
                 ws = workspace(n)
-                batch_loss, n_correct = train_step(net, ws, X, y, l2, dropout_rng)
+                batch_loss, n_correct = train_step(
+                    net, ws, X, y, l2, dropout_rng, step_lr if fold else 1.0
+                )
                 loss_sum = batch_loss
                 objective_sum = batch_loss + n * net.penalty(l2)
-                opt.update(params, ws.grads, step_lr)
+                opt.update(params, ws.grads, step_lr, lr_folded=fold)
             else:
                 order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
                 for lo in range(0, n, batch_size):
@@ -213,12 +220,14 @@ def fit(
                     # mode="clip" skips numpy's bounds-check buffering (idx is valid).
                     np.take(X, idx, axis=0, out=ws.X, mode="clip")
                     np.take(y, idx, out=ws.y, mode="clip")
-                    batch_loss, batch_correct = train_step(net, ws, ws.X, ws.y, l2, dropout_rng)
+                    batch_loss, batch_correct = train_step(
+                        net, ws, ws.X, ws.y, l2, dropout_rng, step_lr if fold else 1.0
+                    )
                     loss_sum += batch_loss
                     n_correct += batch_correct
                     if l2:
                         objective_sum += batch_loss + ws.n * net.penalty(l2)
-                    opt.update(params, ws.grads, step_lr)
+                    opt.update(params, ws.grads, step_lr, lr_folded=fold)
         seconds = time.perf_counter() - start
         train_loss = loss_sum / n
         train_objective = objective_sum / n if l2 else train_loss

@@ -63,6 +63,7 @@ def train_step(
     y: np.ndarray,
     l2: float,
     rng: np.random.Generator | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[float, int]:
     """Forward and backward pass on one batch; gradients land in ``ws.dW``/``ws.db``.
 
@@ -77,6 +78,10 @@ def train_step(
         Adds ``l2 * W`` to every ``dW`` (biases are not decayed).
     rng : Generator, optional
         Draws the dropout masks; needed when ``ws.dropout > 0``.
+    grad_scale : float
+        Multiply every gradient by this (the loop passes the learning rate for optimizers
+        that take lr-folded gradients); applied once to the output layer's dZ, so it costs
+        nothing and spares the optimizer a pass over the parameters.
 
     Returns
     -------
@@ -109,6 +114,9 @@ def train_step(
 
     # Loss and dZ of the output layer, fused, in the logits buffer.
     loss_sum, n_correct = softmax_cross_entropy_grad_(ws.A[-1], y)
+    if grad_scale != 1.0:
+        ws.A[-1] *= grad_scale  # every gradient below is linear in this one
+    l2 = l2 * grad_scale
 
     # Backward.
     dZ = ws.A[-1]

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -431,25 +430,56 @@ def _quiet_libraries() -> None:
         os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _exception_types(name: str) -> tuple[type[BaseException], ...]:
+    """``name`` from click and from the copy of click that recent typer releases vendor."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions", "typer"):
+        try:
+            candidate = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(candidate, type) and candidate not in found:
+            found.append(candidate)
+    return tuple(found)
+
+
+_EXIT = _exception_types("Exit")
+_ABORT = _exception_types("Abort")
+_USAGE_ERRORS = _exception_types("ClickException")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into an exit code."""
     debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
     _quiet_libraries()
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app(args=argv, standalone_mode=False, prog_name="mlp-pipeline")
-    except click.exceptions.Exit as exc:
+        # Outside standalone mode, typer turns Ctrl-C / SIGTERM into a returned exit code (130).
+        code = app(args=argv, standalone_mode=False, prog_name="mlp-pipeline")
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                err.print("error: interrupted")
+            sys.exit(code)
+    except _EXIT as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         err.print("error: interrupted")
         sys.exit(130)
-    except click.ClickException as exc:  # usage errors: unknown option, bad value
-        err.print(f"error: {exc.format_message()}", markup=False)
+    except _USAGE_ERRORS as exc:  # unknown option, bad value, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # the help was printed: asking for it is not an error
+        err.print(f"error: {_one_line(exc.format_message())}", markup=False)
         sys.exit(2)
     except (PipelineError, MLPError) as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {_one_line(str(exc))}", markup=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("error: interrupted")

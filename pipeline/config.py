@@ -72,7 +72,7 @@ class TrainingConfig(_Section):
     """How each network is optimized."""
 
     optimizer: Literal["gd", "sgd", "momentum", "nesterov", "adam"] = "nesterov"
-    lr: float = Field(0.05, gt=0, description="Base learning rate")
+    lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="Base learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="For momentum and nesterov")
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     step_size: int = Field(10, gt=0, description="Epochs between decays (step schedule)")

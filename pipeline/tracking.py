@@ -324,7 +324,8 @@ class PipelineRecorder:
             ...
 
     An exception marks the runs FAILED (tag ``error``: its message on one line);
-    ``KeyboardInterrupt`` or ``SystemExit`` (SIGTERM turned into an exit) marks them KILLED.
+    ``KeyboardInterrupt``, ``SystemExit`` or Prefect's ``TerminationSignal`` (SIGTERM) marks them
+    KILLED.
 
     Parameters
     ----------
@@ -359,7 +360,9 @@ class PipelineRecorder:
             return False
         # Best effort: if the store itself is what failed, the original exception matters more.
         with contextlib.suppress(Exception):
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
+            # KeyboardInterrupt, SystemExit and Prefect's TerminationSignal (SIGTERM) are
+            # BaseExceptions, not errors of the pipeline: the run was killed.
+            if not isinstance(exc, Exception):
                 self.finish("KILLED", error=f"interrupted ({exc_type.__name__})")
             else:
                 self.finish("FAILED", error=f"{exc_type.__name__}: {_one_line(exc)}")

@@ -187,3 +187,12 @@ def test_dropout_gradients_match_finite_differences_for_a_fixed_mask(tiny_proble
             atol=1e-8,
             err_msg=f"{activation} param {k} with dropout: ours vs finite differences",
         )
+
+
+def test_network_pickles_for_worker_processes():
+    import pickle
+
+    net = MLP(4, [3], 2, activation="sigmoid", seed=1)
+    clone = pickle.loads(pickle.dumps(net))
+    X = np.random.default_rng(0).standard_normal((5, 4))
+    np.testing.assert_array_equal(clone.forward(X), net.forward(X))

@@ -114,21 +114,45 @@ def test_bad_optimizer_arguments(call, match):
         call()
 
 
-def test_one_sgd_epoch_equals_the_loop_written_by_hand(tiny_problem):
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov"])
+def test_one_epoch_equals_the_loop_written_by_hand(tiny_problem, optimizer):
+    # fit folds lr into the gradients for these optimizers; the result must not change.
     X, y = tiny_problem  # 7 samples, batches of 3: sizes 3, 3, 1
-    lr, lam = 0.2, 0.01
+    lr, lam, mu = 0.2, 0.01, 0.9
     net = MLP(5, [4], 3, dtype="float64", seed=0)
     ref = net.copy()
+    velocity = [np.zeros_like(p) for p in ref.params]
     losses = []
     for lo in range(0, 7, 3):
         loss, grads = ref.loss_and_gradients(X[lo : lo + 3], y[lo : lo + 3], l2=lam)
         losses.append(loss.data * len(y[lo : lo + 3]))
-        for i in range(len(ref.weights)):
-            ref.weights[i] -= lr * grads["dW"][i]
-            ref.biases[i] -= lr * grads["db"][i]
-    rec = fit(net, X, y, epochs=1, lr=lr, l2=lam, batch_size=3, shuffle=False).records[0]
+        flat = [g for pair in zip(grads["dW"], grads["db"], strict=True) for g in pair]
+        for p, g, v in zip(ref.params, flat, velocity, strict=True):
+            if optimizer == "sgd":
+                p -= lr * g
+                continue
+            v[...] = mu * v - lr * g
+            p += mu * v - lr * g if optimizer == "nesterov" else v
+    rec = fit(
+        net,
+        X,
+        y,
+        epochs=1,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=mu,
+        l2=lam,
+        batch_size=3,
+        shuffle=False,
+    ).records[0]
     for ours, want in zip(net.params, ref.params, strict=True):
-        np.testing.assert_allclose(ours, want, rtol=1e-12, err_msg="fit vs hand-written loop")
+        np.testing.assert_allclose(ours, want, rtol=1e-12, err_msg=f"{optimizer}: fit vs by hand")
     assert rec["train_loss"] == pytest.approx(sum(losses) / 7, rel=1e-12), (
         f"train_loss ours {rec['train_loss']} vs sample mean over batches {sum(losses) / 7}"
     )
+
+
+def test_adam_refuses_lr_folded_gradients():
+    p, g, _ = _params_and_grads()
+    with pytest.raises(MLPError, match="cannot take lr-folded"):
+        Adam().update(p, g, lr_folded=True)

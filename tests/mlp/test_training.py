@@ -199,6 +199,7 @@ def test_float64_training(mnist_small):
         ({"y": np.array([0, 1, -1, 2])}, r"labels must be in \[0, 10\)"),
         ({"y": np.array([0.0, 1.0, 2.0, 3.0])}, "integer class labels"),
         ({"callback": 3}, "callback must be callable"),
+        ({"schedule": lambda epoch: 0.0}, "schedule gave learning rate 0.0 at epoch 1"),
     ],
 )
 def test_fit_validates_its_arguments(kwargs, match):

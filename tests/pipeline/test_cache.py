@@ -8,10 +8,19 @@ import pytest
 
 from pipeline import cache
 from pipeline.cache import fold_cache_key
-from pipeline.config import PipelineConfig, preset
+from pipeline.config import PipelineConfig, build_config
 
 FINGERPRINT = "a" * 64
-BASE = preset("quick")
+# Spelled out (not a preset) so every override below really changes a value.
+BASE_VALUES = {
+    "data.dataset": "mnist-sample", "data.normalization": "standardize",
+    "model.hidden_sizes": [64], "model.activation": "relu", "model.init": "he",
+    "model.dtype": "float32", "training.optimizer": "nesterov", "training.lr": 0.05,
+    "training.momentum": 0.9, "training.schedule": "cosine", "training.batch_size": 128,
+    "training.epochs": 3, "training.dropout": 0.0, "cv.lambdas": [1e-4, 1e-3], "cv.folds": 2,
+    "cv.shuffle": True, "cv.stratify": True, "cv.seed": 0, "execution.runner": "thread",
+}  # fmt: skip
+BASE = build_config(overrides=BASE_VALUES)
 
 
 def _key(config: PipelineConfig = BASE, fingerprint: str = FINGERPRINT, lam=1e-3, fold=1) -> str:
@@ -21,7 +30,7 @@ def _key(config: PipelineConfig = BASE, fingerprint: str = FINGERPRINT, lam=1e-3
 def test_key_is_stable_and_well_formed():
     # Act
     first = _key()
-    second = fold_cache_key(preset("quick"), FINGERPRINT, 1e-3, 1)
+    second = fold_cache_key(build_config(overrides=BASE_VALUES), FINGERPRINT, 1e-3, 1)
 
     # Assert
     assert first == second, "equal inputs gave different keys"
@@ -73,6 +82,7 @@ def test_key_changes_with_data_lambda_and_fold(label, kwargs):
 def test_key_changes_with_result_relevant_settings(override):
     # Arrange
     config = BASE.replace(override)
+    assert config != BASE, f"{override} is not a change from the base config"
 
     # Act
     changed = _key(config)
@@ -104,6 +114,7 @@ def test_key_changes_with_result_relevant_settings(override):
 def test_key_ignores_execution_tracking_location_and_grid(override):
     # Arrange
     config = BASE.replace(override)
+    assert config != BASE, f"{override} is not a change from the base config"
 
     # Act
     same = _key(config)

@@ -207,7 +207,7 @@ def test_toml_invalid_value_names_file_and_field(tmp_path):
         (lambda d: _write(d, "[training\nepochs = 3\n"), "not valid TOML"),
         (lambda d: d / "missing.toml", "does not exist"),
         (lambda d: d, "is a directory"),
-        (lambda d: _bytes(d, b"[data]\ndataset = \"mn\xffist\"\n"), "not UTF-8"),
+        (lambda d: _bytes(d, b'[data]\ndataset = "mn\xffist"\n'), "not UTF-8"),
     ],
     ids=["malformed", "missing", "directory", "not-utf8"],
 )
@@ -327,7 +327,9 @@ def test_replace_validates_and_returns_new_object():
         ({"training.lr": 0}, "training.lr"),
         ({"training.lr": -0.1}, "training.lr"),
         ({"training.lr": math.nan}, "training.lr"),
+        ({"training.lr": math.inf}, "training.lr"),
         ({"data.dataset": "nope"}, "data.dataset"),
+        ({"data.normalization": "zscore"}, "data.normalization"),
         ({"training.epochs": "abc"}, "training.epochs"),
         ({"training.epochs": 2.5}, "training.epochs"),
         ({"training.epochs": 0}, "training.epochs"),

@@ -50,7 +50,9 @@ def test_folds_partition_every_index_once(sample_labels, shuffle, stratify, n_fo
     # Assert
     assert len(folds) == n_folds, f"{len(folds)} folds, expected {n_folds}"
     every = np.concatenate(folds)
-    assert np.array_equal(np.sort(every), np.arange(y.size)), "folds do not cover 0..n-1 exactly once"
+    assert np.array_equal(np.sort(every), np.arange(y.size)), (
+        "folds do not cover 0..n-1 exactly once"
+    )
     sizes = [f.size for f in folds]
     assert max(sizes) - min(sizes) <= 1, f"fold sizes differ by more than one: {sizes}"
     for j, fold in enumerate(folds):
@@ -100,7 +102,9 @@ def test_contiguous_folds_ignore_the_seed():
     b = make_folds(y, 4, shuffle=False, stratify=False, seed=99)
 
     # Assert
-    assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=True)), "seed changed unshuffled folds"
+    assert all(np.array_equal(x, z) for x, z in zip(a, b, strict=True)), (
+        "seed changed unshuffled folds"
+    )
 
 
 # ----------------------------------------------------------------------------- stratified
@@ -217,7 +221,9 @@ def test_fold_seed_is_a_pure_function():
 
 def test_fold_seed_does_not_depend_on_the_process():
     # Arrange: a fresh interpreter with another hash seed (a hash()-based seed would differ).
-    code = "from pipeline.folds import fold_seed; print(fold_seed(3, 1e-4, 1), fold_seed(3, 0.0, -1))"
+    code = (
+        "from pipeline.folds import fold_seed; print(fold_seed(3, 1e-4, 1), fold_seed(3, 0.0, -1))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
 
     # Act

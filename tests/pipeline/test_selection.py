@@ -20,14 +20,18 @@ GRID = {
 }
 
 
-def _result(lam: float, fold: int, acc: float, loss: float, *, diverged: bool = False) -> FoldResult:
+def _result(
+    lam: float, fold: int, acc: float, loss: float, *, diverged: bool = False
+) -> FoldResult:
     nan = math.nan
     if diverged:
         return FoldResult(lam, fold, 0, nan, nan, nan, nan, 1, 0.1, diverged=True, message="boom")
     return FoldResult(lam, fold, 0, acc, loss, acc + 0.01, loss - 0.01, 5, 0.1)
 
 
-def _results(grid: dict[float, list[tuple[float, float]]], diverged=frozenset()) -> list[FoldResult]:
+def _results(
+    grid: dict[float, list[tuple[float, float]]], diverged=frozenset()
+) -> list[FoldResult]:
     return [
         _result(lam, fold, acc, loss, diverged=(lam, fold) in diverged)
         for lam, pairs in grid.items()

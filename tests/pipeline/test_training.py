@@ -67,8 +67,9 @@ def _by_hand(cfg: PipelineConfig, dataset, l2_lambda: float, fold: int):
     tr, va = train_indices(folds, fold), folds[fold]
     norm = Normalizer.fit(dataset.X_train[tr], method=cfg.data.normalization)
     dtype = cfg.model.dtype
-    X_tr, X_va = norm.transform(dataset.X_train[tr], dtype=dtype), norm.transform(
-        dataset.X_train[va], dtype=dtype
+    X_tr, X_va = (
+        norm.transform(dataset.X_train[tr], dtype=dtype),
+        norm.transform(dataset.X_train[va], dtype=dtype),
     )
     y_tr, y_va = dataset.y_train[tr].astype(np.int64), dataset.y_train[va].astype(np.int64)
     seed = fold_seed(cfg.cv.seed, l2_lambda, fold)
@@ -125,7 +126,9 @@ def test_train_fold_equals_a_by_hand_split_and_fit(sample, name, fold):
     assert result.val_loss == pytest.approx(expected_loss, rel=1e-6), (
         f"{name} fold {fold}: val loss {result.val_loss} vs by hand {expected_loss}"
     )
-    assert result.seed == fold_seed(cfg.cv.seed, lam, fold), "seed is not fold_seed(seed, lam, fold)"
+    assert result.seed == fold_seed(cfg.cv.seed, lam, fold), (
+        "seed is not fold_seed(seed, lam, fold)"
+    )
     assert (result.l2_lambda, result.fold, result.epochs) == (lam, fold, cfg.training.epochs), (
         f"summary fields {result.l2_lambda}, {result.fold}, {result.epochs}"
     )
@@ -146,11 +149,14 @@ def test_train_fold_history_has_one_row_per_epoch(sample):
     assert result.history["epoch"] == [1.0, 2.0, 3.0], f"epochs {result.history['epoch']}"
     for column in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
         assert len(result.history[column]) == 3, f"history {column} is not one value per epoch"
-    assert [r["epoch"] for r in seen] == [1, 2, 3], f"callback saw epochs {[r['epoch'] for r in seen]}"
+    assert [r["epoch"] for r in seen] == [1, 2, 3], (
+        f"callback saw epochs {[r['epoch'] for r in seen]}"
+    )
     assert result.train_loss == result.history["train_loss"][-1], "train_loss is the last epoch's"
 
 
-def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkeypatch):
+@pytest.mark.parametrize("method", ["standardize", "standardize-pixel"])
+def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkeypatch, method):
     # Arrange: record what Normalizer.fit sees inside train_fold.
     fitted: list[np.ndarray] = []
 
@@ -161,7 +167,7 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
             return Normalizer.fit(X, method, **kwargs)
 
     monkeypatch.setattr(training, "Normalizer", Spy)
-    cfg = _config()
+    cfg = _config(**{"data.normalization": method})
     folds = make_folds(sample.y_train, 2, shuffle=True, stratify=True, seed=cfg.cv.seed)
 
     # Act
@@ -173,8 +179,8 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
     assert np.array_equal(fitted[0], expected), (
         f"normalizer fitted on {fitted[0].shape[0]} rows, not the {expected.shape[0]} training rows"
     )
-    part = Normalizer.fit(fitted[0], "standardize")
-    full = Normalizer.fit(sample.X_train, "standardize")
+    part = Normalizer.fit(fitted[0], method)
+    full = Normalizer.fit(sample.X_train, method)
     assert not np.allclose(part.mean_, full.mean_), (
         "training-part statistics should differ from full-data ones (else the check proves nothing)"
     )
@@ -198,7 +204,9 @@ def test_huge_lr_gives_a_diverged_result_not_an_exception(sample):
     assert result.diverged, f"lr 1e6 did not diverge: val accuracy {result.val_accuracy}"
     assert not result.ok, "a diverged result must not be ok"
     for field in ("val_accuracy", "val_loss", "train_accuracy", "train_loss"):
-        assert math.isnan(getattr(result, field)), f"{field} should be NaN, got {getattr(result, field)}"
+        assert math.isnan(getattr(result, field)), (
+            f"{field} should be NaN, got {getattr(result, field)}"
+        )
     assert result.message, "a diverged result should carry the divergence message"
     # epochs counts the completed (recorded) epochs, before the one that diverged.
     assert result.epochs < cfg.training.epochs, f"epochs run {result.epochs}"

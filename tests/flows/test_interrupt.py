@@ -1,0 +1,79 @@
+"""A real interruption: SIGTERM to `mlp-pipeline cv` mid-sweep, then a resuming re-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "interrupt-test"
+
+
+def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finished_cv_runs(client: MlflowClient) -> int:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'", max_results=100)
+    return sum(run.info.status == "FINISHED" for run in runs)
+
+
+def test_sigterm_ends_runs_killed_and_rerun_resumes(
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+):
+    args = [
+        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
+        "--limit-train", "8000", "--hidden", "64", "--epochs", "3",
+        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "thread",
+        "--workers", "1", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
+        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    first = _cli(args, tmp_path, env)
+    deadline = time.monotonic() + 240
+    while _finished_cv_runs(client) < 2:
+        assert first.poll() is None, f"ended before the interruption: {first.communicate()}"
+        assert time.monotonic() < deadline, "no fold finished in time"
+        time.sleep(0.3)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    finished_before = _finished_cv_runs(client)
+
+    assert first.returncode == 130, f"exit {first.returncode}: {stderr[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-2000:]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    statuses = {run.info.status for run in runs}
+    assert "RUNNING" not in statuses, statuses
+    parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"][0]
+    assert parent.info.status == "KILLED", parent.info
+    assert 2 <= finished_before < 8, finished_before
+
+    second = _cli(args, tmp_path, env)
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0, stderr[-2000:]
+    # Every fold that finished before the interruption is reused, not retrained.
+    reused = int(stdout.split(" reused from cache")[0].rsplit(",", 1)[-1].strip().split()[0])
+    trained = int(stdout.split("trainings: ")[1].split(" run")[0])
+    assert reused >= finished_before, (reused, finished_before, stdout)
+    assert trained + reused == 8, stdout
