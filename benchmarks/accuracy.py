@@ -58,8 +58,16 @@ SWEEP: list[tuple[str, dict[str, Any], float]] = [
     ("e10 l2=1e-3", {"training.epochs": 10}, 1e-3),
     ("e15 l2=3e-4", {"training.epochs": 15}, 3e-4),
     ("e15 l2=1e-3", {"training.epochs": 15}, 1e-3),
-    ("e10 b256 lr0.1", {"training.epochs": 10, "training.batch_size": 256, "training.lr": 0.1}, 1e-4),
-    ("e15 b256 lr0.1", {"training.epochs": 15, "training.batch_size": 256, "training.lr": 0.1}, 1e-4),
+    (
+        "e10 b256 lr0.1",
+        {"training.epochs": 10, "training.batch_size": 256, "training.lr": 0.1},
+        1e-4,
+    ),
+    (
+        "e15 b256 lr0.1",
+        {"training.epochs": 15, "training.batch_size": 256, "training.lr": 0.1},
+        1e-4,
+    ),
     ("e10 512-256", {"training.epochs": 10, "model.hidden_sizes": [512, 256]}, 1e-4),
     ("e10 128-64", {"training.epochs": 10, "model.hidden_sizes": [128, 64]}, 1e-4),
 ]
@@ -116,21 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="sweep worker processes")
     args = parser.parse_args(argv)
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load avg "
-          f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load avg "
+        f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, numpy {np.__version__}"
+    )
 
     if not args.sweep:
         config = make_config(preset("default"), parse_set_options(args.set), args.data_dir)
         print(f"model: {describe(config, args.l2)}; threads {args.threads}")
         r = run_one(config, args.l2, args.threads)
-        print(f"test accuracy {100 * r['test_accuracy']:.2f}% (loss {r['test_loss']:.4f}), "
-              f"train accuracy {100 * r['train_accuracy']:.2f}%")
-        print(f"training {r['seconds']:.1f} s for {r['epochs']} epochs on {r['n_train']} images "
-              f"(median epoch {r['epoch_seconds']:.2f} s)")
+        print(
+            f"test accuracy {100 * r['test_accuracy']:.2f}% (loss {r['test_loss']:.4f}), "
+            f"train accuracy {100 * r['train_accuracy']:.2f}%"
+        )
+        print(
+            f"training {r['seconds']:.1f} s for {r['epochs']} epochs on {r['n_train']} images "
+            f"(median epoch {r['epoch_seconds']:.2f} s)"
+        )
         ok = r["test_accuracy"] >= TARGET_ACCURACY and r["seconds"] <= TARGET_SECONDS
-        print(f"target >= {100 * TARGET_ACCURACY:.1f}% in <= {TARGET_SECONDS:.0f} s: "
-              f"{'PASS' if ok else 'MISS'}; stretch >= {100 * STRETCH_ACCURACY:.1f}%: "
-              f"{'PASS' if r['test_accuracy'] >= STRETCH_ACCURACY else 'MISS'}")
+        print(
+            f"target >= {100 * TARGET_ACCURACY:.1f}% in <= {TARGET_SECONDS:.0f} s: "
+            f"{'PASS' if ok else 'MISS'}; stretch >= {100 * STRETCH_ACCURACY:.1f}%: "
+            f"{'PASS' if r['test_accuracy'] >= STRETCH_ACCURACY else 'MISS'}"
+        )
         return 0 if ok else 1
 
     wanted = set(args.only.split(",")) if args.only else None
@@ -141,23 +157,32 @@ def main(argv: list[str] | None = None) -> int:
         if wanted is None or label in wanted
         for seed in seeds
     ]
-    print(f"sweep: {len(items)} trainings on 60k, {args.workers} workers x 1 BLAS thread; base "
-          f"{describe(make_config(preset('default'), {}, args.data_dir), DEFAULT_L2)}")
+    print(
+        f"sweep: {len(items)} trainings on 60k, {args.workers} workers x 1 BLAS thread; base "
+        f"{describe(make_config(preset('default'), {}, args.data_dir), DEFAULT_L2)}"
+    )
     rows: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for label, l2, r in pool.map(_sweep_task, items):
+        for label, _l2, r in pool.map(_sweep_task, items):
             rows.setdefault(label, []).append(r)
-            print(f"  {label:16s} test {100 * r['test_accuracy']:.2f}%  {r['seconds']:6.1f} s "
-                  f"({r['epoch_seconds']:.2f} s/epoch)", flush=True)
-    print(f"\n{'variation':16s} {'test acc (median)':>18s} {'train s':>8s} {'s/epoch 60k':>12s} "
-          f"{'s/epoch 45k est':>16s}  >=98.0")
+            print(
+                f"  {label:16s} test {100 * r['test_accuracy']:.2f}%  {r['seconds']:6.1f} s "
+                f"({r['epoch_seconds']:.2f} s/epoch)",
+                flush=True,
+            )
+    print(
+        f"\n{'variation':16s} {'test acc (median)':>18s} {'train s':>8s} {'s/epoch 60k':>12s} "
+        f"{'s/epoch 45k est':>16s}  >=98.0"
+    )
     for label, rs in rows.items():
         acc = statistics.median(r["test_accuracy"] for r in rs)
         sec = statistics.median(r["seconds"] for r in rs)
         ep = statistics.median(r["epoch_seconds"] for r in rs)
         accs = "/".join(f"{100 * r['test_accuracy']:.2f}" for r in rs)
-        print(f"{label:16s} {100 * acc:8.2f}% ({accs}) {sec:8.1f} {ep:12.2f} {ep * 0.75:16.2f}  "
-              f"{'yes' if acc >= TARGET_ACCURACY else 'no'}")
+        print(
+            f"{label:16s} {100 * acc:8.2f}% ({accs}) {sec:8.1f} {ep:12.2f} {ep * 0.75:16.2f}  "
+            f"{'yes' if acc >= TARGET_ACCURACY else 'no'}"
+        )
     return 0
 
 

@@ -25,6 +25,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -261,6 +262,65 @@ def profile_ours(X: np.ndarray, y: np.ndarray, batches: int) -> dict[str, float]
     return {k: v / n_done for k, v in acc.items()}
 
 
+def profile_alternatives(X: np.ndarray, rounds: int) -> dict[str, float]:
+    """Seconds per batch of cheaper variants of two non-GEMM steps, timed side by side.
+
+    * optimizer: today's per-parameter ``SGD.update`` (4 ufunc passes x 6 arrays) against one
+      flat float32 buffer holding every parameter (params as views into it): 3 passes, 3 calls.
+    * gather: ``np.take`` of 128 random rows against a contiguous slice of X permuted once per
+      epoch (the permutation copy is amortized over the epoch's batches).
+    """
+    net = MLP(SIZES[0], list(SIZES[1:-1]), SIZES[-1], "relu", "he", "float32", 0)
+    params = net.params
+    grads = [np.full_like(p, 1e-6) for p in params]
+    opt = SGD(LR, momentum=MOMENTUM)
+    size = sum(p.size for p in params)
+    flat_p = np.zeros(size, np.float32)
+    flat_g = np.full(size, 1e-6, np.float32)
+    flat_v = np.zeros(size, np.float32)
+    flat_t = np.empty(size, np.float32)
+
+    def per_param() -> None:
+        opt.update(params, grads, LR)
+
+    def flat() -> None:
+        np.multiply(flat_g, LR, out=flat_t)
+        np.multiply(flat_v, MOMENTUM, out=flat_v)
+        np.subtract(flat_v, flat_t, out=flat_v)
+        np.add(flat_p, flat_v, out=flat_p)
+
+    n = X.shape[0]
+    order = np.random.default_rng(0).permutation(n)
+    buf = np.empty((BATCH, X.shape[1]), np.float32)
+    n_batches = n // BATCH
+
+    def take() -> None:
+        for lo in range(0, n_batches * BATCH, BATCH):
+            np.take(X, order[lo : lo + BATCH], axis=0, out=buf, mode="clip")
+
+    def permute_then_slice() -> None:
+        Xp = np.take(X, order, axis=0)
+        for lo in range(0, n_batches * BATCH, BATCH):
+            buf[...] = Xp[lo : lo + BATCH]
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, fn, calls in (
+            ("optimizer: per-parameter SGD.update", per_param, 200),
+            ("optimizer: one flat buffer", flat, 200),
+        ):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t) / calls)
+        for name, fn in (
+            ("gather: np.take per batch", take),
+            ("gather: permute once + slice", permute_then_slice),
+        ):
+            samples[name].append(timed(fn) / n_batches)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def profile_loop(X: np.ndarray, y: np.ndarray, rounds: int) -> tuple[float, float]:
     """(seconds per batch of a whole fit epoch, seconds per batch of fit's non-loop overhead)."""
     net = MLP(SIZES[0], list(SIZES[1:-1]), SIZES[-1], "relu", "he", "float32", 0)
@@ -279,10 +339,8 @@ def profile_loop(X: np.ndarray, y: np.ndarray, rounds: int) -> tuple[float, floa
 def versions() -> str:
     parts = [f"python {platform.python_version()}", f"numpy {np.__version__}"]
     for mod in ("torch", "sklearn"):
-        try:
+        with contextlib.suppress(ImportError):
             parts.append(f"{mod} {__import__(mod).__version__}")
-        except ImportError:
-            pass
     return ", ".join(parts)
 
 
@@ -307,11 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     n = X.shape[0]
     conventional, executed = epoch_flops(n)
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; {versions()}")
-    print(f"network {'-'.join(map(str, SIZES))} relu float32, batch {BATCH}, SGD momentum "
-          f"{MOMENTUM} lr {LR}, n={n}, threads={args.threads}, rounds={args.rounds} x "
-          f"{args.epochs} epoch(s) per contender")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {platform.processor() or platform.machine()}"
+        f", {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.2f}; {versions()}"
+    )
+    print(
+        f"network {'-'.join(map(str, SIZES))} relu float32, batch {BATCH}, SGD momentum "
+        f"{MOMENTUM} lr {LR}, n={n}, threads={args.threads}, rounds={args.rounds} x "
+        f"{args.epochs} epoch(s) per contender"
+    )
 
     with threadpool_limits(limits=args.threads):
         try:
@@ -338,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
             ) + f" | gemm2048 {gemm_runs[-1]['2048x2048 @ 2048x2048']:.1f} GFLOP/s",
                 flush=True)  # fmt: skip
 
-        gemm = {k: statistics.median(g[k] for g in gemm_runs[1:] or gemm_runs) for k in gemm_runs[0]}
+        gemm = {
+            k: statistics.median(g[k] for g in gemm_runs[1:] or gemm_runs) for k in gemm_runs[0]
+        }
 
         print("\nseconds per epoch (median over rounds; min-max):")
         med = {}
@@ -374,15 +438,21 @@ def main(argv: list[str] | None = None) -> int:
             share = ours_exec / peak
             verdict = "PASS" if share >= GEMM_SHARE_TARGET else "MISS"
             results.append(verdict)
-            print(f"\nours: {conventional / 1e9:.1f} GFLOP/epoch counted as 6*n*sum(fan_in*fan_out)"
-                  f" -> {ours_conv:.1f} GFLOP/s; matmul flops really executed "
-                  f"{executed / 1e9:.1f} GFLOP -> {ours_exec:.1f} GFLOP/s")
-            print(f"  share of 2048^2 GEMM peak: executed {100 * share:.0f}% (target >= "
-                  f"{100 * GEMM_SHARE_TARGET:.0f}%)  {verdict}; conventional "
-                  f"{100 * ours_conv / peak:.0f}%")
-            print(f"  share of batch-128-shape GEMM rate (median of 3 shapes, {small:.1f} GFLOP/s):"
-                  f" executed {100 * ours_exec / small:.0f}%, conventional "
-                  f"{100 * ours_conv / small:.0f}%")
+            print(
+                f"\nours: {conventional / 1e9:.1f} GFLOP/epoch counted as 6*n*sum(fan_in*fan_out)"
+                f" -> {ours_conv:.1f} GFLOP/s; matmul flops really executed "
+                f"{executed / 1e9:.1f} GFLOP -> {ours_exec:.1f} GFLOP/s"
+            )
+            print(
+                f"  share of 2048^2 GEMM peak: executed {100 * share:.0f}% (target >= "
+                f"{100 * GEMM_SHARE_TARGET:.0f}%)  {verdict}; conventional "
+                f"{100 * ours_conv / peak:.0f}%"
+            )
+            print(
+                f"  share of batch-128-shape GEMM rate (median of 3 shapes, {small:.1f} GFLOP/s):"
+                f" executed {100 * ours_exec / small:.0f}%, conventional "
+                f"{100 * ours_conv / small:.0f}%"
+            )
             for name in ("torch", "sklearn"):
                 if name in med:
                     print(f"  {name}: {conventional / med[name] / 1e9:.1f} GFLOP/s (same count)")
@@ -392,13 +462,20 @@ def main(argv: list[str] | None = None) -> int:
             prof = profile_ours(X, y, nb)
             in_loop, whole = profile_loop(X, y, 3)
             total = sum(prof.values())
-            print(f"\nprofile of our engine, microseconds per batch of {BATCH} "
-                  f"(median-free mean over {nb} batches):")
+            print(
+                f"\nprofile of our engine, microseconds per batch of {BATCH} "
+                f"(median-free mean over {nb} batches):"
+            )
             for k, v in sorted(prof.items(), key=lambda kv: -kv[1]):
                 print(f"  {k:32s} {1e6 * v:8.1f} us  {100 * v / total:5.1f}%")
             print(f"  {'sum of the parts':32s} {1e6 * total:8.1f} us")
-            print(f"  fit(): {1e6 * in_loop:.1f} us/batch inside the epoch loop, "
-                  f"{1e6 * whole:.1f} us/batch including fit's checks (check_X, isfinite)")
+            print(
+                f"  fit(): {1e6 * in_loop:.1f} us/batch inside the epoch loop, "
+                f"{1e6 * whole:.1f} us/batch including fit's checks (check_X, isfinite)"
+            )
+            print("\nalternatives, microseconds per batch (median of 5, side by side):")
+            for k, v in profile_alternatives(X, 5).items():
+                print(f"  {k:38s} {1e6 * v:8.1f} us")
     return 0 if all(v == "PASS" for v in results) else 1
 
 

@@ -89,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
                         "/work/shared/data"))  # fmt: skip
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 20 CV steps, 30 final steps, 50 two-layer steps")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 20 CV / 30 final / 50 two-layer steps"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the CV steps (200)")
     parser.add_argument("--final-steps", type=int, default=None, help="override 300")
     parser.add_argument("--deep-steps", type=int, default=None, help="override 500")
     parser.add_argument("--parts", default="cv,final,deep", help="comma list of cv,final,deep")
     parser.add_argument("--lambdas", default=None, help="comma list: a subset of the CV lambdas")
+    parser.add_argument("--final-lambda", type=float, default=None,
+                        help="lambda of the final model when the CV part is not run (default: "
+                        "the notebook's 1e-3)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -117,24 +121,31 @@ def main(argv: list[str] | None = None) -> int:
         base = base.replace({"cv.lambdas": [float(v) for v in args.lambdas.split(",")]})
     deep = base.replace({**DEEP_OVERRIDES, "training.final_epochs": deep_steps})
 
-    print(f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load avg "
-          f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, numpy {np.__version__}; "
-          f"{args.workers} workers x 1 BLAS thread")
-    print(f"notebook preset: 784-{base.model.hidden_sizes[0]}-10 {base.model.activation}, "
-          f"{base.training.optimizer} lr {base.training.lr}, {base.cv.folds} contiguous folds, "
-          f"lambdas {base.cv.lambdas}, {steps} CV steps, final {final_steps} steps; two-layer "
-          f"784-128-64-10 lr 0.6 lambda {DEEP_LAMBDA} {deep_steps} steps")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M %Z')}; {os.cpu_count()} cores, load avg "
+        f"{os.getloadavg()[0]:.2f}; python {platform.python_version()}, numpy {np.__version__}; "
+        f"{args.workers} workers x 1 BLAS thread"
+    )
+    print(
+        f"notebook preset: 784-{base.model.hidden_sizes[0]}-10 {base.model.activation}, "
+        f"{base.training.optimizer} lr {base.training.lr}, {base.cv.folds} contiguous folds, "
+        f"lambdas {base.cv.lambdas}, {steps} CV steps, final {final_steps} steps; two-layer "
+        f"784-128-64-10 lr 0.6 lambda {DEEP_LAMBDA} {deep_steps} steps"
+    )
 
     started = time.perf_counter()
-    best = NOTEBOOK_BEST_LAMBDA
+    best = args.final_lambda if args.final_lambda is not None else NOTEBOOK_BEST_LAMBDA
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
         if "cv" in parts:
             tasks = [(base, lam, fold) for lam in base.cv.lambdas for fold in range(base.cv.folds)]
             results = []
             for r in pool.map(_fold_task, tasks):
                 results.append(r)
-                print(f"  lambda {r.l2_lambda:g} fold {r.fold}: val acc {100 * r.val_accuracy:.2f}%"
-                      f" loss {r.val_loss:.4f} ({r.seconds:.0f} s)", flush=True)
+                print(
+                    f"  lambda {r.l2_lambda:g} fold {r.fold}: val acc {100 * r.val_accuracy:.2f}%"
+                    f" loss {r.val_loss:.4f} ({r.seconds:.0f} s)",
+                    flush=True,
+                )
             cv_seconds = time.perf_counter() - started
             table = cv_table(results)
             best = select_lambda(table)
@@ -146,13 +157,17 @@ def main(argv: list[str] | None = None) -> int:
                 "notebook acc %": table["l2_lambda"].map(NOTEBOOK_CV),
                 "notebook loss": table["l2_lambda"].map(NOTEBOOK_CV_LOSS),
             })  # fmt: skip
-            print(f"\ncross-validation ({steps} full-batch steps per fold, "
-                  f"{cv_seconds:.0f} s wall for {len(tasks)} trainings):")
+            print(
+                f"\ncross-validation ({steps} full-batch steps per fold, "
+                f"{cv_seconds:.0f} s wall for {len(tasks)} trainings):"
+            )
             print(show.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
             print(f"best lambda: ours {best:g}, notebook {NOTEBOOK_BEST_LAMBDA:g}")
             fold_seconds = [r.seconds for r in results]
-            print(f"seconds per CV training: median {np.median(fold_seconds):.1f} "
-                  f"({1000 * np.median(fold_seconds) / steps:.0f} ms per full-batch step on 45k)")
+            print(
+                f"seconds per CV training: median {np.median(fold_seconds):.1f} "
+                f"({1000 * np.median(fold_seconds) / steps:.0f} ms per full-batch step on 45k)"
+            )
 
         finals = []
         if "final" in parts:
@@ -163,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         if finals:
             print()
         for name, acc, seconds, lam, last in pool.map(_final_task, finals):
-            print(f"final {name}, lambda {lam:g}, {int(last['epoch'])} steps: test accuracy "
-                  f"{100 * acc:.2f}% (notebook {published[name.split()[0]]:.2f}%), "
-                  f"train loss {last['train_loss']:.4f}, train acc "
-                  f"{100 * last['train_accuracy']:.2f}%, {seconds:.0f} s")
+            print(
+                f"final {name}, lambda {lam:g}, {int(last['epoch'])} steps: test accuracy "
+                f"{100 * acc:.2f}% (notebook {published[name.split()[0]]:.2f}%), "
+                f"train loss {last['train_loss']:.4f}, train acc "
+                f"{100 * last['train_accuracy']:.2f}%, {seconds:.0f} s"
+            )
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -19,7 +19,7 @@ EXPERIMENT = "interrupt-test"
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,

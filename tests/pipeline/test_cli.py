@@ -187,7 +187,7 @@ def test_empty_data_dir_without_download_exits_2(capsys, tmp_path):
 def test_dask_address_without_dask_runner_exits_2(capsys):
     # Act
     code, out, err = _invoke(
-        ["cv", "--dask-address", "tcp://127.0.0.1:1", "--runner", "thread"], capsys
+        ["train", "--set", "execution.dask_address=tcp://127.0.0.1:1", "--no-track"], capsys
     )
 
     # Assert: rejected by validation, before any flow or server starts.

@@ -1,0 +1,185 @@
+"""The orchestrated commands of ``mlp-pipeline``, added to the app of :mod:`pipeline.cli`.
+
+``mlp-pipeline run`` and ``mlp-pipeline cv`` call the Prefect flows in this process, with one
+Prefect API for the flow and its workers (a temporary local server unless ``PREFECT_API_URL`` is
+set) and rich progress bars.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pipeline.cli import (
+    Activation,
+    BatchSize,
+    ConfigFile,
+    DataDir,
+    Dataset,
+    Epochs,
+    Experiment,
+    Hidden,
+    LimitTest,
+    LimitTrain,
+    Lr,
+    NoProgress,
+    Optimizer,
+    Preset,
+    Seed,
+    SetOption,
+    TrackingUri,
+    app,
+    config_from_options,
+    main,
+    out,
+    ui_command,
+)
+from pipeline.config import PipelineConfig
+
+__all__ = ["app", "main"]
+
+Lambdas = Annotated[
+    str | None, typer.Option("--lambdas", help="L2 strengths, comma-separated: 1e-4,1e-3")
+]
+Folds = Annotated[int | None, typer.Option(help="Number of CV folds")]
+FinalEpochs = Annotated[
+    int | None, typer.Option("--final-epochs", help="Epochs of the final model")
+]
+Runner = Annotated[str | None, typer.Option(help="sequential, thread, process or dask")]
+Workers = Annotated[int | None, typer.Option(help="Parallel workers (default: cores)")]
+DaskAddress = Annotated[
+    str | None, typer.Option("--dask-address", help="tcp://host:port of a Dask scheduler")
+]
+
+
+def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
+    """Run a flow in this process with one Prefect API and progress bars."""
+    from flows.server import prefect_api
+    from pipeline.progress import ConsoleReporter, reporting
+
+    def _terminate(signum: int, frame: Any) -> None:
+        # SIGTERM ends the run like Ctrl-C, so its MLflow runs end KILLED, not RUNNING.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
+    from flows.pipeline_flow import cv_flow, mlp_pipeline
+
+    flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
+    with prefect_api(), reporting(ConsoleReporter(enabled=progress)):
+        return flow_fn(cfg)
+
+
+def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
+    from pipeline.tracking import resolve_tracking_uri
+
+    best = result["best_l2_lambda"]
+    table = Table(title=f"cross-validation ({cfg.cv.folds} folds)")
+    for column in ("λ", "val accuracy (mean ± std)", "val loss", "diverged", ""):
+        table.add_column(column, justify="right")
+    for row in result["cv_table"]:
+        chosen = row["l2_lambda"] == best
+        table.add_row(
+            f"{row['l2_lambda']:g}",
+            f"{row['mean_val_accuracy']:.4f} ± {row['std_val_accuracy']:.4f}",
+            f"{row['mean_val_loss']:.4f}",
+            str(row["diverged_folds"]),
+            "[bold green]← chosen[/bold green]" if chosen else "",
+            style="bold" if chosen else None,
+        )
+    out.print(table)
+    out.print(
+        f"trainings: {result['trained_folds']} run, {result['cached_folds']} reused from cache; "
+        f"wall time {result['wall_seconds']:.1f} s"
+    )
+    if "test_accuracy" in result:
+        out.print(
+            f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
+            f"test loss {result['test_loss']:.4f})"
+        )
+        if result.get("registered_version") is not None:
+            champion = " (new champion)" if result.get("champion") else ""
+            out.print(
+                f"model {cfg.tracking.registered_model} version "
+                f"{result['registered_version']}{champion}"
+            )
+    out.print(f"MLflow run {result['mlflow_run_id']}")
+    out.print(f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}")
+
+
+@app.command()
+def run(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    limit_train: LimitTrain = None,
+    limit_test: LimitTest = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    final_epochs: FinalEpochs = None,
+    batch_size: BatchSize = None,
+    lambdas: Lambdas = None,
+    folds: Folds = None,
+    seed: Seed = None,
+    runner: Runner = None,
+    workers: Workers = None,
+    dask_address: DaskAddress = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the whole pipeline: CV over lambda, final model, test evaluation, MLflow record."""
+    cfg = config_from_options(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        limit_test=limit_test, hidden=hidden, activation=activation, optimizer=optimizer, lr=lr,
+        epochs=epochs, final_epochs=final_epochs, batch_size=batch_size, lambdas=lambdas,
+        folds=folds, seed=seed, runner=runner, workers=workers, dask_address=dask_address,
+        tracking_uri=tracking_uri, experiment=experiment,
+    )  # fmt: skip
+    _print_summary(_run_flow("mlp-pipeline", cfg, progress=not no_progress), cfg)
+
+
+@app.command()
+def cv(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    limit_train: LimitTrain = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lambdas: Lambdas = None,
+    folds: Folds = None,
+    seed: Seed = None,
+    runner: Runner = None,
+    workers: Workers = None,
+    dask_address: DaskAddress = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run only the cross-validation sweep and record its table."""
+    cfg = config_from_options(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        hidden=hidden, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
+        batch_size=batch_size, lambdas=lambdas, folds=folds, seed=seed, runner=runner,
+        workers=workers, dask_address=dask_address, tracking_uri=tracking_uri,
+        experiment=experiment,
+    )  # fmt: skip
+    _print_summary(_run_flow("cv", cfg, progress=not no_progress), cfg)
+
+
+if __name__ == "__main__":
+    main()
