@@ -56,6 +56,8 @@ SWEEP: list[tuple[str, dict[str, Any], float]] = [
     ("e10 l2=1e-5", {"training.epochs": 10}, 1e-5),
     ("e10 l2=3e-4", {"training.epochs": 10}, 3e-4),
     ("e10 l2=1e-3", {"training.epochs": 10}, 1e-3),
+    ("e10 l2=3e-3", {"training.epochs": 10}, 3e-3),
+    ("e10 l2=1e-2", {"training.epochs": 10}, 1e-2),
     ("e15 l2=3e-4", {"training.epochs": 15}, 3e-4),
     ("e15 l2=1e-3", {"training.epochs": 15}, 1e-3),
     (

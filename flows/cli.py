@@ -94,6 +94,11 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
         f"trainings: {result['trained_folds']} run, {result['cached_folds']} reused from cache; "
         f"wall time {result['wall_seconds']:.1f} s"
     )
+    if result.get("worker_restarts"):
+        out.print(
+            f"worker pool restarted {result['worker_restarts']} time(s) after a worker died; "
+            "the unfinished trainings were resubmitted"
+        )
     if "test_accuracy" in result:
         out.print(
             f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
@@ -179,6 +184,113 @@ def cv(
         experiment=experiment,
     )  # fmt: skip
     _print_summary(_run_flow("cv", cfg, progress=not no_progress), cfg)
+
+
+# ----------------------------------------------------------------------------- deployments
+
+Cron = Annotated[str | None, typer.Option("--cron", help="Cron schedule (UTC), e.g. '0 2 * * *'")]
+Interval = Annotated[
+    float | None, typer.Option("--interval", help="Run every SECONDS (instead of --cron)")
+]
+DeploymentName = Annotated[str, typer.Option("--name", help="Name of the scheduled deployment")]
+Limit = Annotated[
+    int | None,
+    typer.Option("--limit", min=1, help="At most this many runs at once (default: no limit)"),
+]
+
+
+@app.command()
+def serve(
+    cron: Cron = None,
+    interval: Interval = None,
+    name: DeploymentName = "scheduled",
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    limit: Limit = None,
+) -> None:
+    """Serve the pipeline as Prefect deployments (scheduled and on-demand) until stopped.
+
+    Needs a Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL.
+    """
+    from flows import deployments as dep
+
+    url = dep.require_api_url()
+    cfg = dep.absolute_paths(config_from_options(preset, config, set_))
+    served = dep.build_deployments(cfg, name=name, cron=cron, interval=interval)
+    dep.check_api(url)
+    for deployment in served:
+        schedule = ", ".join(_describe_schedule(s) for s in deployment.schedules) or "on request"
+        out.print(f"serving {dep.FLOW_NAME}/{deployment.name} ({schedule})", highlight=False)
+    out.print(
+        f"config: preset {preset or 'default'}, dataset {cfg.data.dataset}, "
+        f"runner {cfg.execution.runner}; MLflow {cfg.tracking.tracking_uri}",
+        highlight=False,
+    )
+    out.print(
+        f"trigger a run: mlp-pipeline trigger [--set key=value ...] [--wait]; "
+        f"Prefect API {url}; stop with Ctrl-C",
+        highlight=False,
+    )
+    dep.serve_deployments(served, limit=limit)
+    out.print("stopped; the schedules are paused until the next serve", highlight=False)
+
+
+def _describe_schedule(schedule: Any) -> str:
+    inner = getattr(schedule, "schedule", schedule)
+    if getattr(inner, "cron", None):
+        return f"cron {inner.cron} {inner.timezone or 'UTC'}"
+    if getattr(inner, "interval", None) is not None:
+        return f"every {inner.interval.total_seconds():g} s"
+    return str(inner)
+
+
+@app.command()
+def trigger(
+    deployment: Annotated[
+        str, typer.Option("--deployment", help="Deployment name (flow mlp-pipeline)")
+    ] = "on-demand",
+    set_: SetOption = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the run and print its result")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="With --wait: give up after SECONDS")
+    ] = None,
+) -> None:
+    """Start a run of a served deployment, with --set overrides on its config."""
+    from prefect.client.orchestration import get_client
+
+    from flows import deployments as dep
+    from pipeline.config import parse_set_options
+
+    overrides = parse_set_options(set_ or [])
+    url = dep.require_api_url()
+    dep.check_api(url)
+    name = dep.full_name(deployment)
+    with get_client(sync_client=True) as client:
+        found = dep.read_deployment(client, name)
+        cfg = dep.deployment_config(found, overrides)
+        run_ = dep.create_run(client, found, cfg)
+        out.print(f"flow run {run_.name} ({run_.id}) of {name}", highlight=False)
+        if not wait:
+            return
+        state = dep.follow_run(
+            client, run_.id, lambda s: out.print(f"state: {s.name}", highlight=False),
+            timeout=timeout,
+        )  # fmt: skip
+    if dep.is_failure(state):
+        message = " ".join((state.message or "").split())
+        out.print(f"error: flow run {run_.name} ended {state.name}: {message}", highlight=False)
+        raise typer.Exit(1)
+    outcome = dep.find_mlflow_run(cfg, run_.id)
+    if outcome is None:
+        out.print(f"no MLflow run tagged with flow run {run_.id} in {cfg.tracking.tracking_uri}")
+        raise typer.Exit(1)
+    out.print(f"MLflow run {outcome.run_id}", highlight=False)
+    if outcome.test_accuracy is not None:
+        out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
+    out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", highlight=False)
 
 
 if __name__ == "__main__":

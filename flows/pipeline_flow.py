@@ -138,6 +138,7 @@ def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noq
         "cv_table": table.to_dict(orient="records"),
         "trained_folds": sweep.trained,
         "cached_folds": sweep.cached,
+        "worker_restarts": sweep.worker_restarts,
         "wall_seconds": wall,
     }
 
@@ -191,5 +192,6 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
         "champion": record.champion,
         "trained_folds": sweep.trained,
         "cached_folds": sweep.cached,
+        "worker_restarts": sweep.worker_restarts,
         "wall_seconds": wall,
     }

@@ -146,7 +146,8 @@ class MLP:
         -------
         ndarray, shape (n, n_classes)
         """
-        X = check_X(X, self.n_features, self.dtype)
+        # NaN/inf inputs would otherwise give confident-looking labels (argmax of NaN is 0).
+        X = check_X(X, self.n_features, self.dtype, finite=True)
         if X.shape[0] <= _CHUNK:
             return self._forward(X)
         return np.concatenate(

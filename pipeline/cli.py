@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -217,6 +218,63 @@ def evaluate(
     out.print(
         f"test accuracy {accuracy:.4f} ({data.name}, {data.y_test.size} test images, {model})"
     )
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@app.command()
+def runs(
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment name (default: mlp-pipeline)")
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option("--last", min=1, help="Only the N most recent executions")
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="table, csv or json (csv/json go to stdout)")
+    ] = "table",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List pipeline executions side by side, newest first: config, best lambda, accuracies."""
+    from pipeline.runs import DEFAULT_EXPERIMENT, list_pipeline_runs, table_rows, to_csv, to_json
+
+    if format_ not in ("table", "csv", "json"):
+        raise PipelineError(f"--format must be table, csv or json, got {format_!r}")
+    name = experiment or DEFAULT_EXPERIMENT
+    frame = list_pipeline_runs(name, tracking_uri=tracking_uri, last=last)
+    if format_ != "table":
+        if frame.empty:  # still valid (empty) output for scripts; the hint goes to stderr
+            Console(stderr=True).print(f"no pipeline runs in experiment {name!r} yet")
+        sys.stdout.write(to_json(frame) if format_ == "json" else to_csv(frame))
+        return
+    if frame.empty:
+        out.print(
+            f"no pipeline runs in experiment {name!r} yet: start one with "
+            "`mlp-pipeline run --preset quick`"
+        )
+        return
+    rows = table_rows(frame)
+    # No vertical rules and one space between columns: 14 columns in about 140 characters.
+    table = Table(
+        title=f"pipeline runs in {name!r}, newest first (full run ids: --format csv or json)",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for column in rows[0]:
+        table.add_column(
+            column,
+            justify="right" if column in _NUMERIC_COLUMNS else "left",
+            no_wrap=column in {"started", "status"},
+        )
+    for row in rows:
+        style = {"FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}.get(row["status"])
+        table.add_row(*row.values(), style=style)
+    out.print(table)
+
+
+_NUMERIC_COLUMNS = {"lr", "epochs", "folds", "best λ", "CV acc", "test acc", "took"}
 
 
 # ----------------------------------------------------------------------------- data

@@ -11,11 +11,20 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -25,6 +34,24 @@ RunnerName = Literal["sequential", "thread", "process", "dask"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax validation reads true as 1: `lr = true` in a TOML file or --set is a typo, not 1.0.
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, bool) for item in items) and _is_numeric(
+            cls.model_fields[info.field_name].annotation
+        ):
+            raise ValueError(f"expected a number, not a boolean (got {value!r})")
+        return value
+
+
+def _is_numeric(annotation: Any) -> bool:
+    """Whether a field's type is int or float (possibly optional, or a list of them)."""
+    if annotation in (int, float):
+        return True
+    return any(_is_numeric(arg) for arg in typing.get_args(annotation))
 
 
 class DataConfig(_Section):
@@ -127,7 +154,9 @@ class ExecutionConfig(_Section):
     )
     retries: int = Field(2, ge=0, description="Retries of a training whose worker died")
     resume: bool = Field(True, description="Reuse fold results already computed by an earlier run")
-    cache_dir: str = Field(".mlp-pipeline/cache", description="Where fold results are persisted")
+    cache_dir: str = Field(
+        ".mlp-pipeline/cache", min_length=1, description="Where fold results are persisted"
+    )
 
     @model_validator(mode="after")
     def _dask_address_needs_dask(self) -> ExecutionConfig:

@@ -43,10 +43,38 @@ class MLPClassifierModel(PythonModel):
         Returns
         -------
         np.ndarray, shape (n_samples,), int64
+
+        Raises
+        ------
+        pipeline.errors.DataError
+            Input of the wrong shape or dtype, non-finite, or outside [0, 255].
         """
-        pixels = np.asarray(model_input)
+        pixels = _check_pixels(np.asarray(model_input), self.net.n_features)
         X = self.normalizer.transform(pixels, dtype=self.net.dtype)
         return self.net.predict(X).astype(np.int64, copy=False)
+
+
+def _check_pixels(pixels: np.ndarray, n_features: int) -> np.ndarray:
+    """Reject what would otherwise give silent garbage labels: raw pixels only, (n, n_features)."""
+    from pipeline.errors import DataError
+
+    if pixels.ndim != 2 or pixels.shape[1] != n_features:
+        raise DataError(
+            f"model input must have shape (n_samples, {n_features}) (flattened images), "
+            f"got {pixels.shape}"
+        )
+    if pixels.shape[0] == 0:
+        raise DataError("model input has no rows")
+    if pixels.dtype.kind not in "biuf":
+        raise DataError(f"model input must be real numbers, got dtype {pixels.dtype}")
+    if not np.isfinite(pixels).all():
+        raise DataError("model input contains NaN or infinite values")
+    low, high = pixels.min(), pixels.max()
+    if low < 0 or high > 255:
+        raise DataError(
+            f"model input must be raw pixels in [0, 255], got values from {low:g} to {high:g}"
+        )
+    return pixels
 
 
 mlflow.models.set_model(MLPClassifierModel())

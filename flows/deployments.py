@@ -1,0 +1,313 @@
+"""Prefect deployments of the pipeline: serve them on a schedule and trigger runs of them.
+
+``mlp-pipeline serve`` registers two deployments of the ``mlp-pipeline`` flow with the Prefect
+API in ``PREFECT_API_URL`` and executes their runs in subprocesses until it is stopped:
+
+- ``mlp-pipeline/scheduled`` (name configurable) on a cron or interval schedule;
+- ``mlp-pipeline/on-demand`` without a schedule, for ``mlp-pipeline trigger`` and
+  ``prefect deployment run``.
+
+Both carry the whole :class:`~pipeline.config.PipelineConfig` as their single parameter
+``config`` (JSON). Relative paths in it are made absolute when serving, so runs started in
+another working directory and ``trigger`` read and write the same stores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig, build_config
+from pipeline.errors import ConfigError, PipelineError
+
+# Offline machines: without this every Prefect client logs a telemetry error.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+FLOW_NAME = "mlp-pipeline"
+SCHEDULED = "scheduled"
+ON_DEMAND = "on-demand"
+START_SERVER_HINT = (
+    "start one with `prefect server start --host 127.0.0.1` and "
+    "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+)
+_HEALTH_TIMEOUT_SECONDS = 5.0
+_FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
+
+
+# ------------------------------------------------------------------------------ the API
+
+
+def require_api_url() -> str:
+    """The URL in ``PREFECT_API_URL``; a one-line :class:`PipelineError` when it is not set."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if not url:
+        raise PipelineError(f"PREFECT_API_URL is not set: deployments need a running server; "
+                            f"{START_SERVER_HINT}")  # fmt: skip
+    return url.rstrip("/")
+
+
+def check_api(url: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> None:
+    """Fail fast (one line) when no Prefect server answers at ``url``.
+
+    Prefect's own client retries refused connections for a while; a single health request with a
+    short timeout tells the user at once.
+    """
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/health", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise PipelineError(
+            f"no Prefect server answers at {url} ({reason}); {START_SERVER_HINT}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------ config
+
+
+PATH_KEYS = ("tracking.tracking_uri", "execution.cache_dir", "data.data_dir")
+
+
+def absolute_paths(config: PipelineConfig, keys: Iterable[str] = PATH_KEYS) -> PipelineConfig:
+    """``config`` with its tracking store, cache and data folders (those in ``keys``) absolute.
+
+    Runs of a served deployment execute in subprocesses whose working directory may differ from
+    the one ``serve`` or ``trigger`` was started in; relative paths would then point at other
+    stores. Defaults are resolved too (tracking: ``$MLFLOW_TRACKING_URI`` or ``./mlruns``; data:
+    ``$MLP_PIPELINE_DATA_DIR`` or ``./data``), so the running process's environment no longer
+    matters.
+    """
+    from pipeline.data import resolve_data_dir
+    from pipeline.tracking import resolve_tracking_uri
+
+    resolvers = {
+        "tracking.tracking_uri": lambda: _absolute_sqlite(
+            resolve_tracking_uri(config.tracking.tracking_uri)
+        ),
+        "execution.cache_dir": lambda: str(
+            Path(config.execution.cache_dir).expanduser().absolute()
+        ),
+        "data.data_dir": lambda: str(resolve_data_dir(config.data.data_dir)),
+    }
+    return build_config(base=config, overrides={key: resolvers[key]() for key in keys})
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db`` (relative to the working directory) as ``sqlite:////abs/rel.db``."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        return uri
+    path = parts.path[1:]  # sqlite:///x -> path "/x": one slash is the separator
+    if Path(path).is_absolute():
+        return uri
+    absolute = Path(path).expanduser().absolute()
+    query = f"?{parts.query}" if parts.query else ""
+    return f"sqlite:///{absolute}{query}"
+
+
+def config_parameters(config: PipelineConfig) -> dict[str, Any]:
+    """The deployment parameters carrying ``config`` (plain JSON, as the API stores them)."""
+    return {"config": config.model_dump(mode="json")}
+
+
+# ------------------------------------------------------------------------------ serve
+
+
+def build_deployments(
+    config: PipelineConfig,
+    *,
+    name: str = SCHEDULED,
+    cron: str | None = None,
+    interval: float | None = None,
+) -> list[Any]:
+    """The scheduled deployment (when ``cron`` or ``interval`` is given) and the on-demand one.
+
+    Returns
+    -------
+    list of prefect.deployments.runner.RunnerDeployment
+    """
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.pipeline_flow import mlp_pipeline
+
+    if cron is not None and interval is not None:
+        raise ConfigError("give either --cron or --interval, not both")
+    if interval is not None and not interval > 0:
+        raise ConfigError(f"--interval must be a positive number of seconds (got {interval:g})")
+    if name == ON_DEMAND:
+        raise ConfigError(f"--name {ON_DEMAND!r} is taken by the unscheduled deployment")
+    if cron is not None:
+        _check_cron(cron)
+
+    common = {
+        "parameters": config_parameters(config),
+        # A module entrypoint: the installed package is found from any working directory.
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+        "tags": ["mlp-pipeline"],
+    }
+    deployments = []
+    if cron is not None or interval is not None:
+        schedule = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"
+        deployments.append(
+            mlp_pipeline.to_deployment(
+                name=name,
+                cron=cron,
+                interval=interval,
+                description=f"The whole pipeline, {schedule}.",
+                **common,
+            )
+        )
+    deployments.append(
+        mlp_pipeline.to_deployment(
+            name=ON_DEMAND,
+            description="The whole pipeline, run on request (mlp-pipeline trigger).",
+            **common,
+        )
+    )
+    return deployments
+
+
+def _check_cron(expression: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=expression)
+    except ValueError as exc:
+        message = str(exc).splitlines()
+        detail = message[-1].strip() if message else "invalid"
+        raise ConfigError(
+            f"--cron {expression!r} is not a valid cron expression ({detail})"
+        ) from None
+
+
+def serve_deployments(deployments: list[Any], limit: int | None = None) -> None:
+    """Register ``deployments`` and execute their runs here until SIGINT / SIGTERM.
+
+    On shutdown Prefect pauses the schedules; runs due meanwhile wait (Late) for the next serve.
+    """
+    from prefect import serve
+
+    serve(*deployments, limit=limit, print_starting_message=False)
+
+
+# ------------------------------------------------------------------------------ trigger
+
+
+def full_name(deployment: str) -> str:
+    """``on-demand`` -> ``mlp-pipeline/on-demand`` (a ``flow/deployment`` name is kept)."""
+    return deployment if "/" in deployment else f"{FLOW_NAME}/{deployment}"
+
+
+def read_deployment(client: Any, name: str) -> Any:
+    """The deployment ``flow/deployment``; a one-line error when the API does not know it."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise PipelineError(
+            f"unknown deployment {name!r}; start `mlp-pipeline serve` first "
+            f"(`prefect deployment ls` lists the known ones)"
+        ) from None
+
+
+def deployment_config(deployment: Any, overrides: dict[str, Any]) -> PipelineConfig:
+    """The deployment's own ``config`` parameter with dotted ``overrides`` applied and validated."""
+    stored = (deployment.parameters or {}).get("config")
+    try:
+        base = PipelineConfig.model_validate(stored or {})
+    except ValueError as exc:
+        problem = " ".join(str(exc).split())
+        raise ConfigError(
+            f"deployment {deployment.name!r} carries an invalid config: {problem}"
+        ) from None
+    if not overrides:
+        return base
+    # Only the paths given now are relative to this working directory; the stored ones are kept.
+    given = [key for key in PATH_KEYS if key in overrides]
+    return absolute_paths(build_config(base=base, overrides=overrides), given)
+
+
+def create_run(client: Any, deployment: Any, config: PipelineConfig) -> Any:
+    """Create a flow run of ``deployment`` with ``config``; the serving process picks it up.
+
+    Returns
+    -------
+    prefect.client.schemas.objects.FlowRun
+    """
+    return client.create_flow_run_from_deployment(
+        deployment.id, parameters=config_parameters(config), tags=["mlp-pipeline", "trigger"]
+    )
+
+
+def follow_run(
+    client: Any,
+    flow_run_id: Any,
+    on_state: Callable[[Any], None],
+    *,
+    poll_seconds: float = 1.0,
+    timeout: float | None = None,
+) -> Any:
+    """Poll the flow run until it reaches a final state, calling ``on_state`` on every change.
+
+    Returns the final state; raises :class:`PipelineError` after ``timeout`` seconds.
+    """
+    started = time.monotonic()
+    last = None
+    while True:
+        run = client.read_flow_run(flow_run_id)
+        state = run.state
+        key = (state.type, state.name) if state is not None else None
+        if state is not None and key != last:
+            last = key
+            on_state(state)
+        if state is not None and state.is_final():
+            return state
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise PipelineError(
+                f"flow run {run.name} still {state.name if state else 'unknown'} "
+                f"after {timeout:g} s (it keeps running; follow it in the Prefect UI)"
+            )
+        time.sleep(poll_seconds)
+
+
+def is_failure(state: Any) -> bool:
+    return state.type.value in _FAILED_STATES
+
+
+@dataclass(frozen=True)
+class MlflowOutcome:
+    """The MLflow parent run a flow run recorded."""
+
+    run_id: str
+    test_accuracy: float | None
+    tracking_uri: str
+
+
+def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> MlflowOutcome | None:
+    """The MLflow parent run tagged ``prefect.flow_run_id`` in the config's tracking store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.stage = 'pipeline'",
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return MlflowOutcome(run.info.run_id, run.data.metrics.get("test_accuracy"), uri)

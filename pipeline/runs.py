@@ -1,0 +1,271 @@
+"""Pipeline executions side by side: the parent runs of an MLflow experiment as one table.
+
+Every execution the recorder writes has one parent run tagged ``stage=pipeline`` holding the
+flattened config as params (strings) and the summary metrics (``best_l2_lambda``,
+``cv_best_mean_val_accuracy``, ``test_accuracy``): one row per parent run, newest first, is
+enough to compare executions without opening the MLflow UI. Read-only: listing never creates a
+store, an experiment or a folder.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import urllib.parse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.errors import TrackingError
+from pipeline.tracking import DEFAULT_STORE_DIR, check_tracking_uri, redact_uri
+
+DEFAULT_EXPERIMENT = "mlp-pipeline"  # TrackingConfig.experiment's default
+PIPELINE_FILTER = "tags.stage = 'pipeline'"
+_PAGE = 1000  # MLflow's largest page for search_runs
+
+# Output columns, in order: (column, where it comes from). ``params.*`` are the config as logged
+# (strings, JSON for lists), ``metrics.*`` the parent's summary metrics, ``tags.*`` its tags.
+COLUMNS = (
+    ("start_time", "info.start_time"),
+    ("run_id", "info.run_id"),
+    ("run_name", "info.run_name"),
+    ("status", "info.status"),
+    ("flow", "tags.flow"),
+    ("dataset", "params.dataset.name"),
+    ("hidden_sizes", "params.model.hidden_sizes"),
+    ("optimizer", "params.training.optimizer"),
+    ("lr", "params.training.lr"),
+    ("epochs", "params.training.epochs"),
+    ("final_epochs", "params.training.final_epochs"),
+    ("folds", "params.cv.folds"),
+    ("lambdas", "params.cv.lambdas"),
+    ("best_lambda", "metrics.best_l2_lambda"),
+    ("cv_accuracy", "metrics.cv_best_mean_val_accuracy"),
+    ("test_accuracy", "metrics.test_accuracy"),
+    ("duration_seconds", "info.duration"),
+    ("prefect_flow_run", "tags.prefect.flow_run_name"),
+)
+
+
+def listing_tracking_uri(uri: str | None = None) -> str:
+    """Like :func:`pipeline.tracking.resolve_tracking_uri`, without creating the local folder."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+
+
+def _check_store(uri: str) -> None:
+    """A missing SQLite file is an error here: MLflow would silently create an empty store."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/")
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise TrackingError(
+                f"no MLflow store at {path} (run `mlp-pipeline run` first, or pass "
+                f"--tracking-uri / set MLFLOW_TRACKING_URI)"
+            )
+    else:
+        check_tracking_uri(uri)  # http(s): one quick /health request before MLflow's retries
+
+
+def list_pipeline_runs(
+    experiment: str = DEFAULT_EXPERIMENT,
+    tracking_uri: str | None = None,
+    last: int | None = None,
+) -> pd.DataFrame:
+    """The pipeline executions (parent runs) of ``experiment``, newest first.
+
+    Parameters
+    ----------
+    experiment : str
+        MLflow experiment name.
+    tracking_uri : str, optional
+        Store to read; default ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<./mlruns>/mlflow.db``.
+    last : int, optional
+        Only the ``last`` most recent executions (default: all).
+
+    Returns
+    -------
+    pandas.DataFrame, shape (n_runs, len(COLUMNS))
+        One row per parent run, columns as in :data:`COLUMNS`: ``start_time`` (UTC timestamp),
+        ``hidden_sizes`` / ``lambdas`` as lists, numbers as numbers, NaN where a run has no such
+        value (a ``cv`` flow has no test accuracy; a failed run may have nothing).
+
+    Raises
+    ------
+    TrackingError
+        The store does not exist or does not answer, or it has no such experiment.
+    """
+    if last is not None and last < 1:
+        raise TrackingError(f"--last must be at least 1, got {last}")
+    uri = listing_tracking_uri(tracking_uri)
+    _check_store(uri)
+    runs = _search(uri, experiment, last)
+    frame = pd.DataFrame([_row(run) for run in runs], columns=[name for name, _ in COLUMNS])
+    frame["start_time"] = pd.to_datetime(frame["start_time"], unit="ms", utc=True)
+    for column in ("lr", "best_lambda", "cv_accuracy", "test_accuracy", "duration_seconds"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    for column in ("epochs", "final_epochs", "folds"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    return frame
+
+
+def _search(uri: str, experiment: str, last: int | None) -> list[Any]:
+    """Parent runs through ``MlflowClient.search_runs``, page by page, newest first."""
+    from mlflow.tracking import MlflowClient
+
+    where = redact_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None or found.lifecycle_stage == "deleted":
+            names = sorted(e.name for e in client.search_experiments())
+            known = f"; experiments there: {', '.join(names)}" if names else ""
+            raise TrackingError(f"no MLflow experiment {experiment!r} in {where}{known}")
+        runs: list[Any] = []
+        token = None
+        while last is None or len(runs) < last:
+            page = client.search_runs(
+                [found.experiment_id],
+                filter_string=PIPELINE_FILTER,
+                max_results=min(_PAGE, last - len(runs)) if last else _PAGE,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    except TrackingError:
+        raise
+    except Exception as exc:  # MlflowException, SQLAlchemy errors of a file that is no store
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise TrackingError(f"cannot read MLflow store {where}: {text}") from None
+    return runs
+
+
+def _row(run: Any) -> dict[str, Any]:
+    info, data = run.info, run.data
+    values = {
+        "info.start_time": info.start_time,
+        "info.run_id": info.run_id,
+        "info.run_name": info.run_name,
+        "info.status": info.status,
+        "info.duration": (
+            (info.end_time - info.start_time) / 1000.0
+            if info.end_time and info.start_time
+            else math.nan
+        ),
+    }
+    row = {}
+    for name, source in COLUMNS:
+        kind, _, key = source.partition(".")
+        if kind == "info":
+            row[name] = values[source]
+        elif kind == "params":
+            row[name] = data.params.get(key)
+        elif kind == "metrics":
+            row[name] = data.metrics.get(key, math.nan)
+        else:
+            row[name] = data.tags.get(key)
+    for name in ("hidden_sizes", "lambdas"):
+        row[name] = _json_list(row[name])
+    return row
+
+
+def _json_list(text: str | None) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, list) else [value]
+
+
+# ------------------------------------------------------------------------------------ output
+def to_json(frame: pd.DataFrame) -> str:
+    """Records (one object per run), ISO-8601 UTC times, null for missing values."""
+    return frame.to_json(orient="records", date_format="iso", indent=2) + "\n"
+
+
+def to_csv(frame: pd.DataFrame) -> str:
+    """One line per run; lists as ``64;32`` so the field needs no quoting."""
+    flat = frame.copy()
+    for column in ("hidden_sizes", "lambdas"):
+        flat[column] = flat[column].map(_joined)
+    # %.10g: 0.9222, not the 0.9221999999999999 a mean of folds can be in binary.
+    return flat.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%SZ", float_format="%.10g")
+
+
+def _joined(values: Iterable[Any] | None, separator: str = ";", short: bool = False) -> str:
+    if values is None:
+        return ""
+    return separator.join(_short(value) if short else f"{value:g}" for value in values)
+
+
+def _short(value: float) -> str:
+    """Compact lambdas and learning rates: 1e-4 rather than 0.0001."""
+    if value and abs(value) < 0.01:
+        mantissa, _, exponent = f"{value:.2e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.3g}"
+
+
+def table_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
+    """The runs as short display strings, for a terminal table (local time, 4-digit accuracy)."""
+    rows = []
+    for record in frame.to_dict(orient="records"):
+        epochs = _integer(record["epochs"])
+        final = _integer(record["final_epochs"])
+        rows.append(
+            {
+                "started": _local_time(record["start_time"]),
+                "dataset": record["dataset"] or "-",
+                "hidden": _joined(record["hidden_sizes"], ",") or "-",
+                "optimizer": record["optimizer"] or "-",
+                "lr": "-" if _missing(record["lr"]) else _short(record["lr"]),
+                "epochs": epochs if final in ("-", epochs) else f"{epochs}/{final}",
+                "folds": _integer(record["folds"]),
+                "λ tried": _joined(record["lambdas"], ",", short=True) or "-",
+                "best λ": "-" if _missing(record["best_lambda"]) else _short(record["best_lambda"]),
+                "CV acc": _number(record["cv_accuracy"], "{:.4f}"),
+                "test acc": _number(record["test_accuracy"], "{:.4f}"),
+                "flow run": record["prefect_flow_run"] or "-",
+                "took": _duration(record["duration_seconds"]),
+                "status": record["status"],
+            }
+        )
+    return rows
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _number(value: Any, template: str = "{:g}") -> str:
+    return "-" if _missing(value) else template.format(value)
+
+
+def _integer(value: Any) -> str:
+    return "-" if _missing(value) else str(int(value))
+
+
+def _duration(seconds: Any) -> str:
+    if _missing(seconds):
+        return "-"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _local_time(timestamp: Any) -> str:
+    if timestamp is None or pd.isna(timestamp):
+        return "-"
+    local_zone = datetime.datetime.now().astimezone().tzinfo
+    return timestamp.tz_convert(local_zone).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,276 @@
+"""Deployments end to end: a real ``prefect server``, ``mlp-pipeline serve``, ``trigger``.
+
+One Prefect server and one ``serve`` process for the module (they are the slow part); the tests
+run in file order against them: a scheduled run, a triggered run, ``prefect deployment run``,
+the one-line errors, and finally SIGTERM to ``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+EXPERIMENT = "deployments-test"
+SCHEDULE_SECONDS = 20
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_group(process: subprocess.Popen, timeout: float = 30) -> int | None:
+    """SIGTERM the process and its children (its own session), SIGKILL what is left."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent
+    return process.wait(timeout=10)
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 180):
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {result.stderr!r}"
+    assert lines[0].startswith("error: "), lines
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def _parent_runs(tracking_uri: str) -> list:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")
+
+
+def _run_of_flow_run(tracking_uri: str, flow_run_id: str):
+    runs = [
+        r
+        for r in _parent_runs(tracking_uri)
+        if r.data.tags.get("prefect.flow_run_id") == flow_run_id
+    ]
+    assert len(runs) == 1, f"MLflow parent runs of flow run {flow_run_id}: {runs}"
+    return runs[0]
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deployments")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(workdir: Path) -> Iterator[str]:
+    """A real ``prefect server start`` on a free port with its own PREFECT_HOME."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = (workdir / "server.log").open("w")
+    server = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
+        env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (workdir / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json() is True:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "prefect server not healthy within 120 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop_group(server)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def env(prefect_server: str, workdir: Path) -> dict[str, str]:
+    """The environment of every client: the server's API, quiet, fast runner polling."""
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_HOME": str(workdir / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",  # default 10 s: runs would wait for the poll
+    }
+
+
+@pytest.fixture(scope="module")
+def tracking_store(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def serve(env: dict[str, str], workdir: Path, tracking_store: str) -> Iterator[subprocess.Popen]:
+    """``mlp-pipeline serve`` of a tiny config, every 20 s; relative cache path on purpose."""
+    args = [
+        "serve", "--interval", str(SCHEDULE_SECONDS), "--preset", "quick",
+        "--set", "training.epochs=1", "--set", "execution.runner=thread",
+        "--set", "execution.workers=1", "--set", "execution.cache_dir=cache",
+        "--set", f"tracking.tracking_uri={tracking_store}",
+        "--set", f"tracking.experiment={EXPERIMENT}", "--set", "tracking.registered_model=null",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield process
+    finally:
+        _stop_group(process, timeout=60)
+
+
+def _deployment(api: str, name: str) -> dict:
+    response = httpx.get(f"{api}/deployments/name/mlp-pipeline/{name}", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_scheduled_run_reaches_mlflow(serve, prefect_server, tracking_store, workdir):
+    deadline = time.monotonic() + 150
+    finished = []
+    while not finished:
+        assert serve.poll() is None, f"serve ended: {serve.communicate()}"
+        assert time.monotonic() < deadline, "no scheduled run finished within 150 s"
+        time.sleep(2)
+        finished = [r for r in _parent_runs(tracking_store) if r.info.status == "FINISHED"]
+    run = finished[0]
+    flow_run_id = run.data.tags.get("prefect.flow_run_id")
+    flow_run = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}", timeout=10).json()
+    scheduled = _deployment(prefect_server, "scheduled")
+    # Free the 2 cores for the next tests: pausing deletes the runs scheduled ahead.
+    httpx.post(f"{prefect_server}/deployments/{scheduled['id']}/pause_deployment", timeout=10)
+
+    assert flow_run["deployment_id"] == scheduled["id"], flow_run
+    assert flow_run["state_type"] == "COMPLETED", flow_run["state_type"]
+    assert 0 < run.data.metrics["test_accuracy"] <= 1, run.data.metrics
+    assert run.data.params["training.epochs"] == "1", run.data.params
+    # The relative cache dir was made absolute when serving (serve's cwd is workdir).
+    assert run.data.params["execution.cache_dir"] == str(workdir / "cache"), run.data.params
+
+
+def test_trigger_wait_prints_run_and_accuracy(serve, env, workdir, tracking_store):
+    result = _cli(
+        ["trigger", "--deployment", "on-demand", "--set", "training.epochs=2", "--wait"],
+        env, workdir,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "state: Completed" in result.stdout, result.stdout
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", result.stdout)
+    accuracy = re.search(r"test accuracy (\d\.\d{4})", result.stdout)
+    assert run_id and accuracy, result.stdout
+    run = MlflowClient(tracking_uri=tracking_store).get_run(run_id.group(1))
+    assert run.data.params["training.epochs"] == "2", run.data.params
+    assert run.data.metrics["test_accuracy"] == pytest.approx(float(accuracy.group(1)), abs=1e-4)
+
+
+def test_prefect_deployment_run_with_whole_config(
+    serve, env, workdir, prefect_server, tracking_store
+):
+    config = _deployment(prefect_server, "on-demand")["parameters"]["config"]
+    config["training"]["epochs"] = 3
+    result = subprocess.run(
+        [PREFECT, "deployment", "run", "mlp-pipeline/on-demand",
+         "--param", f"config={json.dumps(config)}", "--watch", "--watch-interval", "2",
+         "--watch-timeout", "170"],
+        env=env, cwd=workdir, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    flow_run_id = UUID.search(result.stdout)
+    assert flow_run_id, result.stdout
+    run = _run_of_flow_run(tracking_store, flow_run_id.group(0))
+    assert run.data.params["training.epochs"] == "3", run.data.params
+    assert "test_accuracy" in run.data.metrics, run.data.metrics
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--deployment", "nightly"], "unknown deployment 'mlp-pipeline/nightly'"),
+        (["--set", "training.epochs=0"], "training.epochs"),
+        (["--set", "training.epochz=3"], "unknown setting 'training.epochz'"),
+    ],
+)
+def test_trigger_errors_are_one_line(serve, env, workdir, args, expected):
+    result = _cli(["trigger", *args], env, workdir, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert expected in _one_error_line(result)
+
+
+def test_trigger_without_server_fails_fast(workdir):
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    started = time.monotonic()
+    result = _cli(["trigger"], env, workdir, timeout=60)
+    seconds = time.monotonic() - started
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no Prefect server answers" in _one_error_line(result)
+    assert seconds < 30, f"took {seconds:.1f} s"
+
+
+def test_serve_without_api_url_exits_2(workdir):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = _cli(["serve", "--interval", "60", "--preset", "quick"], env, workdir, timeout=60)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    line = _one_error_line(result)
+    assert "PREFECT_API_URL" in line and "prefect server start --host 127.0.0.1" in line, line
+
+
+def test_serve_stops_cleanly_on_sigterm(serve):
+    assert serve.poll() is None, "serve ended before SIGTERM"
+    serve.send_signal(signal.SIGTERM)
+    stdout, stderr = serve.communicate(timeout=90)
+
+    assert serve.returncode in (0, 130), f"exit {serve.returncode}: {stderr[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "serving mlp-pipeline/scheduled (every 20 s)" in stdout, stdout

@@ -1,0 +1,147 @@
+"""Numerical and process faults injected for real: divergence, a worker killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.pipeline_flow import cv_flow
+from pipeline.config import build_config
+from pipeline.errors import PipelineError
+
+pytestmark = pytest.mark.slow
+
+
+def sample_config(tmp_path: Path, tracking_uri: str, **extra):
+    overrides = {
+        "data.dataset": "mnist-sample",
+        "model.hidden_sizes": [32],
+        "training.epochs": 2,
+        "training.lr": 0.1,
+        "cv.folds": 2,
+        "execution.runner": "thread",
+        "execution.workers": 2,
+        "execution.cache_dir": str(tmp_path / "cache"),
+        "tracking.tracking_uri": tracking_uri,
+        "tracking.experiment": "faults",
+    }
+    overrides.update(extra)
+    return build_config(overrides=overrides)
+
+
+def test_diverged_lambda_is_recorded_and_left_out(prefect_api_url, tmp_path, tracking_uri):
+    # lr * lambda = 5 makes the weight decay step itself explode: lambda 50 diverges.
+    config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [1e-4, 50.0]})
+
+    summary = cv_flow(config)
+
+    table = pd.DataFrame(summary["cv_table"]).set_index("l2_lambda")
+    assert summary["best_l2_lambda"] == 1e-4, summary
+    assert table.loc[50.0, "diverged_folds"] == 2, table
+    assert pd.isna(table.loc[50.0, "mean_val_accuracy"]), table
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("faults")
+    diverged = client.search_runs([experiment.experiment_id], "tags.diverged = 'true'")
+    assert sorted(float(r.data.params["l2_lambda"]) for r in diverged) == [50.0, 50.0]
+    assert all(r.info.status == "FINISHED" for r in diverged)
+
+
+def test_every_lambda_diverging_fails_with_advice(prefect_api_url, tmp_path, tracking_uri):
+    config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [50.0, 100.0]})
+
+    with pytest.raises(PipelineError, match="smaller training.lr"):
+        cv_flow(config)
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("faults")
+    parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
+    assert parent.info.status == "FAILED", parent.info
+    assert "diverged" in parent.data.tags.get("error", ""), parent.data.tags
+
+
+def _finished_cv_runs(client: MlflowClient) -> int:
+    experiment = client.get_experiment_by_name("faults")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'")
+    return sum(run.info.status == "FINISHED" for run in runs)
+
+
+def _pool_workers(pid: int) -> list[int]:
+    """The process-pool workers spawned by ``pid`` (not its resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name (field 2) may contain spaces.
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_worker_killed_mid_sweep_is_retried(
+    prefect_api_url, tmp_path, tracking_uri, shared_data_dir
+):
+    args = [
+        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "30000",
+        "--hidden", "64", "--epochs", "3", "--lambdas", "1e-4,1e-3,1e-2", "--folds", "2",
+        "--runner", "process", "--workers", "2", "--tracking-uri", tracking_uri,
+        "--experiment", "faults", "--no-progress",
+        "--set", f"execution.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    pipeline = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Wait until the sweep is under way (a first fold recorded), then SIGKILL a pool worker.
+    client = MlflowClient(tracking_uri=tracking_uri)
+    deadline = time.monotonic() + 180
+    while not _finished_cv_runs(client):
+        assert pipeline.poll() is None, pipeline.communicate()
+        assert time.monotonic() < deadline, "no fold finished in time"
+        time.sleep(0.2)
+    workers = _pool_workers(pipeline.pid)
+    assert workers, "no worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = pipeline.communicate(timeout=600)
+
+    assert pipeline.returncode == 0, stderr[-3000:]
+    assert "worker pool restarted 1 time" in stdout, stdout + stderr[-3000:]
+    experiment = client.get_experiment_by_name("faults")
+    cv_runs = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'", max_results=50)
+    pairs = sorted((float(r.data.params["l2_lambda"]), int(r.data.params["fold"])) for r in cv_runs)
+    assert pairs == sorted((lam, f) for lam in (1e-4, 1e-3, 1e-2) for f in (0, 1)), pairs
+    parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
+    assert parent.info.status == "FINISHED"
+
+    # The same sweep without a fault (a fresh cache: it really trains) gives the same table.
+    reference = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args[:-1], f"execution.cache_dir={tmp_path / 'ref'}",
+         "--runner", "thread"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    table_of = {}
+    for run in client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'"):
+        artifact = client.download_artifacts(run.info.run_id, "cv_results.csv", str(tmp_path))
+        table_of[run.data.params["execution.runner"]] = pd.read_csv(artifact)
+    pd.testing.assert_frame_equal(table_of["process"], table_of["thread"])
