@@ -7,12 +7,15 @@ set) and rich progress bars.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from mlp import MLPError
 from pipeline.cli import (
     Activation,
     BatchSize,
@@ -38,6 +41,7 @@ from pipeline.cli import (
     ui_command,
 )
 from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
 
 __all__ = ["app", "main"]
 
@@ -65,11 +69,46 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _terminate)
-    from flows.pipeline_flow import cv_flow, mlp_pipeline
+    from flows.pipeline_flow import cv_flow, load_data_checked, mlp_pipeline
+    from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
+
+    # Fail on bad data or an unreachable store here, with one line, before Prefect starts: the
+    # dataset is memoized, so the flow's own load costs nothing more.
+    load_data_checked(cfg)
+    check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    _hide_known_failures_on_console()
 
     flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
     with prefect_api(), reporting(ConsoleReporter(enabled=progress)):
         return flow_fn(cfg)
+
+
+class _KnownFailureFilter(logging.Filter):
+    """Keep Prefect's console free of tracebacks for failures the CLI reports in one line.
+
+    The records still reach the Prefect API (its UI shows them); ``MLP_PIPELINE_DEBUG=1``
+    keeps them on the console too.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, PipelineError | MLPError):
+            return False
+        message = record.getMessage()
+        return not (record.levelno >= logging.ERROR and message.startswith("Finished in state"))
+
+
+def _hide_known_failures_on_console() -> None:
+    if os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}:
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _KnownFailureFilter) for f in handler.filters
+            ):
+                handler.addFilter(_KnownFailureFilter())
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:

@@ -176,14 +176,14 @@ def build_deployments(
 
 def _check_cron(expression: str) -> None:
     from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
 
     try:
         CronSchedule(cron=expression)
-    except ValueError as exc:
-        message = str(exc).splitlines()
-        detail = message[-1].strip() if message else "invalid"
+    except ValidationError:
         raise ConfigError(
-            f"--cron {expression!r} is not a valid cron expression ({detail})"
+            f"--cron {expression!r} is not a valid cron expression "
+            "(five fields: minute hour day-of-month month day-of-week, e.g. '0 2 * * *')"
         ) from None
 
 

@@ -23,6 +23,7 @@ from pipeline.data import Dataset
 from pipeline.errors import PipelineError
 from pipeline.folds import make_folds
 from pipeline.progress import reporter
+from pipeline.recording import ResilientRecorder, report_folder
 from pipeline.resources import cpu_count, set_blas_threads
 from pipeline.results import FoldResult
 from pipeline.selection import cv_table, select_lambda
@@ -40,7 +41,7 @@ class Sweep:
     worker_restarts: int
 
 
-def _load_data(config: PipelineConfig) -> Dataset:
+def load_data_checked(config: PipelineConfig) -> Dataset:
     """Load, verify and subset the dataset; check the folds fit it before any training."""
     dataset = load_configured_dataset(config.data)
     cv = config.cv
@@ -48,14 +49,14 @@ def _load_data(config: PipelineConfig) -> Dataset:
     return dataset
 
 
-load_data = step(_load_data, name="load_data")
+load_data = step(load_data_checked, name="load_data")
 cv_table_task = step(cv_table, name="cv_table")
 select_lambda_task = step(select_lambda, name="select_lambda")
 train_final_task = step(train_final, name="train_final")
 evaluate_task = step(predict_test, name="evaluate")
 
 
-def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: PipelineRecorder) -> Sweep:
+def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: ResilientRecorder) -> Sweep:
     """Submit ``train_fold`` for every (lambda, fold) and record each result as it arrives.
 
     A worker process that dies breaks its whole pool and bypasses Prefect's retries, so the
@@ -110,6 +111,22 @@ def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: PipelineRecord
     return Sweep(results, trained, cached, restarts)
 
 
+def _recorder(config: PipelineConfig) -> ResilientRecorder:
+    return ResilientRecorder(PipelineRecorder(config.tracking))
+
+
+def _finish_offline(
+    recorder: ResilientRecorder, config: PipelineConfig, summary: dict[str, Any], final: Any = None
+) -> dict[str, Any]:
+    """Return the summary, or, if MLflow stayed away, save a local report and fail loudly."""
+    if not recorder.offline:
+        return summary
+    folder = recorder.write_report(
+        report_folder(config.execution.cache_dir, flow_run.get_name()), summary, final
+    )
+    raise recorder.not_recorded(folder)
+
+
 def _flow_tags() -> dict[str, str]:
     return {
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
@@ -122,7 +139,7 @@ def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noq
     """Cross-validate every lambda and record the CV table (no final model)."""
     started = time.perf_counter()
     dataset = load_data(config)
-    with PipelineRecorder(config.tracking) as recorder:
+    with _recorder(config) as recorder:
         parent = recorder.start(
             config, dataset.name, dataset.fingerprint, tags={**_flow_tags(), "flow": "cv"}
         )
@@ -132,7 +149,7 @@ def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noq
         recorder.log_cv_summary(table, best)
         wall = time.perf_counter() - started
         recorder.log_metrics_summary(wall)
-    return {
+    summary = {
         "mlflow_run_id": parent,
         "best_l2_lambda": best,
         "cv_table": table.to_dict(orient="records"),
@@ -141,6 +158,7 @@ def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noq
         "worker_restarts": sweep.worker_restarts,
         "wall_seconds": wall,
     }
+    return _finish_offline(recorder, config, summary)
 
 
 @flow(name="mlp-pipeline", log_prints=False)
@@ -149,7 +167,7 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
     started = time.perf_counter()
     logger = get_run_logger()
     dataset = load_data(config)
-    with PipelineRecorder(config.tracking) as recorder:
+    with _recorder(config) as recorder:
         parent = recorder.start(
             config,
             dataset.name,
@@ -181,17 +199,18 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
         )
         wall = time.perf_counter() - started
         recorder.log_metrics_summary(wall)
-    return {
+    summary = {
         "mlflow_run_id": parent,
         "best_l2_lambda": best,
         "cv_table": table.to_dict(orient="records"),
         "test_accuracy": evaluation.accuracy,
         "test_loss": evaluation.loss,
-        "model_uri": record.model_uri,
-        "registered_version": record.registered_version,
-        "champion": record.champion,
+        "model_uri": record.model_uri if record else None,
+        "registered_version": record.registered_version if record else None,
+        "champion": record.champion if record else False,
         "trained_folds": sweep.trained,
         "cached_folds": sweep.cached,
         "worker_restarts": sweep.worker_restarts,
         "wall_seconds": wall,
     }
+    return _finish_offline(recorder, config, summary, final)

@@ -92,6 +92,11 @@ def load(path: str | os.PathLike, expected_architecture: dict | None = None):
     if not path.is_file():
         raise fail("no such file")
     try:
+        with path.open("rb") as fh:
+            head = fh.read(6)
+        # np.load reads anything that is neither zip nor .npy as a pickle: say what it really is.
+        if not head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+            raise fail("not a readable .npz archive (no zip signature)")
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise fail("not an .npz archive (a single .npy array)")

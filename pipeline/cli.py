@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         err.print(f"error: {_one_line(str(exc))}", markup=False)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err.print("error: interrupted")
         sys.exit(130)

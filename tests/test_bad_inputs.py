@@ -8,10 +8,11 @@ Each case must end in ONE clear error naming the problem, of the project's own t
 - nothing half-written: no MLflow store for a bad config, no store / cache / RUNNING run for a
   data error.
 
-:data:`BAD_INPUT_CASES` lists the id of every case (one per bad input and entry point), so a
-reliability script can report "bad inputs tried / handled cleanly" from a run of
-``pytest -m reliability tests/test_bad_inputs.py``: each case id appears in its test's node id.
-Cases marked ``xfail(strict=True)`` are known gaps (see their reason).
+:data:`BAD_INPUT_CASES` lists every case (one per bad input and entry point) as the end of its
+pytest node id (``test_name[param-id]``), so a reliability script can report "bad inputs tried /
+handled cleanly": tried = ``len(BAD_INPUT_CASES)``, handled = those whose test passed in a run of
+``pytest -m reliability tests/test_bad_inputs.py``. Cases marked ``xfail(strict=True)`` are
+known gaps, not handled cleanly (see their reason); the slow flow case needs ``-m slow``.
 
 Tests run as root, so "no read permission" is simulated by making ``open`` raise
 ``PermissionError`` in the module that reads the file (as tests/pipeline/test_data.py and
@@ -54,9 +55,9 @@ IMAGES, LABELS = FILE_NAMES["train_images"], FILE_NAMES["train_labels"]
 BAD_INPUT_CASES: list[str] = []
 
 
-def _cases(prefix: str, ids: list[str]) -> list[str]:
-    BAD_INPUT_CASES.extend(f"{prefix}:{case}" for case in ids)
-    return ids
+def _cases(test: str, ids: list[str] | None = None) -> None:
+    """Record the cases of ``test``: ``test[id]`` per parameter id, or ``test`` alone."""
+    BAD_INPUT_CASES.extend([test] if ids is None else [f"{test}[{case}]" for case in ids])
 
 
 # ============================================================================ helpers
@@ -70,8 +71,12 @@ def _isolated(monkeypatch, tmp_path):
     """
     import logging
 
-    for name in (DATA_DIR_ENV, MIRRORS_ENV, "MLFLOW_TRACKING_URI", "MLP_PIPELINE_DEBUG"):
+    for name in ("MLFLOW_TRACKING_URI", "MLP_PIPELINE_DEBUG"):
         monkeypatch.delenv(name, raising=False)
+    # Should a bad input slip through, it finds no data and cannot download any (port 9 refuses).
+    (tmp_path / "no-data").mkdir()
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "no-data"))
+    monkeypatch.setenv(MIRRORS_ENV, "http://127.0.0.1:9/")
     monkeypatch.chdir(tmp_path)
     saved_env = dict(os.environ)
     logger = logging.getLogger("mlflow")
@@ -213,8 +218,8 @@ DATA_FILE_CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("directory-instead-of-file", _directory_instead, "is a directory"),
     ("missing-file", _delete_labels, "not found"),
 ]  # fmt: skip
-_cases("data-api", [c[0] for c in DATA_FILE_CASES])
-_cases("data-cli", [c[0] for c in DATA_FILE_CASES])
+_cases("test_bad_data_file_raises_data_error", [c[0] for c in DATA_FILE_CASES])
+_cases("test_bad_data_file_cli_exits_2_and_writes_nothing", [c[0] for c in DATA_FILE_CASES])
 
 
 @pytest.mark.parametrize(
@@ -253,7 +258,38 @@ def test_bad_data_file_cli_exits_2_and_writes_nothing(tmp_path, capsys, mutate, 
     _assert_nothing_written(tmp_path)
 
 
-_cases("data-api", ["no-read-permission-simulated"])
+VERIFY_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
+    ("checksum-mismatch", lambda folder: None, [], "do not match their canonical checksum"),
+    ("truncated-header", _edit(LABELS, lambda b: b[:3]), [], "truncated IDX header"),
+    ("directory-instead-of-file", _directory_instead, [], "is a directory"),
+    ("missing-file", _delete_labels, [], "not found"),
+    ("unknown-dataset", lambda folder: None, ["--dataset", "cifar10"], "unknown dataset"),
+]
+_cases("test_data_verify_on_bad_files_exits_2", [c[0] for c in VERIFY_CASES])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "extra", "fragment"), [c[1:] for c in VERIFY_CASES], ids=[c[0] for c in VERIFY_CASES]
+)
+def test_data_verify_on_bad_files_exits_2(tmp_path, capsys, mutate, extra, fragment):
+    # Arrange
+    mutate(_fake_mnist(tmp_path / "data"))
+    argv = [
+        "data",
+        "verify",
+        "--data-dir",
+        str(tmp_path / "data"),
+        *(extra or ["--dataset", "mnist"]),
+    ]
+
+    # Act
+    code, out, err = _invoke(argv, capsys)
+
+    # Assert: the table of hashes may go to stdout; stderr holds the one error line.
+    _assert_cli_error(code, err, fragment)
+
+
+_cases("test_unreadable_data_file_simulated_as_root")
 
 
 def test_unreadable_data_file_simulated_as_root(tmp_path, monkeypatch):
@@ -274,7 +310,7 @@ def test_unreadable_data_file_simulated_as_root(tmp_path, monkeypatch):
     assert "train-images-idx3-ubyte" in str(info.value), f"name the file: {info.value}"
 
 
-_cases("idx-api", ["gz-name-on-raw-file-loads", "gzip-content-without-gz-name-loads"])
+_cases("test_compression_is_sniffed_not_named", ["raw-named-gz", "gzip-named-raw"])
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["raw-named-gz", "gzip-named-raw"])
@@ -293,7 +329,13 @@ def test_compression_is_sniffed_not_named(tmp_path, compress):
     assert info.compressed is compress, f"compression sniffed as {info.compressed}"
 
 
-_cases("data-api", ["unknown-dataset-name", "data-dir-is-a-file", "limit-zero", "limit-bool"])
+BAD_DATASET_ARGUMENT_IDS = [
+    "unknown-dataset-name",
+    "data-dir-is-a-file",
+    "limit-zero",
+    "limit-bool",
+]
+_cases("test_bad_dataset_arguments", BAD_DATASET_ARGUMENT_IDS)
 
 
 @pytest.mark.parametrize(
@@ -304,7 +346,7 @@ _cases("data-api", ["unknown-dataset-name", "data-dir-is-a-file", "limit-zero", 
         (lambda tmp: load_dataset("mnist-sample").limit(0, None), ConfigError, "limit_train"),
         (lambda tmp: load_dataset("mnist-sample").limit(None, True), ConfigError, "limit_test"),
     ],
-    ids=["unknown-dataset-name", "data-dir-is-a-file", "limit-zero", "limit-bool"],
+    ids=BAD_DATASET_ARGUMENT_IDS,
 )
 def test_bad_dataset_arguments(tmp_path, call, error, fragment):
     with pytest.raises(error, match=fragment):
@@ -332,7 +374,7 @@ SAMPLE_CASES = [
     ("pickled-object", lambda a: {**a, "X_train": np.array([{"x": 1}], dtype=object)},
      "cannot read"),
 ]  # fmt: skip
-_cases("sample-api", [c[0] for c in SAMPLE_CASES])
+_cases("test_tampered_sample_bundle", [c[0] for c in SAMPLE_CASES])
 
 
 @pytest.mark.parametrize(
@@ -394,9 +436,9 @@ CONFIG_VALUE_IDS = [f"{key}={json.dumps(value)}" for key, value in CONFIG_VALUE_
 # TOML has no null: the None values go through the API and --set only.
 TOML_CASES = [(key, value) for key, value in CONFIG_VALUE_CASES if value is not None]
 TOML_IDS = [f"{key}={json.dumps(value)}" for key, value in TOML_CASES]
-_cases("config-api", CONFIG_VALUE_IDS)
-_cases("config-toml", TOML_IDS)
-_cases("config-set", CONFIG_VALUE_IDS)
+_cases("test_bad_config_value_through_the_api_is_config_error", CONFIG_VALUE_IDS)
+_cases("test_bad_config_value_in_toml_is_config_error", TOML_IDS)
+_cases("test_bad_config_value_on_the_command_line_exits_2_and_writes_nothing", CONFIG_VALUE_IDS)
 
 
 def _toml_value(value: Any) -> str:
@@ -456,7 +498,7 @@ def test_bad_config_value_on_the_command_line_exits_2_and_writes_nothing(
     # --set tracking.tracking_uri); it must not even be created.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri(tmp_path))
     raw = value if isinstance(value, str) and value else json.dumps(value)  # None -> null
-    argv = ["train", "--dataset", "mnist-sample", "--no-progress", "--set", f"{key}={raw}"]
+    argv = ["train", "--no-progress", "--set", f"{key}={raw}"]
 
     # Act
     code, out, err = _invoke(argv, capsys)
@@ -495,15 +537,15 @@ TOML_FILE_CASES: list[tuple[str, Callable[..., Path], str]] = [
     ("unknown-key", lambda t, m: _write(t, "[training]\nepochz = 3\n"), "'training.epochz'"),
     ("unknown-top-level-key", lambda t, m: _write(t, "epochs = 3\n"), "'epochs'"),
     ("section-not-a-table", lambda t, m: _write(t, "training = 5\n"), "'training'"),
-    ("nested-too-deep", lambda t, m: _write(t, "[training.lr]\nx = 1\n"), "'training.lr'"),
+    ("nested-too-deep", lambda t, m: _write(t, "[training.lr]\nx = 1\n"), "training.lr"),
     ("preset-not-a-string", lambda t, m: _write(t, "preset = 3\n"), "preset must be a string"),
     ("unknown-preset", lambda t, m: _write(t, 'preset = "fast"\n'), "unknown preset 'fast'"),
     ("dask-address-without-dask",
      lambda t, m: _write(t, '[execution]\nrunner = "thread"\ndask_address = "tcp://h:1"\n'),
      "dask_address"),
 ]  # fmt: skip
-_cases("toml-api", [c[0] for c in TOML_FILE_CASES])
-_cases("toml-cli", [c[0] for c in TOML_FILE_CASES])
+_cases("test_bad_config_file_is_config_error", [c[0] for c in TOML_FILE_CASES])
+_cases("test_bad_config_file_cli_exits_2_and_writes_nothing", [c[0] for c in TOML_FILE_CASES])
 
 
 def _bytes(tmp: Path, content: bytes) -> Path:
@@ -587,7 +629,7 @@ FLAG_CASES: list[tuple[str, list[str], str]] = [
     ("evaluate-without-model", ["evaluate"], "--model"),
     ("unknown-command", ["fly"], "fly"),
 ]  # fmt: skip
-_cases("flags-cli", [c[0] for c in FLAG_CASES])
+_cases("test_bad_flag_exits_2_and_writes_nothing", [c[0] for c in FLAG_CASES])
 
 
 @pytest.mark.parametrize(
@@ -608,7 +650,7 @@ def test_bad_flag_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, argv
     _assert_nothing_written(tmp_path)
 
 
-_cases("config-api", ["folds-more-than-samples"])
+_cases("test_folds_more_than_training_samples_fail_before_training")
 
 
 def test_folds_more_than_training_samples_fail_before_training():
@@ -689,15 +731,15 @@ MODEL_FILE_CASES: list[tuple[str, Callable[[Path], Path], str]] = [
      "architecture"),
     ("activation-unknown",
      _resave(_meta_edit(lambda m: m["architecture"].update(activation="gelu"))), "gelu"),
-    ("not-a-zip", _raw(lambda tmp: b"this is not an npz archive at all"), "not a readable"),
+    ("not-a-zip", _raw(lambda tmp: b"this is not an npz archive at all"), "no zip signature"),
     ("truncated-zip", _raw(lambda tmp: (_tiny_net().save(tmp / "g.npz")).read_bytes()[:200]),
      "not a readable"),
-    ("empty-file", _raw(lambda tmp: b""), "not a readable"),
+    ("empty-file", _raw(lambda tmp: b""), "no zip signature"),
     ("single-npy", _npy, "not an .npz archive"),
     ("nonexistent", lambda tmp: tmp / "nope.npz", "no such file"),
     ("directory", lambda tmp: tmp, "no such file"),
 ]  # fmt: skip
-_cases("model-file-api", [c[0] for c in MODEL_FILE_CASES])
+_cases("test_tampered_model_file_is_model_file_error", [c[0] for c in MODEL_FILE_CASES])
 
 
 @pytest.mark.parametrize(
@@ -735,7 +777,7 @@ MODEL_URI_CASES = [
     ("unknown-model-version", "models:/nope/3", "nope"),
     ("plain-path-missing", "no/such/model", "no/such/model"),
 ]
-_cases("model-uri-cli", [c[0] for c in MODEL_URI_CASES])
+_cases("test_unknown_model_uri_exits_2_and_creates_no_run", [c[0] for c in MODEL_URI_CASES])
 
 
 @pytest.mark.parametrize(
@@ -760,7 +802,7 @@ def test_unknown_model_uri_exits_2_and_creates_no_run(capsys, empty_store, uri, 
     assert runs == [], f"evaluate of a missing model wrote runs: {runs}"
 
 
-_cases("model-uri-cli", ["tracking-server-unreachable"])
+_cases("test_unreachable_tracking_server_exits_2")
 
 
 def test_unreachable_tracking_server_exits_2(capsys):
@@ -785,7 +827,7 @@ PREDICT_INPUTS: list[tuple[str, Callable[[], Any], str]] = [
     ("inf", lambda: np.r_[np.zeros((1, 784)), np.full((1, 784), np.inf)].astype(np.float32),
      "NaN or infinite"),
 ]  # fmt: skip
-_cases("mlp-predict", [c[0] for c in PREDICT_INPUTS])
+_cases("test_mlp_predict_rejects_bad_input", [c[0] for c in PREDICT_INPUTS])
 
 
 @pytest.fixture(scope="module")
@@ -806,7 +848,7 @@ PIXEL_INPUTS = [
     ("negative-pixels", lambda: np.full((2, 784), -1, np.float32), "[0, 255]"),
     ("pixels-above-255", lambda: np.full((2, 784), 256, np.float32), "[0, 255]"),
 ]
-_cases("pyfunc-wrapper", [c[0] for c in PIXEL_INPUTS])
+_cases("test_pyfunc_predict_rejects_bad_pixels", [c[0] for c in PIXEL_INPUTS])
 
 
 @pytest.fixture(scope="module")
@@ -875,7 +917,7 @@ LOGGED_INPUTS = [
     pytest.param(lambda: np.zeros((2, 784), np.float64), "dtype", id="float64",
                  marks=_SIGNATURE_GAP),
 ]  # fmt: skip
-_cases("pyfunc-logged", [p.id for p in LOGGED_INPUTS])
+_cases("test_logged_pyfunc_rejects_bad_pixels_with_project_error", [p.id for p in LOGGED_INPUTS])
 
 
 @pytest.mark.parametrize(("make", "fragment"), LOGGED_INPUTS)
@@ -903,7 +945,7 @@ ENGINE_CASES: list[tuple[str, Callable[[], Any], str]] = [
     ("fit-X-nan", lambda: _fit(X=np.full((8, 6), np.nan)), "NaN"),
     ("fit-l2-negative", lambda: _fit(l2=-1.0), "l2"),
 ]
-_cases("mlp-api", [c[0] for c in ENGINE_CASES])
+_cases("test_engine_rejects_bad_arguments", [c[0] for c in ENGINE_CASES])
 
 
 def _fit(*, X=None, y=None, **kwargs):
@@ -922,7 +964,7 @@ def test_engine_rejects_bad_arguments(call, fragment):
 
 # ============================================================================ the whole flow
 
-_cases("flow-cli", ["run-corrupt-data-with-tracking"])
+_cases("test_run_on_corrupt_data_exits_2_and_leaves_no_running_run")
 
 
 @pytest.mark.slow
@@ -957,3 +999,11 @@ def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(
             assert run.info.status == "FAILED" and run.data.tags.get("error"), (
                 f"a run of a failed command must be FAILED with an error tag: {run.info}"
             )
+
+
+# ============================================================================ the catalogue
+
+
+def test_catalogue_has_at_least_40_distinct_cases():
+    assert len(set(BAD_INPUT_CASES)) == len(BAD_INPUT_CASES), "duplicate case ids"
+    assert len(BAD_INPUT_CASES) >= 40, f"only {len(BAD_INPUT_CASES)} bad inputs catalogued"

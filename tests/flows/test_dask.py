@@ -194,17 +194,19 @@ def test_local_cluster_matches_thread_runner(
     pd.testing.assert_frame_equal(table, thread_table)
 
 
-def _kill_a_busy_worker(client: distributed.Client, killed: list[int], stop: threading.Event):
-    """SIGKILL the process of the first worker seen training (the nanny then restarts it)."""
+def _kill_a_busy_worker(
+    client: distributed.Client, killed: dict[str, object], stop: threading.Event
+) -> None:
+    """SIGKILL the process of the first worker seen with a training (its nanny restarts it)."""
     pids = client.run(os.getpid)
     while not stop.is_set():
-        busy = [addr for addr, keys in client.processing().items() if keys]
+        busy = {addr: keys for addr, keys in client.processing().items() if keys}
         if busy:
-            time.sleep(0.5)  # well inside the training, not in its setup
-            os.kill(pids[busy[0]], signal.SIGKILL)
-            killed.append(pids[busy[0]])
+            addr, keys = next(iter(busy.items()))
+            os.kill(pids[addr], signal.SIGKILL)
+            killed.update(pid=pids[addr], keys=[str(key) for key in keys])
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def test_sweep_survives_a_killed_worker(
@@ -222,7 +224,7 @@ def test_sweep_survives_a_killed_worker(
             "execution.dask_address": dask_cluster,
         },
     )
-    killed: list[int] = []
+    killed: dict[str, object] = {}
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_busy_worker, args=(cluster_client, killed, stop))
     killer.start()
@@ -232,7 +234,10 @@ def test_sweep_survives_a_killed_worker(
         stop.set()
         killer.join(timeout=30)
     assert killed, "no worker was killed: the sweep finished before any training started"
+    assert any("train_fold" in key for key in killed["keys"]), killed
     assert sorted(table["l2_lambda"]) == lambdas, table
     assert (table["n_folds"] == FOLDS).all(), table
     assert summary["trained_folds"] == len(lambdas) * FOLDS, summary
+    # The nanny replaced the killed process: the module's cluster is whole again.
     cluster_client.wait_for_workers(N_WORKERS, timeout=60)
+    assert killed["pid"] not in cluster_client.run(os.getpid).values(), killed

@@ -173,20 +173,31 @@ def _deployment(api: str, name: str) -> dict:
 
 
 def test_scheduled_run_reaches_mlflow(serve, prefect_server, tracking_store, workdir):
-    deadline = time.monotonic() + 150
-    finished = []
-    while not finished:
-        assert serve.poll() is None, f"serve ended: {serve.communicate()}"
-        assert time.monotonic() < deadline, "no scheduled run finished within 150 s"
-        time.sleep(2)
-        finished = [r for r in _parent_runs(tracking_store) if r.info.status == "FINISHED"]
-    run = finished[0]
-    flow_run_id = run.data.tags.get("prefect.flow_run_id")
-    flow_run = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}", timeout=10).json()
     scheduled = _deployment(prefect_server, "scheduled")
-    # Free the 2 cores for the next tests: pausing deletes the runs scheduled ahead.
-    httpx.post(f"{prefect_server}/deployments/{scheduled['id']}/pause_deployment", timeout=10)
+    deadline = time.monotonic() + 150
+    runs = []
+    while not runs:
+        assert serve.poll() is None, f"serve ended: {serve.communicate()}"
+        assert time.monotonic() < deadline, "no scheduled run started within 150 s"
+        time.sleep(1)
+        runs = _parent_runs(tracking_store)
+    # The first run is under way: pause the schedule (which deletes the runs scheduled ahead) so
+    # the next tests have the 2 cores to themselves.
+    pause = f"{prefect_server}/deployments/{scheduled['id']}/pause_deployment"
+    httpx.post(pause, timeout=10).raise_for_status()
+    while runs[0].info.status == "RUNNING":
+        assert time.monotonic() < deadline, "the scheduled run did not finish within 150 s"
+        time.sleep(1)
+        runs = _parent_runs(tracking_store)
+    run = runs[0]
+    flow_run_id = run.data.tags.get("prefect.flow_run_id")
+    # The MLflow run ends inside the flow, a moment before Prefect marks the flow run final.
+    flow_run = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}", timeout=10).json()
+    while flow_run["state_type"] in ("PENDING", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(1)
+        flow_run = httpx.get(f"{prefect_server}/flow_runs/{flow_run_id}", timeout=10).json()
 
+    assert run.info.status == "FINISHED", run.info
     assert flow_run["deployment_id"] == scheduled["id"], flow_run
     assert flow_run["state_type"] == "COMPLETED", flow_run["state_type"]
     assert 0 < run.data.metrics["test_accuracy"] <= 1, run.data.metrics

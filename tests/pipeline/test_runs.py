@@ -1,0 +1,318 @@
+"""``mlp-pipeline runs``: parent runs of a real SQLite store listed side by side.
+
+The store is written once per module: one execution through the real
+:class:`~pipeline.tracking.PipelineRecorder` (so the listing follows what the pipeline really
+logs), plus hand-made parent runs with known start times, children and statuses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import preset
+from pipeline.errors import TrackingError
+from pipeline.results import FoldResult
+from pipeline.runs import COLUMNS, list_pipeline_runs, table_rows, to_csv, to_json
+from pipeline.selection import cv_table, select_lambda
+from pipeline.tracking import PipelineRecorder
+
+HAND = "hand-made"  # experiment of the hand-made runs
+EMPTY = "nothing-yet"
+T0 = 1_700_000_000_000  # ms since the epoch
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('runs-store') / 'mlflow.db'}"
+
+
+def _parent(client, experiment_id, *, start, minutes, status, params, metrics, tags) -> str:
+    run = client.create_run(
+        experiment_id, start_time=start, tags={"stage": "pipeline", "flow": "mlp-pipeline", **tags}
+    )
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.set_terminated(run_id, status, end_time=start + minutes * 60_000)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def hand_made(store_uri) -> dict[str, str]:
+    """Three executions (oldest FINISHED, a FAILED one, newest FINISHED) and their children."""
+    client = MlflowClient(tracking_uri=store_uri)
+    experiment_id = client.create_experiment(HAND)
+    client.create_experiment(EMPTY)
+    params = {
+        "dataset.name": "mnist",
+        "model.hidden_sizes": "[256, 128]",
+        "training.optimizer": "nesterov",
+        "training.lr": "0.05",
+        "training.epochs": "10",
+        "training.final_epochs": "None",
+        "cv.folds": "4",
+        "cv.lambdas": "[1e-05, 0.0001, 0.001]",
+    }
+    ids = {}
+    ids["old"] = _parent(
+        client, experiment_id, start=T0, minutes=3, status="FINISHED",
+        params=params,
+        metrics={"best_l2_lambda": 1e-4, "cv_best_mean_val_accuracy": 0.97,
+                 "test_accuracy": 0.975},
+        tags={"prefect.flow_run_name": "old-flow"},
+    )  # fmt: skip
+    ids["failed"] = _parent(
+        client, experiment_id, start=T0 + 3_600_000, minutes=1, status="FAILED",
+        params=params, metrics={}, tags={"prefect.flow_run_name": "failed-flow"},
+    )  # fmt: skip
+    ids["new"] = _parent(
+        client, experiment_id, start=T0 + 7_200_000, minutes=2, status="FINISHED",
+        params={**params, "training.optimizer": "adam", "training.final_epochs": "20"},
+        metrics={"best_l2_lambda": 1e-3, "cv_best_mean_val_accuracy": 0.98,
+                 "test_accuracy": 0.981},
+        tags={"prefect.flow_run_name": "new-flow"},
+    )  # fmt: skip
+    for parent in ids.values():  # children must never show up as executions
+        child = client.create_run(experiment_id, tags={"stage": "cv", "mlflow.parentRunId": parent})
+        client.log_metric(child.info.run_id, "test_accuracy", 0.5)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def recorded(store_uri) -> tuple[str, object]:
+    """A CV-only execution written by the real recorder (no final model: no test accuracy)."""
+    config = preset("quick").replace(
+        {"tracking.tracking_uri": store_uri, "tracking.experiment": "recorded"}
+    )
+    results = [
+        FoldResult(lam, fold, fold, 0.9 + lam, 0.3, 0.95, 0.2, 2, 0.5, {"epoch": [1, 2]})
+        for lam in config.cv.lambdas
+        for fold in range(config.cv.folds)
+    ]
+    with PipelineRecorder(config.tracking) as recorder:
+        run_id = recorder.start(config, "mnist-sample", "f" * 64, tags={"flow": "cv"})
+        for result in results:
+            recorder.log_fold(result)
+        table = cv_table(results)
+        recorder.log_cv_summary(table, select_lambda(table))
+    return run_id, config
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """main() quiets libraries through os.environ and the mlflow logger: undo that afterwards."""
+    saved_env = dict(os.environ)
+    mlflow_logger = logging.getLogger("mlflow")
+    saved_level = mlflow_logger.level
+    yield
+    os.environ.clear()
+    os.environ.update(saved_env)
+    mlflow_logger.setLevel(saved_level)
+
+
+def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ listing
+def test_parent_runs_newest_first_without_children(store_uri, hand_made):
+    frame = list_pipeline_runs(HAND, tracking_uri=store_uri)
+    expected = [hand_made["new"], hand_made["failed"], hand_made["old"]]
+    assert frame["run_id"].tolist() == expected, frame[["run_id", "start_time"]]
+    assert list(frame.columns) == [name for name, _ in COLUMNS]
+
+
+def test_values_are_typed(store_uri, hand_made):
+    frame = list_pipeline_runs(HAND, tracking_uri=store_uri).set_index("run_id")
+    new, failed = frame.loc[hand_made["new"]], frame.loc[hand_made["failed"]]
+    assert new["hidden_sizes"] == [256, 128], new["hidden_sizes"]
+    assert new["lambdas"] == [1e-5, 1e-4, 1e-3], new["lambdas"]
+    assert (new["optimizer"], new["lr"], new["epochs"], new["folds"]) == ("adam", 0.05, 10, 4)
+    assert new["final_epochs"] == 20, new["final_epochs"]
+    assert (new["best_lambda"], new["cv_accuracy"], new["test_accuracy"]) == (1e-3, 0.98, 0.981)
+    assert new["duration_seconds"] == pytest.approx(120.0), new["duration_seconds"]
+    assert new["start_time"] == pd.Timestamp(T0 + 7_200_000, unit="ms", tz="UTC")
+    assert (new["prefect_flow_run"], new["status"]) == ("new-flow", "FINISHED")
+    assert failed["status"] == "FAILED", failed
+    assert math.isnan(failed["test_accuracy"]) and math.isnan(failed["best_lambda"]), failed
+    assert pd.isna(frame.loc[hand_made["old"], "final_epochs"]), "None must become missing"
+
+
+def test_last_keeps_the_most_recent(store_uri, hand_made):
+    frame = list_pipeline_runs(HAND, tracking_uri=store_uri, last=2)
+    assert frame["run_id"].tolist() == [hand_made["new"], hand_made["failed"]], frame
+
+
+def test_lists_what_the_recorder_writes(store_uri, recorded):
+    run_id, config = recorded
+    frame = list_pipeline_runs("recorded", tracking_uri=store_uri)
+    assert frame["run_id"].tolist() == [run_id], frame
+    row = frame.iloc[0]
+    assert row["dataset"] == "mnist-sample" and row["flow"] == "cv", row
+    assert row["hidden_sizes"] == config.model.hidden_sizes, row["hidden_sizes"]
+    assert row["lambdas"] == config.cv.lambdas, row["lambdas"]
+    assert row["optimizer"] == config.training.optimizer, row["optimizer"]
+    assert row["lr"] == config.training.lr and row["epochs"] == config.training.epochs, row
+    assert row["folds"] == config.cv.folds, row
+    assert row["best_lambda"] == max(config.cv.lambdas), row  # 0.9 + lambda: largest wins
+    assert row["cv_accuracy"] == pytest.approx(0.9 + max(config.cv.lambdas)), row
+    assert math.isnan(row["test_accuracy"]), "a CV-only execution has no test accuracy"
+    assert row["status"] == "FINISHED", row
+
+
+def test_empty_experiment_gives_an_empty_frame(store_uri, hand_made):
+    frame = list_pipeline_runs(EMPTY, tracking_uri=store_uri)
+    assert frame.empty and list(frame.columns) == [name for name, _ in COLUMNS], frame
+
+
+def test_unknown_experiment_names_the_existing_ones(store_uri, hand_made):
+    with pytest.raises(TrackingError, match="no MLflow experiment 'nope'") as info:
+        list_pipeline_runs("nope", tracking_uri=store_uri)
+    assert HAND in str(info.value), str(info.value)
+
+
+def test_missing_sqlite_store_is_an_error_and_not_created(tmp_path):
+    database = tmp_path / "elsewhere" / "mlflow.db"
+    with pytest.raises(TrackingError, match="no MLflow store"):
+        list_pipeline_runs(tracking_uri=f"sqlite:///{database}")
+    assert not database.parent.exists(), "listing must not create a store"
+
+
+def test_default_store_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(TrackingError, match="no MLflow store"):
+        list_pipeline_runs()
+    assert not (tmp_path / "mlruns").exists(), "listing must not create ./mlruns"
+
+
+def test_unreachable_server_fails_fast():
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="not reachable"):
+        list_pipeline_runs(tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    assert time.monotonic() - started < 15, "no long retry loop against a dead server"
+
+
+def test_not_a_store_is_a_tracking_error(tmp_path):
+    junk = tmp_path / "mlflow.db"
+    junk.write_text("not a database")
+    with pytest.raises(TrackingError, match="cannot read MLflow store"):
+        list_pipeline_runs(tracking_uri=f"sqlite:///{junk}")
+
+
+# ------------------------------------------------------------------------------------ formats
+def test_json_and_csv_round_trip(store_uri, hand_made):
+    frame = list_pipeline_runs(HAND, tracking_uri=store_uri)
+    records = json.loads(to_json(frame))
+    assert [r["run_id"] for r in records] == frame["run_id"].tolist()
+    assert records[0]["start_time"].endswith("Z"), records[0]["start_time"]
+    assert records[0]["lambdas"] == [1e-5, 1e-4, 1e-3], records[0]
+    assert records[1]["test_accuracy"] is None, "NaN must become null"
+    table = pd.read_csv(io.StringIO(to_csv(frame)))
+    assert table["run_id"].tolist() == frame["run_id"].tolist()
+    assert table["lambdas"].iloc[0] == "1e-05;0.0001;0.001", table["lambdas"].iloc[0]
+    assert table["test_accuracy"].iloc[0] == 0.981, table["test_accuracy"]
+
+
+def test_table_rows_are_short_strings(store_uri, hand_made):
+    rows = table_rows(list_pipeline_runs(HAND, tracking_uri=store_uri))
+    new, failed, old = rows
+    assert (new["hidden"], new["λ tried"], new["best λ"]) == ("256,128", "1e-5,1e-4,1e-3", "1e-3")
+    assert (new["epochs"], old["epochs"]) == ("10/20", "10"), (new, old)
+    assert (new["CV acc"], new["test acc"], new["took"]) == ("0.9800", "0.9810", "2m00s"), new
+    assert (failed["test acc"], failed["status"]) == ("-", "FAILED"), failed
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_json_lists_the_runs(store_uri, hand_made, capsys):
+    code, out, err = _invoke(
+        ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "json"], capsys
+    )
+    assert code == 0, err
+    assert [r["run_id"] for r in json.loads(out)][0] == hand_made["new"], out
+
+
+def test_cli_table_shows_every_execution(store_uri, hand_made, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, "--experiment", HAND], capsys)
+    assert code == 0, err
+    for text in ("new-flow", "failed-flow", "old-flow", "0.9810", "FAILED", "256,128"):
+        assert text in out, f"{text!r} missing from the table:\n{out}"
+    assert out.index("new-flow") < out.index("old-flow"), "newest first"
+
+
+def test_cli_csv_with_last(store_uri, hand_made, capsys):
+    code, out, err = _invoke(
+        ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "csv",
+         "--last", "1"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and hand_made["new"] in lines[1], out
+
+
+def test_cli_empty_experiment_is_friendly(store_uri, hand_made, capsys):
+    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, "--experiment", EMPTY], capsys)
+    assert code == 0, err
+    assert "no pipeline runs" in out, out
+    code, out, err = _invoke(
+        ["runs", "--tracking-uri", store_uri, "--experiment", EMPTY, "--format", "json"], capsys
+    )
+    assert (code, json.loads(out)) == (0, []), (code, out)
+    assert "no pipeline runs" in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--experiment", "nope"], "no MLflow experiment 'nope'"),
+        (["--format", "xml"], "--format must be table, csv or json"),
+        (["--last", "0"], "--last"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(store_uri, hand_made, capsys, argv, fragment):
+    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, *argv], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit {code}; stderr {err!r}"
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+def test_cli_unreachable_server_exit_2(capsys):
+    code, _, err = _invoke(["runs", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], capsys)
+    assert code == 2 and err.startswith("error: MLflow tracking server"), (code, err)
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_missing_store_exit_2(tmp_path: Path, capsys):
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    code, _, err = _invoke(["runs", "--tracking-uri", uri], capsys)
+    assert code == 2 and "no MLflow store" in err, (code, err)
