@@ -155,7 +155,9 @@ class ExecutionConfig(_Section):
     retries: int = Field(2, ge=0, description="Retries of a training whose worker died")
     resume: bool = Field(True, description="Reuse fold results already computed by an earlier run")
     cache_dir: str = Field(
-        ".mlp-pipeline/cache", min_length=1, description="Where fold results are persisted"
+        ".mlp-pipeline/cache",
+        min_length=1,
+        description="The pipeline's own files: fold results, and reports/ when MLflow is away",
     )
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -178,9 +179,14 @@ class ResilientRecorder:
 
 
 def report_folder(cache_dir: str | Path, run_name: str | None) -> Path:
-    """Where an unrecorded execution's report goes: next to the fold cache."""
+    """Where an unrecorded execution's report goes: ``<cache_dir>/reports/<time>-<run name>``.
+
+    Inside the configured folder, so the pipeline never writes elsewhere; the run name is
+    reduced to safe characters so it cannot climb out of it.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path(cache_dir).resolve().parent / "reports" / f"{stamp}-{run_name or 'run'}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name or "run").strip(".-") or "run"
+    return Path(cache_dir).resolve() / "reports" / f"{stamp}-{safe}"
 
 
 def _jsonable(value: Any) -> Any:

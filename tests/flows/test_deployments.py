@@ -1,8 +1,8 @@
-"""Deployments end to end: a real ``prefect server``, ``mlp-pipeline serve``, ``trigger``.
+"""Deployments: the plain helpers, ``prefect.yaml``, then end to end against a real server.
 
-One Prefect server and one ``serve`` process for the module (they are the slow part); the tests
-run in file order against them: a scheduled run, a triggered run, ``prefect deployment run``,
-the one-line errors, and finally SIGTERM to ``serve``.
+The end-to-end tests share one ``prefect server start`` and one ``mlp-pipeline serve`` for the
+module (they are the slow part) and run in file order against them: a scheduled run, a
+triggered run, ``prefect deployment run``, the one-line errors, and last SIGTERM to ``serve``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+from flows import deployments as dep
+from pipeline.config import preset
+from pipeline.errors import ConfigError, PipelineError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 EXPERIMENT = "deployments-test"
 SCHEDULE_SECONDS = 20
@@ -82,6 +86,103 @@ def _run_of_flow_run(tracking_uri: str, flow_run_id: str):
     ]
     assert len(runs) == 1, f"MLflow parent runs of flow run {flow_run_id}: {runs}"
     return runs[0]
+
+
+# ------------------------------------------------------------------------------ plain helpers
+
+
+def test_absolute_paths_resolves_relative_stores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLP_PIPELINE_DATA_DIR", raising=False)
+    cfg = preset("quick").replace({"execution.cache_dir": "cache"})
+
+    resolved = dep.absolute_paths(cfg)
+
+    assert resolved.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    assert resolved.execution.cache_dir == str(tmp_path / "cache")
+    assert resolved.data.data_dir == str(tmp_path / "data")
+    relative = cfg.replace({"tracking.tracking_uri": "sqlite:///store/m.db"})
+    assert dep.absolute_paths(relative).tracking.tracking_uri == (
+        f"sqlite:///{tmp_path / 'store' / 'm.db'}"
+    )
+    for kept in ("sqlite:////abs/m.db", "http://127.0.0.1:5000"):
+        same = cfg.replace({"tracking.tracking_uri": kept})
+        assert dep.absolute_paths(same).tracking.tracking_uri == kept
+
+
+def test_build_deployments_carry_the_config():
+    cfg = preset("quick")
+
+    served = dep.build_deployments(cfg, name="nightly", cron="0 2 * * *")
+
+    assert [d.name for d in served] == ["nightly", "on-demand"]
+    assert served[0].schedules[0].schedule.cron == "0 2 * * *"
+    assert not served[1].schedules
+    for deployment in served:
+        assert deployment.parameters == {"config": cfg.model_dump(mode="json")}
+        assert deployment.entrypoint == "flows.pipeline_flow.mlp_pipeline"
+    assert [d.name for d in dep.build_deployments(cfg)] == ["on-demand"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cron": "0 2 * * *", "interval": 60}, "not both"),
+        ({"interval": 0}, "positive"),
+        ({"cron": "every night"}, "not a valid cron expression"),
+        ({"name": "on-demand", "interval": 60}, "taken"),
+    ],
+)
+def test_build_deployments_rejects_bad_schedules(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        dep.build_deployments(preset("quick"), **kwargs)
+
+
+def test_deployment_config_applies_overrides_to_the_stored_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class Stored:  # the two attributes read from a prefect DeploymentResponse
+        name = "on-demand"
+        parameters = {"config": preset("quick").model_dump(mode="json")}
+
+    cfg = dep.deployment_config(Stored, {"training.epochs": 2, "execution.cache_dir": "c"})
+
+    assert cfg.training.epochs == 2 and cfg.data.dataset == "mnist-sample"
+    assert cfg.execution.cache_dir == str(tmp_path / "c")
+    assert dep.deployment_config(Stored, {}) == preset("quick")
+    with pytest.raises(ConfigError, match="training.epochs"):
+        dep.deployment_config(Stored, {"training.epochs": 0})
+
+
+def test_require_api_url(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(PipelineError, match="prefect server start --host 127.0.0.1"):
+        dep.require_api_url()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api/")
+    assert dep.require_api_url() == "http://127.0.0.1:4200/api"
+    assert dep.full_name("on-demand") == "mlp-pipeline/on-demand"
+    assert dep.full_name("other-flow/x") == "other-flow/x"
+
+
+def test_prefect_yaml_is_loadable_and_points_at_the_flow():
+    import importlib
+
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text(encoding="utf-8"))
+    deployments = {d["name"]: d for d in spec["deployments"]}
+
+    assert set(deployments) == {"scheduled", "on-demand"}, deployments
+    for deployment in deployments.values():
+        path, _, function = deployment["entrypoint"].partition(":")
+        assert (REPO_ROOT / path).is_file(), path
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert getattr(module, function).name == "mlp-pipeline"
+        assert deployment["work_pool"]["name"] == "mlp-pipeline-pool"
+        # The stored parameter must validate as the flow's config.
+        dep.deployment_config(type("D", (), deployment), {})
+    assert deployments["scheduled"]["schedules"][0]["cron"] == "0 2 * * *"
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -172,6 +273,8 @@ def _deployment(api: str, name: str) -> dict:
 # ------------------------------------------------------------------------------ tests
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_scheduled_run_reaches_mlflow(serve, prefect_server, tracking_store, workdir):
     scheduled = _deployment(prefect_server, "scheduled")
     deadline = time.monotonic() + 150
@@ -206,6 +309,8 @@ def test_scheduled_run_reaches_mlflow(serve, prefect_server, tracking_store, wor
     assert run.data.params["execution.cache_dir"] == str(workdir / "cache"), run.data.params
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_trigger_wait_prints_run_and_accuracy(serve, env, workdir, tracking_store):
     result = _cli(
         ["trigger", "--deployment", "on-demand", "--set", "training.epochs=2", "--wait"],
@@ -222,6 +327,8 @@ def test_trigger_wait_prints_run_and_accuracy(serve, env, workdir, tracking_stor
     assert run.data.metrics["test_accuracy"] == pytest.approx(float(accuracy.group(1)), abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_prefect_deployment_run_with_whole_config(
     serve, env, workdir, prefect_server, tracking_store
 ):
@@ -250,6 +357,8 @@ def test_prefect_deployment_run_with_whole_config(
         (["--set", "training.epochz=3"], "unknown setting 'training.epochz'"),
     ],
 )
+@pytest.mark.slow
+@pytest.mark.server
 def test_trigger_errors_are_one_line(serve, env, workdir, args, expected):
     result = _cli(["trigger", *args], env, workdir, timeout=60)
 
@@ -257,6 +366,8 @@ def test_trigger_errors_are_one_line(serve, env, workdir, args, expected):
     assert expected in _one_error_line(result)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_trigger_without_server_fails_fast(workdir):
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
     started = time.monotonic()
@@ -268,6 +379,8 @@ def test_trigger_without_server_fails_fast(workdir):
     assert seconds < 30, f"took {seconds:.1f} s"
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_serve_without_api_url_exits_2(workdir):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result = _cli(["serve", "--interval", "60", "--preset", "quick"], env, workdir, timeout=60)
@@ -277,6 +390,8 @@ def test_serve_without_api_url_exits_2(workdir):
     assert "PREFECT_API_URL" in line and "prefect server start --host 127.0.0.1" in line, line
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_serve_stops_cleanly_on_sigterm(serve):
     assert serve.poll() is None, "serve ended before SIGTERM"
     serve.send_signal(signal.SIGTERM)
