@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(prof.values())
             print(
                 f"\nprofile of our engine, microseconds per batch of {BATCH} "
-                f"(median-free mean over {nb} batches):"
+                f"(mean over {nb} batches):"
             )
             for k, v in sorted(prof.items(), key=lambda kv: -kv[1]):
                 print(f"  {k:32s} {1e6 * v:8.1f} us  {100 * v / total:5.1f}%")

@@ -13,6 +13,7 @@ import signal
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from mlp import MLPError
@@ -74,6 +75,7 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
 
     # Fail on bad data or an unreachable store here, with one line, before Prefect starts: the
     # dataset is memoized, so the flow's own load costs nothing more.
+    cfg = _credentials_to_environment(cfg)
     load_data_checked(cfg)
     check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     _hide_known_failures_on_console()
@@ -109,6 +111,25 @@ def _hide_known_failures_on_console() -> None:
                 isinstance(f, _KnownFailureFilter) for f in handler.filters
             ):
                 handler.addFilter(_KnownFailureFilter())
+
+
+def _credentials_to_environment(cfg: PipelineConfig) -> PipelineConfig:
+    """Move ``user:password@`` out of the tracking URI into MLflow's environment variables.
+
+    The config is the flow's parameter: Prefect stores and displays it, so it must not carry
+    secrets. MLflow reads ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` itself.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from pipeline.tracking import redact_uri
+
+    uri = cfg.tracking.tracking_uri
+    if not uri or "@" not in urlsplit(uri).netloc:
+        return cfg
+    parts = urlsplit(uri)
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    return cfg.replace({"tracking.tracking_uri": redact_uri(uri)})
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
@@ -303,6 +324,7 @@ def trigger(
     from flows import deployments as dep
     from pipeline.config import parse_set_options
 
+    err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
     overrides = parse_set_options(set_ or [])
     url = dep.require_api_url()
     dep.check_api(url)
@@ -314,22 +336,26 @@ def trigger(
         out.print(f"flow run {run_.name} ({run_.id}) of {name}", highlight=False)
         if not wait:
             return
-        state = dep.follow_run(
-            client, run_.id, lambda s: out.print(f"state: {s.name}", highlight=False),
-            timeout=timeout,
-        )  # fmt: skip
+        state = dep.follow_run(client, run_.id, _print_state, timeout=timeout)
     if dep.is_failure(state):
         message = " ".join((state.message or "").split())
-        out.print(f"error: flow run {run_.name} ended {state.name}: {message}", highlight=False)
+        err.print(f"error: flow run {run_.name} ended {state.name}: {message}")
         raise typer.Exit(1)
     outcome = dep.find_mlflow_run(cfg, run_.id)
     if outcome is None:
-        out.print(f"no MLflow run tagged with flow run {run_.id} in {cfg.tracking.tracking_uri}")
+        err.print(f"error: no MLflow run of flow run {run_.id} in {cfg.tracking.tracking_uri}")
         raise typer.Exit(1)
     out.print(f"MLflow run {outcome.run_id}", highlight=False)
     if outcome.test_accuracy is not None:
         out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
     out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", highlight=False)
+
+
+def _print_state(state: Any) -> None:
+    hint = ""
+    if state.name == "Late":
+        hint = " (nothing picked it up yet: is `mlp-pipeline serve` or a worker running?)"
+    out.print(f"state: {state.name}{hint}", highlight=False)
 
 
 if __name__ == "__main__":

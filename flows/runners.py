@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from pipeline.config import ExecutionConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.resources import cpu_count, set_blas_threads
 
 
@@ -31,6 +33,11 @@ def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
+    """An existing cluster at ``dask_address``, else a LocalCluster of ``workers`` processes.
+
+    With an existing cluster the workers' processes and threads are theirs to choose; each
+    training sets its worker's BLAS threads itself (``train_fold_task``).
+    """
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
@@ -38,6 +45,7 @@ def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
             "runner 'dask' needs the dask extra: pip install 'mlp-pipeline[dask]'"
         ) from None
     if execution.dask_address:
+        _check_scheduler_reachable(execution.dask_address)
         return DaskTaskRunner(address=execution.dask_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -50,3 +58,29 @@ def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
             "dashboard_address": "127.0.0.1:0",
         },
     )
+
+
+def _check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line when nothing listens at a tcp/tls scheduler address.
+
+    Otherwise the Dask client retries for 30 s and ends with a traceback.
+    """
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in {"tcp", "tls"}:
+            return  # other transports (ucx, ws, inproc): let the Dask client judge
+        host, port = parse_host_port(location)
+    except ValueError as exc:
+        raise ConfigError(
+            f"bad dask_address {address!r} ({exc}); expected tcp://HOST:PORT"
+        ) from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise PipelineError(
+            f"no Dask scheduler reachable at {address} ({exc}); start one with "
+            f"`dask scheduler --port {port}` and workers with `dask worker {address}`"
+        ) from None

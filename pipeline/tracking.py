@@ -194,6 +194,28 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextlib.contextmanager
+def _store_setup_lock(uri: str) -> Iterator[None]:
+    """Serialize first use of a SQLite store across processes.
+
+    Two pipelines starting together on a new store would both run MLflow's schema migrations
+    (and both create the experiment); the second fails with "table ... already exists".
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        yield
+        return
+    import fcntl
+
+    database = Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
+    with open(f"{database}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with ``artifact_location``) or restored if needed."""
     experiment = client.get_experiment_by_name(name)
@@ -387,12 +409,15 @@ class PipelineRecorder:
         check_tracking_uri(self.tracking_uri)
         where = redact_uri(self.tracking_uri)
         try:
-            self.client = _client(self.tracking_uri)
-            self.experiment_id = get_or_create_experiment(
-                self.client,
-                self.tracking_config.experiment,
-                default_artifact_location(self.tracking_uri),
-            )
+            with _store_setup_lock(self.tracking_uri):
+                self.client = _client(self.tracking_uri)
+                # First use creates the tracking and the registry schema: both under the lock.
+                self.client.search_registered_models(max_results=1)
+                self.experiment_id = get_or_create_experiment(
+                    self.client,
+                    self.tracking_config.experiment,
+                    default_artifact_location(self.tracking_uri),
+                )
             self.stale_run_ids = _mark_stale(self.client, self.experiment_id)
             run = self.client.create_run(
                 self.experiment_id,

@@ -26,6 +26,12 @@ def shared_data_dir() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: defaults like ./mlruns never land in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def prefect_api_url():
     """One real Prefect API for the session, exported so spawned workers reach it too.

@@ -654,13 +654,13 @@ _cases("test_folds_more_than_training_samples_fail_before_training")
 
 
 def test_folds_more_than_training_samples_fail_before_training():
-    from flows.pipeline_flow import _load_data
+    from flows.pipeline_flow import load_data_checked
 
     config = build_config(
         overrides={"data.dataset": "mnist-sample", "data.limit_train": 3, "cv.folds": 4}
     )
     with pytest.raises(PipelineError, match="cv.folds=4"):
-        _load_data(config)
+        load_data_checked(config)
 
 
 # ============================================================================ model files
@@ -964,20 +964,36 @@ def test_engine_rejects_bad_arguments(call, fragment):
 
 # ============================================================================ the whole flow
 
-_cases("test_run_on_corrupt_data_exits_2_and_leaves_no_running_run")
+
+def _corrupt_mnist(root: Path) -> Path:
+    _fake_mnist(root / "data")
+    (root / "data" / "mnist" / LABELS).write_bytes(b"\x00\x00\x08")  # 3-byte header
+    return root / "data"
 
 
-@pytest.mark.slow
-@pytest.mark.server
-def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(
-    tmp_path, capsys, monkeypatch, prefect_api_url
-):
-    """The orchestrated command: one error line, no cache, no MLflow run left RUNNING."""
+def _assert_no_running_run(root: Path) -> None:
+    """No store at all, or only FAILED runs carrying the error message as a tag."""
+    assert not (root / ".mlp-pipeline").exists(), "a failed run left fold cache files"
+    if not (root / "store").exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=_store_uri(root))
+    ids = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(ids) if ids else []:
+        assert run.info.status == "FAILED" and run.data.tags.get("error"), (
+            f"a run of a failed command must be FAILED with an error tag: {run.info}"
+        )
+
+
+_cases("test_run_on_corrupt_data_exits_2_and_leaves_no_running_run", ["run", "cv"])
+
+
+@pytest.mark.parametrize("command", ["run", "cv"])
+def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(tmp_path, capsys, command):
+    """The orchestrated commands check the data before Prefect starts: one line, nothing left."""
     # Arrange
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
-    _fake_mnist(tmp_path / "data")
-    (tmp_path / "data" / "mnist" / LABELS).write_bytes(b"\x00\x00\x08")
-    argv = ["run", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+    argv = [command, "--dataset", "mnist", "--data-dir", str(_corrupt_mnist(tmp_path)),
             "--set", "data.download=false", "--tracking-uri", _store_uri(tmp_path),
             "--runner", "sequential", "--no-progress"]  # fmt: skip
 
@@ -986,19 +1002,38 @@ def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(
 
     # Assert
     _assert_cli_error(code, err, "truncated IDX header")
-    assert not (tmp_path / ".mlp-pipeline").exists(), "a failed run left fold cache files"
-    if (tmp_path / "store").exists():
-        from mlflow.tracking import MlflowClient
+    _assert_no_running_run(tmp_path)
 
-        client = MlflowClient(tracking_uri=_store_uri(tmp_path))
-        ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids) if ids else []
-        running = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-        assert not running, f"runs left RUNNING: {running}"
-        for run in runs:
-            assert run.info.status == "FAILED" and run.data.tags.get("error"), (
-                f"a run of a failed command must be FAILED with an error tag: {run.info}"
-            )
+
+_cases("test_flow_on_corrupt_data_raises_data_error_and_leaves_no_running_run")
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_flow_on_corrupt_data_raises_data_error_and_leaves_no_running_run(
+    tmp_path, monkeypatch, prefect_api_url
+):
+    """The flow itself (as a deployment or the Prefect UI runs it, without the CLI's checks)."""
+    # Arrange
+    from flows.pipeline_flow import mlp_pipeline
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    config = build_config(
+        overrides={
+            "data.dataset": "mnist",
+            "data.data_dir": str(_corrupt_mnist(tmp_path)),
+            "data.download": False,
+            "execution.runner": "sequential",
+            "tracking.tracking_uri": _store_uri(tmp_path),
+        }
+    )
+
+    # Act
+    with pytest.raises(DataError, match="truncated IDX header"):
+        mlp_pipeline(config)
+
+    # Assert
+    _assert_no_running_run(tmp_path)
 
 
 # ============================================================================ the catalogue

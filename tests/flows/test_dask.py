@@ -20,7 +20,9 @@ import pandas as pd
 import pytest
 
 from flows.pipeline_flow import cv_flow
-from pipeline.config import PipelineConfig, build_config
+from flows.runners import make_task_runner
+from pipeline.config import ExecutionConfig, PipelineConfig, build_config
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.resources import blas_threads
 from pipeline.training import _load_configured
 
@@ -167,7 +169,8 @@ def test_external_cluster_matches_thread_runner_and_resumes(
     workers = set(cluster_client.scheduler_info()["workers"])
     assert set(ran_on) <= workers, (ran_on, workers)
     # Functions of importable modules only: the workers cannot import this test module.
-    loaded = {w: info.currsize for w, info in cluster_client.run(_load_configured.cache_info).items()}
+    infos = cluster_client.run(_load_configured.cache_info)
+    loaded = {worker: info.currsize for worker, info in infos.items()}
     assert sum(loaded.values()) >= 1, f"no worker loaded the dataset: {loaded}"
     blas = cluster_client.run(blas_threads)
     for worker, count in blas.items():
@@ -192,6 +195,21 @@ def test_local_cluster_matches_thread_runner(
     table, summary = _cv_table(config)
     assert summary["trained_folds"] == len(LAMBDAS) * FOLDS, summary
     pd.testing.assert_frame_equal(table, thread_table)
+
+
+def _train_fold_states(mlflow_run_id: str, tracking_uri: str) -> dict[str, str]:
+    """Final Prefect state name of every train_fold run of the flow run behind an MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tags = MlflowClient(tracking_uri=tracking_uri).get_run(mlflow_run_id).data.tags
+    flow_run_id = tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name: run.state_name for run in runs if run.name.startswith("train_fold")}
 
 
 def _kill_a_busy_worker(
@@ -238,6 +256,21 @@ def test_sweep_survives_a_killed_worker(
     assert sorted(table["l2_lambda"]) == lambdas, table
     assert (table["n_folds"] == FOLDS).all(), table
     assert summary["trained_folds"] == len(lambdas) * FOLDS, summary
+    # Prefect's record: every training of this flow run ends Completed, the re-run one too.
+    states = _train_fold_states(summary["mlflow_run_id"], tracking_uri)
+    assert sorted(states.values()) == ["Completed"] * len(lambdas) * FOLDS, states
+
     # The nanny replaced the killed process: the module's cluster is whole again.
     cluster_client.wait_for_workers(N_WORKERS, timeout=60)
     assert killed["pid"] not in cluster_client.run(os.getpid).values(), killed
+
+
+def test_unreachable_scheduler_fails_in_one_line():
+    closed = f"tcp://127.0.0.1:{_free_port()}"  # nothing listens there any more
+    config = ExecutionConfig(runner="dask", dask_address=closed)
+    started = time.perf_counter()
+    with pytest.raises(PipelineError, match="no Dask scheduler reachable at tcp://127.0.0.1"):
+        make_task_runner(config)
+    assert time.perf_counter() - started < 10, "the check should not wait for the client timeout"
+    with pytest.raises(ConfigError, match="expected tcp://HOST:PORT"):
+        make_task_runner(ExecutionConfig(runner="dask", dask_address="tcp://127.0.0.1"))

@@ -259,6 +259,16 @@ def serve(env: dict[str, str], workdir: Path, tracking_store: str) -> Iterator[s
         start_new_session=True,
     )  # fmt: skip
     try:
+        # Serving starts once both deployments are registered.
+        deadline = time.monotonic() + 90
+        api = env["PREFECT_API_URL"]
+        while not all(
+            httpx.get(f"{api}/deployments/name/mlp-pipeline/{name}", timeout=10).is_success
+            for name in ("scheduled", "on-demand")
+        ):
+            assert process.poll() is None, f"serve ended: {process.communicate()}"
+            assert time.monotonic() < deadline, "serve registered no deployments within 90 s"
+            time.sleep(0.5)
         yield process
     finally:
         _stop_group(process, timeout=60)
@@ -400,3 +410,60 @@ def test_serve_stops_cleanly_on_sigterm(serve):
     assert serve.returncode in (0, 130), f"exit {serve.returncode}: {stderr[-2000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "serving mlp-pipeline/scheduled (every 20 s)" in stdout, stdout
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_prefect_yaml_deploys_to_a_process_pool(serve, env, workdir, tracking_store):
+    """After serve is gone: ``prefect deploy --all`` of prefect.yaml, a worker runs the flow."""
+    assert serve.poll() is not None, "serve still owns the deployment names"
+    api = env["PREFECT_API_URL"]
+    # `{{ $PWD }}` in the pull step is the shell's folder: a subprocess has to set it.
+    deploy_env = {**env, "PWD": str(REPO_ROOT)}
+    created = subprocess.run(
+        [PREFECT, "work-pool", "create", "mlp-pipeline-pool", "--type", "process"],
+        env=env, cwd=workdir, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"],
+        env=deploy_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    on_demand = _deployment(api, "on-demand")
+    assert on_demand["work_pool_name"] == "mlp-pipeline-pool", on_demand
+    assert on_demand["entrypoint"] == "flows/pipeline_flow.py:mlp_pipeline", on_demand
+    pull = on_demand["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == str(REPO_ROOT), pull
+    scheduled = _deployment(api, "scheduled")
+    assert scheduled["schedules"][0]["schedule"]["cron"] == "0 2 * * *", scheduled["schedules"]
+
+    config = (
+        preset("quick")
+        .replace({
+            "training.epochs": 1, "execution.workers": 1, "tracking.tracking_uri": tracking_store,
+            "tracking.experiment": EXPERIMENT, "tracking.registered_model": None,
+            "execution.cache_dir": str(workdir / "worker-cache"),
+        })
+        .model_dump_json()
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [PREFECT, "worker", "start", "--pool", "mlp-pipeline-pool"],
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=workdir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        result = subprocess.run(
+            [PREFECT, "deployment", "run", "mlp-pipeline/on-demand", "--param",
+             f"config={config}", "--watch", "--watch-interval", "2", "--watch-timeout", "150"],
+            env=env, cwd=workdir, capture_output=True, text=True, timeout=170,
+        )  # fmt: skip
+    finally:
+        _stop_group(worker)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    flow_run_id = UUID.search(result.stdout)
+    assert flow_run_id, result.stdout
+    run = _run_of_flow_run(tracking_store, flow_run_id.group(0))
+    assert run.info.status == "FINISHED", run.info
+    assert run.data.params["execution.cache_dir"] == str(workdir / "worker-cache"), run.data.params

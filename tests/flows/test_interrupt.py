@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -77,3 +78,88 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
     trained = int(stdout.split("trainings: ")[1].split(" run")[0])
     assert reused >= finished_before, (reused, finished_before, stdout)
     assert trained + reused == 8, stdout
+
+
+def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+):
+    args = [
+        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
+        "--limit-train", "8000", "--hidden", "64", "--epochs", "3",
+        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "thread",
+        "--workers", "1", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
+        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    client = MlflowClient(tracking_uri=tracking_uri)
+
+    first = _cli(args, tmp_path, env)
+    deadline = time.monotonic() + 240
+    while _finished_cv_runs(client) < 2:
+        assert first.poll() is None, f"ended before the kill: {first.communicate()}"
+        assert time.monotonic() < deadline, "no fold finished in time"
+        time.sleep(0.3)
+    first.kill()  # SIGKILL: no handler runs, the MLflow runs stay RUNNING
+    first.communicate(timeout=60)
+    finished_before = _finished_cv_runs(client)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    dead_parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
+    assert dead_parent.info.status == "RUNNING", dead_parent.info
+
+    second = _cli(args, tmp_path, env)
+    stdout, stderr = second.communicate(timeout=600)
+
+    assert second.returncode == 0, stderr[-2000:]
+    trained = int(stdout.split("trainings: ")[1].split(" run")[0])
+    reused = int(stdout.split(" reused from cache")[0].rsplit(",", 1)[-1].strip().split()[0])
+    assert trained + reused == 8, stdout
+    assert trained <= 8 - finished_before, (trained, finished_before, stdout)
+    assert client.get_run(dead_parent.info.run_id).info.status == "FAILED", (
+        "the next execution marks runs left RUNNING by a dead process FAILED"
+    )
+
+
+def test_two_pipelines_at_once_share_one_store(prefect_api_url, tmp_path, tracking_uri):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    runs = [
+        _cli(
+            [
+                "run",
+                "--preset",
+                "quick",
+                "--tracking-uri",
+                tracking_uri,
+                "--experiment",
+                "concurrent",
+                "--set",
+                f"execution.cache_dir={tmp_path / name}",
+                "--seed",
+                str(seed),
+                "--no-progress",
+            ],  # fmt: skip
+            tmp_path,
+            env,
+        )
+        for seed, name in enumerate(("a", "b"))
+    ]
+    outputs = [run.communicate(timeout=600) for run in runs]
+
+    for run, (_, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr[-2000:]
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("concurrent")
+    all_runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in all_runs if r.data.tags.get("stage") == "pipeline"]
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}, parents
+    for parent in parents:
+        children = [
+            r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        ]
+        stages = sorted(r.data.tags["stage"] for r in children)
+        assert stages == ["cv"] * 4 + ["final"], stages
+        assert "test_accuracy" in parent.data.metrics
+    versions = client.search_model_versions("name = 'mlp-mnist'")
+    assert len(versions) == 2, versions
+    database = tracking_uri.removeprefix("sqlite:///")
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
