@@ -48,3 +48,26 @@ def prefect_api_url():
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh MLflow SQLite store in a temporary folder (absolute: four slashes)."""
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+@pytest.fixture()
+def pool_workers():
+    """A function listing the process-pool workers a process spawned (not its resource tracker)."""
+
+    def find(pid: int) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            # Field 4 is the parent pid; the command name (field 2) may contain spaces.
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    return find

@@ -75,26 +75,8 @@ def _finished_cv_runs(client: MlflowClient) -> int:
     return sum(run.info.status == "FINISHED" for run in runs)
 
 
-def _pool_workers(pid: int) -> list[int]:
-    """The process-pool workers spawned by ``pid`` (not its resource tracker)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        # Field 4 is the parent pid; the command name (field 2) may contain spaces.
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def test_worker_killed_mid_sweep_is_retried(
-    prefect_api_url, tmp_path, tracking_uri, shared_data_dir
+    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers
 ):
     args = [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "30000",
@@ -119,7 +101,7 @@ def test_worker_killed_mid_sweep_is_retried(
         assert pipeline.poll() is None, pipeline.communicate()
         assert time.monotonic() < deadline, "no fold finished in time"
         time.sleep(0.2)
-    workers = _pool_workers(pipeline.pid)
+    workers = pool_workers(pipeline.pid)
     assert workers, "no worker processes found"
     os.kill(workers[0], signal.SIGKILL)
     stdout, stderr = pipeline.communicate(timeout=600)

@@ -163,3 +163,37 @@ def test_two_pipelines_at_once_share_one_store(prefect_api_url, tmp_path, tracki
     database = tracking_uri.removeprefix("sqlite:///")
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_sigterm_stops_process_workers_too(
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, pool_workers
+):
+    args = [
+        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
+        "--limit-train", "20000", "--hidden", "64", "--epochs", "3",
+        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "process",
+        "--workers", "2", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
+        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pipeline = _cli(args, tmp_path, env)
+    deadline = time.monotonic() + 240
+    while _finished_cv_runs(client) < 1:
+        assert pipeline.poll() is None, pipeline.communicate()
+        assert time.monotonic() < deadline, "no fold finished in time"
+        time.sleep(0.2)
+    workers = pool_workers(pipeline.pid)
+    assert workers, "no pool workers found"
+
+    pipeline.send_signal(signal.SIGTERM)
+    _, stderr = pipeline.communicate(timeout=120)
+
+    assert pipeline.returncode == 130, stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, f"worker processes still alive: {workers}"
+        time.sleep(0.2)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert "RUNNING" not in statuses, statuses

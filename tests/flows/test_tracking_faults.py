@@ -32,9 +32,20 @@ def _start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root", str(tmp_path / "artifacts"),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
         ],  # fmt: skip
         env=env,
         stdout=subprocess.DEVNULL,
@@ -137,3 +148,50 @@ def test_server_lost_mid_sweep_keeps_results_in_a_local_report(
     summary = json.loads((report / "summary.json").read_text())
     assert len(summary["cv_table"]) == 4 and summary["best_l2_lambda"] in {1e-5, 1e-4, 1e-3, 1e-2}
     assert (report / "cv_results.csv").is_file()
+
+
+def test_credentials_never_reach_params_or_prefect(shared_data_dir, prefect_api_url, tmp_path):
+    server, url = _start_mlflow_server(tmp_path)
+    secret = "s3cr3t-pa55"
+    with_credentials = url.replace("http://", f"http://alice:{secret}@")
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "cv",
+                "--preset",
+                "quick",
+                "--epochs",
+                "1",
+                "--tracking-uri",
+                with_credentials,
+                "--experiment",
+                "secrets",
+                "--no-progress",
+                "--set",
+                f"execution.cache_dir={tmp_path / 'cache'}",
+            ],  # fmt: skip
+            env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert secret not in result.stdout + result.stderr
+        client = MlflowClient(tracking_uri=url)
+        experiment = client.get_experiment_by_name("secrets")
+        for run in client.search_runs([experiment.experiment_id], max_results=50):
+            recorded = json.dumps([run.data.params, run.data.tags])
+            assert secret not in recorded, "a credential reached MLflow params or tags"
+        parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
+        flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    finally:
+        _stop(server)
+
+    with urllib.request.urlopen(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=10) as r:
+        flow_run = json.loads(r.read())
+    assert secret not in json.dumps(flow_run["parameters"]), "a credential reached Prefect"
+    assert flow_run["parameters"]["config"]["tracking"]["tracking_uri"] == url
