@@ -71,3 +71,20 @@ def pool_workers():
         return found
 
     return find
+
+
+@pytest.fixture()
+def reliability_log():
+    """Record a fault-injection figure for ``benchmarks/reliability.py`` (no-op otherwise).
+
+    Appends one JSON line to ``$MLP_PIPELINE_RELIABILITY_LOG`` when that variable is set.
+    """
+    import json
+
+    def log(fault: str, **figures) -> None:
+        path = os.environ.get("MLP_PIPELINE_RELIABILITY_LOG")
+        if path:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"fault": fault, **figures}) + "\n")
+
+    return log

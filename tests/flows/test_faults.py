@@ -37,7 +37,9 @@ def sample_config(tmp_path: Path, tracking_uri: str, **extra):
     return build_config(overrides=overrides)
 
 
-def test_diverged_lambda_is_recorded_and_left_out(prefect_api_url, tmp_path, tracking_uri):
+def test_diverged_lambda_is_recorded_and_left_out(
+    prefect_api_url, tmp_path, tracking_uri, reliability_log
+):
     # lr * lambda = 5 makes the weight decay step itself explode: lambda 50 diverges.
     config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [1e-4, 50.0]})
 
@@ -52,9 +54,12 @@ def test_diverged_lambda_is_recorded_and_left_out(prefect_api_url, tmp_path, tra
     diverged = client.search_runs([experiment.experiment_id], "tags.diverged = 'true'")
     assert sorted(float(r.data.params["l2_lambda"]) for r in diverged) == [50.0, 50.0]
     assert all(r.info.status == "FINISHED" for r in diverged)
+    reliability_log("one lambda diverges (lr x lambda = 5)", survived=True, results_lost=0)
 
 
-def test_every_lambda_diverging_fails_with_advice(prefect_api_url, tmp_path, tracking_uri):
+def test_every_lambda_diverging_fails_with_advice(
+    prefect_api_url, tmp_path, tracking_uri, reliability_log
+):
     config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [50.0, 100.0]})
 
     with pytest.raises(PipelineError, match="smaller training.lr"):
@@ -65,6 +70,7 @@ def test_every_lambda_diverging_fails_with_advice(prefect_api_url, tmp_path, tra
     parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
     assert parent.info.status == "FAILED", parent.info
     assert "diverged" in parent.data.tags.get("error", ""), parent.data.tags
+    reliability_log("every lambda diverges: clean failure with advice", survived=True)
 
 
 def _finished_cv_runs(client: MlflowClient) -> int:
@@ -76,7 +82,7 @@ def _finished_cv_runs(client: MlflowClient) -> int:
 
 
 def test_worker_killed_mid_sweep_is_retried(
-    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers
+    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers, reliability_log
 ):
     args = [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "30000",
@@ -114,6 +120,7 @@ def test_worker_killed_mid_sweep_is_retried(
     assert pairs == sorted((lam, f) for lam in (1e-4, 1e-3, 1e-2) for f in (0, 1)), pairs
     parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
     assert parent.info.status == "FINISHED"
+    reliability_log("worker process SIGKILL mid-sweep", survived=True, results_lost=6 - len(pairs))
 
     # The same sweep without a fault (a fresh cache: it really trains) gives the same table.
     reference = subprocess.run(

@@ -38,7 +38,7 @@ def _finished_cv_runs(client: MlflowClient) -> int:
 
 
 def test_sigterm_ends_runs_killed_and_rerun_resumes(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
     args = [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
@@ -78,10 +78,16 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
     trained = int(stdout.split("trainings: ")[1].split(" run")[0])
     assert reused >= finished_before, (reused, finished_before, stdout)
     assert trained + reused == 8, stdout
+    reliability_log(
+        "SIGTERM mid-sweep (thread runner), then re-run",
+        survived=True,
+        results_lost=8 - (trained + reused),
+        folds_retrained=max(0, finished_before - reused),
+    )
 
 
 def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
     args = [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
@@ -117,9 +123,17 @@ def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
     assert client.get_run(dead_parent.info.run_id).info.status == "FAILED", (
         "the next execution marks runs left RUNNING by a dead process FAILED"
     )
+    reliability_log(
+        "pipeline process SIGKILL mid-sweep, then re-run",
+        survived=True,
+        results_lost=8 - (trained + reused),
+        folds_retrained=max(0, finished_before - reused),
+    )
 
 
-def test_two_pipelines_at_once_share_one_store(prefect_api_url, tmp_path, tracking_uri):
+def test_two_pipelines_at_once_share_one_store(
+    prefect_api_url, tmp_path, tracking_uri, reliability_log
+):
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     runs = [
         _cli(
@@ -163,10 +177,11 @@ def test_two_pipelines_at_once_share_one_store(prefect_api_url, tmp_path, tracki
     database = tracking_uri.removeprefix("sqlite:///")
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    reliability_log("two pipelines at once on one SQLite store", survived=True, results_lost=0)
 
 
 def test_sigterm_stops_process_workers_too(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, pool_workers
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, pool_workers, reliability_log
 ):
     args = [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
@@ -197,3 +212,4 @@ def test_sigterm_stops_process_workers_too(
     experiment = client.get_experiment_by_name(EXPERIMENT)
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
+    reliability_log("SIGTERM mid-sweep (process runner): workers gone", survived=True)

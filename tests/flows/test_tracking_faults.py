@@ -82,7 +82,7 @@ def _cv_args(shared_data_dir: Path, tmp_path: Path, uri: str) -> list[str]:
 
 
 def test_unreachable_server_at_start_fails_before_training(
-    shared_data_dir, prefect_api_url, tmp_path
+    shared_data_dir, prefect_api_url, tmp_path, reliability_log
 ):
     dead = f"http://127.0.0.1:{_free_port()}"
     started = time.monotonic()
@@ -102,10 +102,11 @@ def test_unreachable_server_at_start_fails_before_training(
         "no training may happen before the store is known to work"
     )
     assert time.monotonic() - started < 120
+    reliability_log("MLflow server unreachable at start: clean error, no training", survived=True)
 
 
 def test_server_lost_mid_sweep_keeps_results_in_a_local_report(
-    shared_data_dir, prefect_api_url, tmp_path
+    shared_data_dir, prefect_api_url, tmp_path, reliability_log
 ):
     server, url = _start_mlflow_server(tmp_path)
     try:
@@ -148,9 +149,14 @@ def test_server_lost_mid_sweep_keeps_results_in_a_local_report(
     summary = json.loads((report / "summary.json").read_text())
     assert len(summary["cv_table"]) == 4 and summary["best_l2_lambda"] in {1e-5, 1e-4, 1e-3, 1e-2}
     assert (report / "cv_results.csv").is_file()
+    reliability_log(
+        "MLflow server lost mid-sweep", survived=True, results_lost=len(expected) - len(folds)
+    )
 
 
-def test_credentials_never_reach_params_or_prefect(shared_data_dir, prefect_api_url, tmp_path):
+def test_credentials_never_reach_params_or_prefect(
+    shared_data_dir, prefect_api_url, tmp_path, reliability_log
+):
     server, url = _start_mlflow_server(tmp_path)
     secret = "s3cr3t-pa55"
     with_credentials = url.replace("http://", f"http://alice:{secret}@")
@@ -195,3 +201,4 @@ def test_credentials_never_reach_params_or_prefect(shared_data_dir, prefect_api_
         flow_run = json.loads(r.read())
     assert secret not in json.dumps(flow_run["parameters"]), "a credential reached Prefect"
     assert flow_run["parameters"]["config"]["tracking"]["tracking_uri"] == url
+    reliability_log("tracking URI with credentials: kept out of params, tags, Prefect", survived=True)

@@ -1,0 +1,96 @@
+"""Reliability figures: the bad-input catalogue and the fault injections, counted.
+
+Runs the test modules that inject bad inputs and real faults (SIGKILL, SIGTERM, a tracking
+server that disappears, diverging training, two pipelines on one store) and prints:
+
+- bad inputs tried / handled cleanly (``tests/test_bad_inputs.py`` cases and IDX fuzzing),
+- faults injected / survived,
+- finished results lost (must be 0),
+- folds retrained after a resume (must be 0).
+
+Usage::
+
+    python benchmarks/reliability.py            # about 10 minutes on 2 cores
+
+Exit status 0 only when every figure meets its target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CATALOGUE = ["tests/test_bad_inputs.py", "tests/pipeline/test_idx_fuzz.py"]
+FAULTS = [
+    "tests/flows/test_faults.py",
+    "tests/flows/test_interrupt.py",
+    "tests/flows/test_tracking_faults.py",
+]
+
+
+def _run(paths: list[str], junit: Path, env: dict[str, str]) -> int:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths]
+    return subprocess.call([*command, f"--junitxml={junit}"], cwd=REPO, env=env)
+
+
+def _cases(junit: Path, file_part: str) -> tuple[int, int]:
+    """(tried, passed) among the test cases of files whose path contains ``file_part``."""
+    tried = passed = 0
+    for case in ET.parse(junit).iter("testcase"):
+        if file_part not in (case.get("classname", "") + case.get("file", "")):
+            continue
+        outcome = {child.tag for child in case}
+        if "skipped" in outcome and not any(
+            "xfail" in (child.get("type", "") + child.get("message", "")) for child in case
+        ):
+            continue  # skipped cases were not tried
+        tried += 1
+        passed += not outcome & {"failure", "error", "skipped"}
+    return tried, passed
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="mlp-reliability-") as tmp:
+        log = Path(tmp) / "faults.jsonl"
+        env = {**os.environ, "MLP_PIPELINE_RELIABILITY_LOG": str(log)}
+        catalogue_xml, faults_xml = Path(tmp) / "catalogue.xml", Path(tmp) / "faults.xml"
+        _run(CATALOGUE, catalogue_xml, env)
+        _run(FAULTS, faults_xml, env)
+
+        bad_tried, bad_clean = _cases(catalogue_xml, "test_bad_inputs")
+        fuzz_tried, fuzz_clean = _cases(catalogue_xml, "test_idx_fuzz")
+        fault_tried, fault_passed = _cases(faults_xml, "tests")
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    lost = sum(r.get("results_lost", 0) for r in records)
+    retrained = sum(r.get("folds_retrained", 0) for r in records)
+    print("\nbad inputs")
+    print(f"  catalogue cases tried / handled cleanly: {bad_tried} / {bad_clean}")
+    print(f"  IDX fuzzing properties (200 examples each): {fuzz_tried} / {fuzz_clean}")
+    print("faults injected (one line per fault test that got to the end)")
+    for record in records:
+        figures = ", ".join(f"{k}={v}" for k, v in record.items() if k != "fault")
+        print(f"  - {record['fault']}: {figures}")
+    print(f"  fault tests run / passed: {fault_tried} / {fault_passed}")
+    print(f"  faults survived: {sum(bool(r.get('survived')) for r in records)} / {fault_tried}")
+    print(f"finished results lost: {lost} (target 0)")
+    print(f"folds retrained after a resume: {retrained} (target 0)")
+    ok = (
+        bad_tried == bad_clean
+        and fuzz_tried == fuzz_clean
+        and fault_tried == fault_passed == len(records)
+        and lost == 0
+        and retrained == 0
+    )
+    print("PASS" if ok else "MISS")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
