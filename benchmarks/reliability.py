@@ -66,7 +66,8 @@ def main() -> int:
         bad_tried, bad_clean = _cases(catalogue_xml, "test_bad_inputs")
         fuzz_tried, fuzz_clean = _cases(catalogue_xml, "test_idx_fuzz")
         fault_tried, fault_passed = _cases(faults_xml, "tests")
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        lines = log.read_text().splitlines() if log.exists() else []
+        records = [json.loads(line) for line in lines]
 
     lost = sum(r.get("results_lost", 0) for r in records)
     retrained = sum(r.get("folds_retrained", 0) for r in records)

@@ -201,4 +201,4 @@ def test_credentials_never_reach_params_or_prefect(
         flow_run = json.loads(r.read())
     assert secret not in json.dumps(flow_run["parameters"]), "a credential reached Prefect"
     assert flow_run["parameters"]["config"]["tracking"]["tracking_uri"] == url
-    reliability_log("tracking URI with credentials: kept out of params, tags, Prefect", survived=True)
+    reliability_log("tracking URI with credentials: kept out of MLflow and Prefect", survived=True)
