@@ -274,6 +274,7 @@ def serve(
     Needs a Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL.
     """
     from flows import deployments as dep
+    from pipeline.tracking import redact_uri
 
     url = dep.require_api_url()
     cfg = dep.absolute_paths(config_from_options(preset, config, set_))
@@ -284,7 +285,7 @@ def serve(
         out.print(f"serving {dep.FLOW_NAME}/{deployment.name} ({schedule})", highlight=False)
     out.print(
         f"config: preset {preset or 'default'}, dataset {cfg.data.dataset}, "
-        f"runner {cfg.execution.runner}; MLflow {cfg.tracking.tracking_uri}",
+        f"runner {cfg.execution.runner}; MLflow {redact_uri(cfg.tracking.tracking_uri or '')}",
         highlight=False,
     )
     out.print(

@@ -51,7 +51,8 @@ def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": workers,
-            # One thread per worker process: distributed then limits BLAS to one thread too.
+            # One thread per worker process; each training then sets its process's BLAS
+            # threads to the budget (cores // workers), so processes never oversubscribe.
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",

@@ -1,0 +1,255 @@
+"""The whole pipeline on full MNIST: wall time, memory, overhead, runners, and a scikit-learn peer.
+
+Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final + test):
+
+- ``run``: ``mlp-pipeline run`` as a user runs it (process runner, temporary Prefect server,
+  SQLite MLflow store): wall time, peak memory of the whole process tree, test accuracy;
+- ``plain``: the same pipeline functions (``train_fold``, ``cv_table``, ``select_lambda``,
+  ``train_final``, ``predict_test``) in a plain ``multiprocessing`` pool with the same workers
+  and BLAS threads, no Prefect, no MLflow: the overhead of orchestration and tracking is
+  ``run / plain - 1``;
+- ``sequential``: ``mlp-pipeline run --runner sequential``: the speed-up of the process runner;
+- ``sklearn``: ``GridSearchCV(MLPClassifier)`` on the same lambda grid (sklearn's ``alpha`` is
+  scaled to match our L2 convention), the same folds and epochs, ``n_jobs=2``.
+
+Usage::
+
+    python benchmarks/pipeline_speed.py --data-dir ../shared/data            # all parts
+    python benchmarks/pipeline_speed.py --parts run,plain                    # some parts
+
+Run it on an otherwise idle machine: it takes about 25 minutes here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ measurement
+class TreeMemory:
+    """Peak resident memory of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            parents: dict[int, int] = {}
+            rss: dict[int, int] = {}
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    stat = (entry / "stat").read_text()
+                    statm = (entry / "statm").read_text()
+                except OSError:
+                    continue
+                pid = int(entry.name)
+                parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+                rss[pid] = int(statm.split()[1]) * page
+            tree, frontier = {self.pid}, [self.pid]
+            while frontier:
+                parent = frontier.pop()
+                children = [pid for pid, ppid in parents.items() if ppid == parent]
+                tree.update(children)
+                frontier.extend(children)
+            self.peak_bytes = max(self.peak_bytes, sum(rss.get(pid, 0) for pid in tree))
+            self._stop.wait(0.2)
+
+
+def run_cli(args: list[str], workdir: Path) -> dict:
+    """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # as a new user: a temporary server for the run
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args, "--no-progress"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with TreeMemory(process.pid) as memory:
+        stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"mlp-pipeline {' '.join(args)} failed:\n{stderr[-3000:]}")
+    accuracy = None
+    for line in stdout.splitlines():
+        if line.startswith("test accuracy"):
+            accuracy = float(line.split()[2])
+    return {"wall_seconds": wall, "peak_memory_mb": memory.peak_bytes / 2**20,
+            "test_accuracy": accuracy, "stdout": stdout}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ plain loop
+def _plain_fold(job: tuple) -> object:
+    from pipeline.resources import set_blas_threads
+    from pipeline.training import load_configured_dataset, train_fold
+
+    config, l2_lambda, fold, blas = job
+    set_blas_threads(blas)
+    return train_fold(config, load_configured_dataset(config.data), l2_lambda, fold)
+
+
+def run_plain(config) -> dict:
+    """The same pipeline functions, the same parallelism, no Prefect and no MLflow."""
+    from pipeline.resources import cpu_count, set_blas_threads
+    from pipeline.selection import cv_table, select_lambda
+    from pipeline.training import load_configured_dataset, predict_test, train_final
+
+    started = time.perf_counter()
+    cores = cpu_count()
+    workers = config.execution.resolved_workers(cores)
+    blas = config.execution.resolved_blas_threads(cores)
+    jobs = [(config, lam, f, blas) for lam in config.cv.lambdas for f in range(config.cv.folds)]
+    with get_context("spawn").Pool(workers) as pool:
+        results = pool.map(_plain_fold, jobs, chunksize=1)
+    table = cv_table(results)
+    best = select_lambda(table)
+    set_blas_threads(cores)
+    dataset = load_configured_dataset(config.data)
+    final = train_final(config, dataset, best)
+    evaluation, _ = predict_test(final, dataset)
+    return {"wall_seconds": time.perf_counter() - started, "test_accuracy": evaluation.accuracy,
+            "best_l2_lambda": best}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ scikit-learn
+def run_sklearn(config) -> dict:
+    """GridSearchCV(MLPClassifier) on the same grid, folds and epochs (2 jobs, 1 thread each)."""
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.data import Normalizer
+    from pipeline.folds import make_folds
+    from pipeline.training import load_configured_dataset
+
+    dataset = load_configured_dataset(config.data)
+    cv = config.cv
+    folds = make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify,
+                       seed=cv.seed)  # fmt: skip
+    test_fold = np.empty(dataset.y_train.size, dtype=int)
+    for index, members in enumerate(folds):
+        test_fold[members] = index
+    normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
+    X = normalizer.transform(dataset.X_train, dtype="float32")
+    X_test = normalizer.transform(dataset.X_test, dtype="float32")
+    train = config.training
+    # sklearn adds alpha / (2 n_batch) ||W||^2 to each batch's mean loss: alpha = lambda * batch.
+    alphas = [lam * train.batch_size for lam in cv.lambdas]
+    model = MLPClassifier(
+        hidden_layer_sizes=tuple(config.model.hidden_sizes),
+        solver="sgd",
+        momentum=train.momentum,
+        nesterovs_momentum=train.optimizer == "nesterov",
+        learning_rate_init=train.lr,
+        batch_size=train.batch_size,
+        max_iter=train.epochs,
+        n_iter_no_change=train.epochs + 1,
+        tol=0.0,
+        shuffle=True,
+        random_state=cv.seed,
+    )
+    search = GridSearchCV(model, {"alpha": alphas}, cv=PredefinedSplit(test_fold), n_jobs=2,
+                          refit=True, scoring="accuracy")  # fmt: skip
+    started = time.perf_counter()
+    with threadpool_limits(1):
+        search.fit(X, dataset.y_train)
+    wall = time.perf_counter() - started
+    return {
+        "wall_seconds": wall,
+        "test_accuracy": float(search.score(X_test, dataset.y_test)),
+        "best_l2_lambda": search.best_params_["alpha"] / train.batch_size,
+        "cv_best_mean_val_accuracy": float(search.best_score_),
+    }
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_data = os.environ.get("MLP_PIPELINE_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=default_data)
+    parser.add_argument("--parts", default="run,plain,sequential,sklearn")
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--set", action="append", default=[], dest="overrides")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+
+    from pipeline.config import parse_set_options, resolve_config
+
+    overrides = {"data.data_dir": str(Path(args.data_dir).resolve()), "data.download": False}
+    overrides.update(parse_set_options(args.overrides))
+    config = resolve_config(args.preset, None, overrides)
+    cli = ["run", "--preset", args.preset, "--data-dir", overrides["data.data_dir"]]
+    for item in args.overrides:
+        cli += ["--set", item]
+    figures: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp:
+        for part in parts:
+            workdir = Path(tmp) / part
+            workdir.mkdir()
+            print(f"--- {part}", flush=True)
+            if part == "run":
+                figures[part] = run_cli(cli, workdir)
+            elif part == "sequential":
+                figures[part] = run_cli([*cli, "--runner", "sequential"], workdir)
+            elif part == "plain":
+                os.chdir(workdir)
+                figures[part] = run_plain(config)
+            elif part == "sklearn":
+                figures[part] = run_sklearn(config)
+            shown = {k: v for k, v in figures[part].items() if k != "stdout"}
+            print(json.dumps(shown, indent=1), flush=True)
+    if "run" in figures:
+        print(figures["run"]["stdout"])
+
+    print("\nsummary (targets from the issue)")
+    run = figures.get("run")
+    if run:
+        print(f"  default preset wall time: {run['wall_seconds']:.0f} s (<= 360 s)")
+        print(f"  test accuracy: {100 * run['test_accuracy']:.2f}% (>= 98.0%)")
+        print(f"  peak memory (process tree): {run['peak_memory_mb']:.0f} MB (<= 2048 MB)")
+    if run and "plain" in figures:
+        overhead = run["wall_seconds"] / figures["plain"]["wall_seconds"] - 1
+        print(f"  Prefect + MLflow overhead over a plain loop: {100 * overhead:.1f}% (<= 10%)")
+    if run and "sequential" in figures:
+        speedup = figures["sequential"]["wall_seconds"] / run["wall_seconds"]
+        print(f"  process runner speed-up over sequential: {speedup:.2f}x (>= 1.7x)")
+    if run and "sklearn" in figures:
+        sk = figures["sklearn"]
+        print(
+            f"  GridSearchCV(MLPClassifier): {sk['wall_seconds']:.0f} s, test accuracy "
+            f"{100 * sk['test_accuracy']:.2f}% (ours: faster and at least as accurate)"
+        )
+
+
+if __name__ == "__main__":
+    main()
