@@ -78,6 +78,10 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     cfg = _credentials_to_environment(cfg)
     load_data_checked(cfg)
     check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    if cfg.execution.runner == "dask" and cfg.execution.dask_address:
+        from flows.runners import check_scheduler_reachable
+
+        check_scheduler_reachable(cfg.execution.dask_address)
     _hide_known_failures_on_console()
 
     flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]

@@ -45,7 +45,7 @@ def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
             "runner 'dask' needs the dask extra: pip install 'mlp-pipeline[dask]'"
         ) from None
     if execution.dask_address:
-        _check_scheduler_reachable(execution.dask_address)
+        check_scheduler_reachable(execution.dask_address)
         return DaskTaskRunner(address=execution.dask_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -61,7 +61,7 @@ def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:
     )
 
 
-def _check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
+def check_scheduler_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in one line when nothing listens at a tcp/tls scheduler address.
 
     Otherwise the Dask client retries for 30 s and ends with a traceback.
