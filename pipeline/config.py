@@ -353,6 +353,8 @@ def _assign(values: dict[str, Any], dotted: str, value: Any, source: str | Path 
     if key not in values[section]:
         known = ", ".join(type(getattr(PipelineConfig(), section)).model_fields)
         raise ConfigError(f"{where}unknown setting {dotted!r}; {section} has: {known}")
+    if isinstance(values[section][key], list) and value is not None and not isinstance(value, list):
+        value = [value]  # --set cv.lambdas=1e-3 or model.hidden_sizes=64: a list of one
     values[section][key] = value
 
 
