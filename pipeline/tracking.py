@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import plots
-from pipeline.errors import PipelineError, TrackingError
+from pipeline.errors import DataError, PipelineError, TrackingError
 from pipeline.results import Evaluation, FoldResult
 
 DEFAULT_STORE_DIR = "mlruns"
@@ -281,9 +281,15 @@ def _package_version() -> str:
 
 
 def _git_commit() -> str | None:
+    """The commit of the code that runs (an editable checkout), not of the working directory."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -728,6 +734,41 @@ def load_model_for_eval(uri: str, tracking_uri: str | None = None) -> Any:
     check_tracking_uri(resolved)
     try:
         with _fluent_tracking_uri(resolved):
-            return mlflow.pyfunc.load_model(uri)
+            return CheckedModel(mlflow.pyfunc.load_model(uri))
     except (MlflowException, OSError) as exc:
         raise PipelineError(f"cannot load model {uri!r}: {_one_line(exc)}") from None
+
+
+class CheckedModel:
+    """A loaded pyfunc model whose input errors are one-line :class:`DataError` s.
+
+    MLflow enforces the logged signature (float32, shape (-1, 784)) before the model's own
+    checks run, and reports a mismatch as a multi-line ``MlflowException`` quoting the data.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._model.predict(data, params=params)
+        except MlflowException as exc:
+            if "enforce schema" not in str(exc):
+                raise
+            array = np.asarray(data)
+            raise DataError(
+                f"model input rejected: expected {self._expected()}, "
+                f"got dtype {array.dtype} and shape {array.shape}"
+            ) from None
+
+    def _expected(self) -> str:
+        schema = self._model.metadata.get_input_schema()
+        specs = schema.inputs if schema is not None else []
+        if len(specs) == 1 and hasattr(specs[0], "shape"):
+            return f"dtype {specs[0].type} and shape {specs[0].shape}"
+        return f"the signature {schema}"

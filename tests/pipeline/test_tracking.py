@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import pipeline.tracking
 from mlp import MLP, fit
 from pipeline.config import preset
 from pipeline.data import load_dataset
@@ -246,7 +247,10 @@ def test_parent_run_params_and_tags(recorded, client):
     assert params["model.hidden_sizes"] == "[64]"
     assert params["dataset.name"] == "mnist" and len(params["dataset.fingerprint"]) > 8
     assert "package.version" in params
-    in_git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, check=False)
+    code_dir = Path(pipeline.tracking.__file__).resolve().parent
+    in_git = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, check=False, cwd=code_dir
+    )
     assert ("git.commit" in params) == (in_git.returncode == 0), "git.commit iff in a checkout"
     assert os.environ.get("MLFLOW_TRACKING_URI") == recorded.env_before, "env var restored"
     assert mlflow.active_run() is None, "no fluent run left active"
