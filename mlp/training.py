@@ -250,8 +250,11 @@ def fit(
             "seconds": seconds,
         }
         if has_val:
-            logits = net.forward(X_val)
-            record["val_loss"] = float(-_log_softmax_picked(logits, y_val).mean(dtype=np.float64))
+            # Huge (still finite) weights can overflow here; the next epoch's check catches it.
+            with np.errstate(over="ignore", invalid="ignore"):
+                logits = net.forward(X_val)
+                picked = _log_softmax_picked(logits, y_val)
+            record["val_loss"] = float(-picked.mean(dtype=np.float64))
             record["val_accuracy"] = float(np.mean(logits.argmax(axis=1) == y_val))
             if record["val_loss"] < best_loss:
                 best_loss, bad_epochs = record["val_loss"], 0
