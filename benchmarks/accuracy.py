@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import platform
 import statistics
 import sys
@@ -115,7 +116,7 @@ def describe(config: PipelineConfig, l2: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        "/work/shared/data"))  # fmt: skip
+                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--l2", type=float, default=DEFAULT_L2, help="lambda of the model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from pathlib import Path
 import platform
 import statistics
 import sys
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        "/work/shared/data"))  # fmt: skip
+                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
     parser.add_argument("--contenders", default="ours,torch,sklearn")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--profile", action="store_true", help="also profile our engine per op")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import platform
 import sys
 import time
@@ -88,7 +89,7 @@ def _final_task(args: tuple[str, PipelineConfig, float]) -> tuple[str, float, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        "/work/shared/data"))  # fmt: skip
+                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 20 CV / 30 final / 50 two-layer steps"
     )
