@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 import platform
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np

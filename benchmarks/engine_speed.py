@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from pathlib import Path
 import platform
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
