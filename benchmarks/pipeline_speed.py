@@ -3,7 +3,8 @@
 Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final + test):
 
 - ``run``: ``mlp-pipeline run`` as a user runs it (process runner, temporary Prefect server,
-  SQLite MLflow store): wall time, peak memory of the whole process tree, test accuracy;
+  a new SQLite MLflow store): wall time, peak memory of the whole process tree, test accuracy;
+- ``warm``: the same as a second run, on the store the first one created (fresh fold cache);
 - ``plain``: the same pipeline functions (``train_fold``, ``cv_table``, ``select_lambda``,
   ``train_final``, ``predict_test``) in a plain ``multiprocessing`` pool with the same workers
   and BLAS threads, no Prefect, no MLflow: the overhead of orchestration and tracking is
@@ -219,6 +220,10 @@ def main() -> None:
             print(f"--- {part}", flush=True)
             if part == "run":
                 figures[part] = run_cli(cli, workdir)
+            elif part == "warm":
+                # A user's second run: the MLflow store exists; fresh fold cache, so all trains.
+                run_cli([*cli, "--set", "execution.cache_dir=first-cache"], workdir)
+                figures[part] = run_cli(cli, workdir)
             elif part == "sequential":
                 figures[part] = run_cli([*cli, "--runner", "sequential"], workdir)
             elif part == "plain":
@@ -237,9 +242,15 @@ def main() -> None:
         print(f"  default preset wall time: {run['wall_seconds']:.0f} s (<= 360 s)")
         print(f"  test accuracy: {100 * run['test_accuracy']:.2f}% (>= 98.0%)")
         print(f"  peak memory (process tree): {run['peak_memory_mb']:.0f} MB (<= 2048 MB)")
-    if run and "plain" in figures:
-        overhead = run["wall_seconds"] / figures["plain"]["wall_seconds"] - 1
-        print(f"  Prefect + MLflow overhead over a plain loop: {100 * overhead:.1f}% (<= 10%)")
+    for name in ("run", "warm"):
+        if name in figures and "plain" in figures:
+            overhead = figures[name]["wall_seconds"] / figures["plain"]["wall_seconds"] - 1
+            print(
+                f"  Prefect + MLflow overhead over a plain loop ({name}): "
+                f"{100 * overhead:.1f}% (<= 10%)"
+            )
+    if "warm" in figures:
+        print(f"  second run on an existing store: {figures['warm']['wall_seconds']:.0f} s")
     if run and "sequential" in figures:
         speedup = figures["sequential"]["wall_seconds"] / run["wall_seconds"]
         print(f"  process runner speed-up over sequential: {speedup:.2f}x (>= 1.7x)")

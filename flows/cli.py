@@ -71,7 +71,7 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
 
     signal.signal(signal.SIGTERM, _terminate)
     from flows.pipeline_flow import cv_flow, load_data_checked, mlp_pipeline
-    from pipeline.tracking import check_tracking_uri, resolve_tracking_uri
+    from pipeline.tracking import check_tracking_uri, prepare_store, resolve_tracking_uri
 
     # Fail on bad data or an unreachable store here, with one line, before Prefect starts: the
     # dataset is memoized, so the flow's own load costs nothing more.
@@ -85,7 +85,11 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     _hide_known_failures_on_console()
 
     flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
-    with prefect_api(), reporting(ConsoleReporter(enabled=progress)):
+    # A new MLflow store takes seconds to create: overlap that with the Prefect server's boot.
+    with (
+        prefect_api(while_starting=lambda: prepare_store(cfg.tracking)),
+        reporting(ConsoleReporter(enabled=progress)),
+    ):
         return flow_fn(cfg)
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
@@ -134,59 +135,61 @@ def _flow_tags() -> dict[str, str]:
     }
 
 
+def _cross_validate(
+    config: PipelineConfig, dataset: Dataset, recorder: ResilientRecorder, flow_name: str
+) -> tuple[str, Sweep, pd.DataFrame, float]:
+    """Open the parent run, sweep every (lambda, fold), aggregate, choose lambda, record."""
+    parent = recorder.start(
+        config, dataset.name, dataset.fingerprint, tags={**_flow_tags(), "flow": flow_name}
+    )
+    sweep = run_sweep(config, dataset, recorder)
+    table = cv_table_task(sweep.results)
+    best = select_lambda_task(table)
+    get_run_logger().info("best lambda %g", best)
+    recorder.log_cv_summary(table, best)
+    return parent, sweep, table, best
+
+
+def _summary(
+    parent: str, sweep: Sweep, table: pd.DataFrame, best: float, wall: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "mlflow_run_id": parent,
+        "best_l2_lambda": best,
+        "cv_table": table.to_dict(orient="records"),
+        **extra,
+        "trained_folds": sweep.trained,
+        "cached_folds": sweep.cached,
+        "worker_restarts": sweep.worker_restarts,
+        "wall_seconds": wall,
+    }
+
+
 @flow(name="cv", log_prints=False)
 def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
     """Cross-validate every lambda and record the CV table (no final model)."""
     started = time.perf_counter()
     dataset = load_data(config)
     with _recorder(config) as recorder:
-        parent = recorder.start(
-            config, dataset.name, dataset.fingerprint, tags={**_flow_tags(), "flow": "cv"}
-        )
-        sweep = run_sweep(config, dataset, recorder)
-        table = cv_table_task(sweep.results)
-        best = select_lambda_task(table)
-        recorder.log_cv_summary(table, best)
+        parent, sweep, table, best = _cross_validate(config, dataset, recorder, "cv")
         wall = time.perf_counter() - started
         recorder.log_metrics_summary(wall)
-    summary = {
-        "mlflow_run_id": parent,
-        "best_l2_lambda": best,
-        "cv_table": table.to_dict(orient="records"),
-        "trained_folds": sweep.trained,
-        "cached_folds": sweep.cached,
-        "worker_restarts": sweep.worker_restarts,
-        "wall_seconds": wall,
-    }
-    return _finish_offline(recorder, config, summary)
+    return _finish_offline(recorder, config, _summary(parent, sweep, table, best, wall))
 
 
 @flow(name="mlp-pipeline", log_prints=False)
 def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
     """The whole workflow: cross-validated lambda, final model, test evaluation, MLflow record."""
     started = time.perf_counter()
-    logger = get_run_logger()
     dataset = load_data(config)
     with _recorder(config) as recorder:
-        parent = recorder.start(
-            config,
-            dataset.name,
-            dataset.fingerprint,
-            tags={**_flow_tags(), "flow": "mlp-pipeline"},
-        )
-        sweep = run_sweep(config, dataset, recorder)
-        table = cv_table_task(sweep.results)
-        best = select_lambda_task(table)
-        logger.info("best lambda %g", best)
-        recorder.log_cv_summary(table, best)
-
+        parent, sweep, table, best = _cross_validate(config, dataset, recorder, "mlp-pipeline")
         # The pool is gone now: the final model may use every core.
         set_blas_threads(cpu_count())
-        epochs = config.training.resolved_final_epochs
-        reporter().final_started(epochs, best)
+        reporter().final_started(config.training.resolved_final_epochs, best)
         final = train_final_task(config, dataset, best, callback=reporter().final_epoch)
         evaluation, predicted = evaluate_task(final, dataset)
-        logger.info("test accuracy %.4f", evaluation.accuracy)
+        get_run_logger().info("test accuracy %.4f", evaluation.accuracy)
         record = recorder.log_final(
             final.network,
             final.normalizer,
@@ -199,18 +202,16 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
         )
         wall = time.perf_counter() - started
         recorder.log_metrics_summary(wall)
-    summary = {
-        "mlflow_run_id": parent,
-        "best_l2_lambda": best,
-        "cv_table": table.to_dict(orient="records"),
-        "test_accuracy": evaluation.accuracy,
-        "test_loss": evaluation.loss,
-        "model_uri": record.model_uri if record else None,
-        "registered_version": record.registered_version if record else None,
-        "champion": record.champion if record else False,
-        "trained_folds": sweep.trained,
-        "cached_folds": sweep.cached,
-        "worker_restarts": sweep.worker_restarts,
-        "wall_seconds": wall,
-    }
+    summary = _summary(
+        parent,
+        sweep,
+        table,
+        best,
+        wall,
+        test_accuracy=evaluation.accuracy,
+        test_loss=evaluation.loss,
+        model_uri=record.model_uri if record else None,
+        registered_version=record.registered_version if record else None,
+        champion=record.champion if record else False,
+    )
     return _finish_offline(recorder, config, summary, final)

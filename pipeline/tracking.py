@@ -216,6 +216,31 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def prepare_store(tracking_config: Any) -> None:
+    """Create the store's schema and the experiment now (the recorder then finds them ready).
+
+    Raises :class:`TrackingError` with one line when the store cannot be used.
+    """
+    uri = resolve_tracking_uri(tracking_config.tracking_uri)
+    check_tracking_uri(uri)
+    try:
+        _open_store(uri, tracking_config.experiment)
+    except Exception as exc:  # MlflowException, OSError, SQLAlchemy errors of a broken file
+        raise TrackingError(
+            f"cannot use MLflow store {redact_uri(uri)}: {_one_line(exc)}"
+        ) from None
+
+
+def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
+    """A client and the experiment's id; first use of a SQLite store creates its schema."""
+    with _store_setup_lock(uri):
+        client = _client(uri)
+        # First use creates the tracking and the registry schema: both under the lock.
+        client.search_registered_models(max_results=1)
+        experiment_id = get_or_create_experiment(client, experiment, default_artifact_location(uri))
+    return client, experiment_id
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with ``artifact_location``) or restored if needed."""
     experiment = client.get_experiment_by_name(name)
@@ -415,15 +440,9 @@ class PipelineRecorder:
         check_tracking_uri(self.tracking_uri)
         where = redact_uri(self.tracking_uri)
         try:
-            with _store_setup_lock(self.tracking_uri):
-                self.client = _client(self.tracking_uri)
-                # First use creates the tracking and the registry schema: both under the lock.
-                self.client.search_registered_models(max_results=1)
-                self.experiment_id = get_or_create_experiment(
-                    self.client,
-                    self.tracking_config.experiment,
-                    default_artifact_location(self.tracking_uri),
-                )
+            self.client, self.experiment_id = _open_store(
+                self.tracking_uri, self.tracking_config.experiment
+            )
             self.stale_run_ids = _mark_stale(self.client, self.experiment_id)
             run = self.client.create_run(
                 self.experiment_id,

@@ -18,6 +18,18 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "interrupt-test"
 
 
+def _sweep_args(
+    data_dir: Path, tracking_uri: str, cache: Path, runner="thread", workers=1, n=8000
+) -> list[str]:
+    """`mlp-pipeline cv` of 8 trainings (4 lambdas x 2 folds) on ``n`` real MNIST images."""
+    return [
+        "cv", "--dataset", "mnist", "--data-dir", str(data_dir), "--limit-train", str(n),
+        "--hidden", "64", "--epochs", "3", "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2",
+        "--runner", runner, "--workers", str(workers), "--tracking-uri", tracking_uri,
+        "--experiment", EXPERIMENT, "--set", f"execution.cache_dir={cache}", "--no-progress",
+    ]  # fmt: skip
+
+
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
@@ -40,13 +52,7 @@ def _finished_cv_runs(client: MlflowClient) -> int:
 def test_sigterm_ends_runs_killed_and_rerun_resumes(
     shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
-    args = [
-        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
-        "--limit-train", "8000", "--hidden", "64", "--epochs", "3",
-        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "thread",
-        "--workers", "1", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
-        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
-    ]  # fmt: skip
+    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache")
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
 
@@ -89,13 +95,7 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
 def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
     shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
-    args = [
-        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
-        "--limit-train", "8000", "--hidden", "64", "--epochs", "3",
-        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "thread",
-        "--workers", "1", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
-        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
-    ]  # fmt: skip
+    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache")
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
 
@@ -183,13 +183,9 @@ def test_two_pipelines_at_once_share_one_store(
 def test_sigterm_stops_process_workers_too(
     shared_data_dir, prefect_api_url, tmp_path, tracking_uri, pool_workers, reliability_log
 ):
-    args = [
-        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
-        "--limit-train", "20000", "--hidden", "64", "--epochs", "3",
-        "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2", "--runner", "process",
-        "--workers", "2", "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
-        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
-    ]  # fmt: skip
+    args = _sweep_args(
+        shared_data_dir, tracking_uri, tmp_path / "cache", runner="process", workers=2, n=20000
+    )
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
     pipeline = _cli(args, tmp_path, env)
