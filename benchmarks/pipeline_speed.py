@@ -9,7 +9,7 @@ Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final +
   ``train_final``, ``predict_test``) in a plain ``multiprocessing`` pool with the same workers
   and BLAS threads, no Prefect, no MLflow: the overhead of orchestration and tracking is
   ``run / plain - 1``;
-- ``sequential``: ``mlp-pipeline run --runner sequential``: the speed-up of the process runner;
+- ``sequential``, ``thread``, ``dask``: ``mlp-pipeline run --runner ...``: which runner is fastest;
 - ``sklearn``: ``GridSearchCV(MLPClassifier)`` on the same lambda grid (sklearn's ``alpha`` is
   scaled to match our L2 convention), the same folds and epochs, ``n_jobs=2``.
 
@@ -224,8 +224,8 @@ def main() -> None:
                 # A user's second run: the MLflow store exists; fresh fold cache, so all trains.
                 run_cli([*cli, "--set", "execution.cache_dir=first-cache"], workdir)
                 figures[part] = run_cli(cli, workdir)
-            elif part == "sequential":
-                figures[part] = run_cli([*cli, "--runner", "sequential"], workdir)
+            elif part in ("sequential", "thread", "dask"):
+                figures[part] = run_cli([*cli, "--runner", part], workdir)
             elif part == "plain":
                 os.chdir(workdir)
                 figures[part] = run_plain(config)
@@ -251,6 +251,12 @@ def main() -> None:
             )
     if "warm" in figures:
         print(f"  second run on an existing store: {figures['warm']['wall_seconds']:.0f} s")
+    for runner in ("thread", "dask"):
+        if run and runner in figures:
+            ratio = figures[runner]["wall_seconds"] / run["wall_seconds"]
+            print(
+                f"  {runner} runner: {figures[runner]['wall_seconds']:.0f} s ({ratio:.2f}x process)"
+            )
     if run and "sequential" in figures:
         speedup = figures["sequential"]["wall_seconds"] / run["wall_seconds"]
         print(f"  process runner speed-up over sequential: {speedup:.2f}x (>= 1.7x)")

@@ -421,11 +421,13 @@ def test_context_manager_ends_runs(store_uri, client, exception, status):
         assert parent.data.tags["error"] == "RuntimeError: boom second line"
 
 
-def test_stale_runs_of_dead_processes_are_marked_failed(store_uri, client):
+def test_stale_runs_of_dead_processes_are_marked_failed(store_uri, client, tmp_path_factory):
     config = _config(store_uri, "stale")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    experiment_id = client.create_experiment("stale")
+    # An explicit location: the default is relative to where the store was first opened.
+    location = (tmp_path_factory.mktemp("stale") / "artifacts").as_uri()
+    experiment_id = client.create_experiment("stale", artifact_location=location)
     tags = {"host": socket.gethostname()}
     stale = client.create_run(experiment_id, tags={**tags, "pid": str(dead.pid)}).info.run_id
     alive = client.create_run(experiment_id, tags={**tags, "pid": str(os.getpid())}).info.run_id
