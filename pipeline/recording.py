@@ -9,12 +9,15 @@ nothing is lost and the exit code says the run was not recorded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +30,31 @@ from pipeline.results import FoldResult
 from pipeline.tracking import PipelineRecorder, check_tracking_uri, redact_uri
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them.
+
+    A signal handled in the middle of a SQLite write (Prefect's SIGTERM handler raises inside
+    whatever runs) leaves that connection holding the database lock, so ending the runs as
+    KILLED then fails with "database is locked" and they stay RUNNING. Writes are short: the
+    signal waits for the one in progress, then acts as usual.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be swapped (and only run) in the main thread
+        return
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    for signum in signums:
+        signal.signal(signum, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 class NotRecordedError(PipelineError):
@@ -83,13 +111,15 @@ class ResilientRecorder:
             # report. Leave the parent alone: the next execution marks it FAILED.
             return False
         try:
-            return self.recorder.__exit__(exc_type, exc, traceback)
+            with deferred_signals():
+                return self.recorder.__exit__(exc_type, exc, traceback)
         except Exception as error:  # noqa: BLE001 -- the original exception matters more
             logger.warning("could not end the MLflow runs: %s", error)
             return False
 
     def start(self, *args: Any, **kwargs: Any) -> str:
-        return self.recorder.start(*args, **kwargs)
+        with deferred_signals():
+            return self.recorder.start(*args, **kwargs)
 
     @property
     def offline(self) -> bool:
@@ -121,7 +151,8 @@ class ResilientRecorder:
         delay = self.backoff_seconds
         for attempt in range(1, self.attempts + 1):
             try:
-                return getattr(self.recorder, name)(*args, **kwargs)
+                with deferred_signals():
+                    return getattr(self.recorder, name)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 -- any store failure: retry, then queue
                 self.last_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
                 logger.warning(
@@ -142,7 +173,8 @@ class ResilientRecorder:
         pending, self.queued = self.queued, []
         for position, (name, args, kwargs) in enumerate(pending):
             try:
-                getattr(self.recorder, name)(*args, **kwargs)
+                with deferred_signals():
+                    getattr(self.recorder, name)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.queued = pending[position:]
