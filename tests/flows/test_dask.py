@@ -21,7 +21,7 @@ import pytest
 
 from flows.pipeline_flow import cv_flow
 from flows.runners import make_task_runner
-from pipeline.config import ExecutionConfig, PipelineConfig, build_config
+from pipeline.config import ExecutionConfig, PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.resources import blas_threads
 from pipeline.training import _load_configured
@@ -36,26 +36,15 @@ LAMBDAS = [1e-4, 1e-2]
 FOLDS = 2
 
 
-def small_config(data_dir: Path, tmp_path: Path, tracking_uri: str, **extra) -> PipelineConfig:
-    """The real-MNIST subset of test_pipeline_flow.py: about a second per training."""
-    overrides = {
-        "data.dataset": "mnist",
-        "data.data_dir": str(data_dir),
-        "data.download": False,
-        "data.limit_train": 3000,
-        "data.limit_test": 500,
-        "model.hidden_sizes": [32],
-        "training.epochs": 1,
-        "cv.lambdas": LAMBDAS,
-        "cv.folds": FOLDS,
-        "execution.runner": "thread",
-        "execution.workers": 2,
-        "execution.cache_dir": str(tmp_path / "cache"),
-        "tracking.tracking_uri": tracking_uri,
-        "tracking.experiment": "test-dask",
-    }
-    overrides.update(extra)
-    return build_config(overrides=overrides)
+@pytest.fixture(scope="module")
+def dask_config(small_config):
+    """The flow tests' tiny config, one epoch, in its own experiment."""
+
+    def make(data_dir: Path, tmp_path: Path, tracking_uri: str, **extra) -> PipelineConfig:
+        extra = {"training.epochs": 1, "tracking.experiment": "test-dask", **extra}
+        return small_config(data_dir, tmp_path, tracking_uri, **extra)
+
+    return make
 
 
 def _free_port() -> int:
@@ -135,19 +124,19 @@ def _cv_table(config: PipelineConfig) -> tuple[pd.DataFrame, dict]:
 
 
 @pytest.fixture(scope="module")
-def thread_table(shared_data_dir, prefect_api_url, tmp_path_factory) -> pd.DataFrame:
+def thread_table(shared_data_dir, prefect_api_url, tmp_path_factory, dask_config) -> pd.DataFrame:
     """The reference: the same sweep on the thread runner."""
     tmp_path = tmp_path_factory.mktemp("thread")
-    config = small_config(shared_data_dir, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = dask_config(shared_data_dir, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     table, summary = _cv_table(config)
     assert summary["trained_folds"] == len(LAMBDAS) * FOLDS, summary
     return table
 
 
 def test_external_cluster_matches_thread_runner_and_resumes(
-    shared_data_dir, dask_cluster, cluster_client, thread_table, tmp_path, tracking_uri
+    shared_data_dir, dask_cluster, cluster_client, thread_table, tmp_path, tracking_uri, dask_config
 ):
-    config = small_config(
+    config = dask_config(
         shared_data_dir,
         tmp_path,
         tracking_uri,
@@ -184,9 +173,9 @@ def test_external_cluster_matches_thread_runner_and_resumes(
 
 
 def test_local_cluster_matches_thread_runner(
-    shared_data_dir, prefect_api_url, thread_table, tmp_path, tracking_uri
+    shared_data_dir, prefect_api_url, thread_table, tmp_path, tracking_uri, dask_config
 ):
-    config = small_config(
+    config = dask_config(
         shared_data_dir,
         tmp_path,
         tracking_uri,
@@ -228,10 +217,10 @@ def _kill_a_busy_worker(
 
 
 def test_sweep_survives_a_killed_worker(
-    shared_data_dir, dask_cluster, cluster_client, tmp_path, tracking_uri
+    shared_data_dir, dask_cluster, cluster_client, tmp_path, tracking_uri, dask_config
 ):
     lambdas = [1e-5, 1e-4, 1e-3]
-    config = small_config(
+    config = dask_config(
         shared_data_dir,
         tmp_path,
         tracking_uri,

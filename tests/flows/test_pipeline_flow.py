@@ -12,7 +12,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline_flow import cv_flow, mlp_pipeline
-from pipeline.config import PipelineConfig, build_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,31 +20,8 @@ FOLDS = 2
 EPOCHS = 2
 
 
-def small_config(data_dir: Path, tmp_path: Path, tracking_uri: str, **extra) -> PipelineConfig:
-    """A real-MNIST subset small enough for seconds per training."""
-    overrides = {
-        "data.dataset": "mnist",
-        "data.data_dir": str(data_dir),
-        "data.download": False,
-        "data.limit_train": 3000,
-        "data.limit_test": 500,
-        "model.hidden_sizes": [32],
-        "training.epochs": EPOCHS,
-        "training.final_epochs": 3,
-        "cv.lambdas": LAMBDAS,
-        "cv.folds": FOLDS,
-        "execution.runner": "thread",
-        "execution.workers": 2,
-        "execution.cache_dir": str(tmp_path / "cache"),
-        "tracking.tracking_uri": tracking_uri,
-        "tracking.experiment": "test-pipeline",
-    }
-    overrides.update(extra)
-    return build_config(overrides=overrides)
-
-
 @pytest.fixture(scope="module")
-def pipeline_run(shared_data_dir, prefect_api_url, tmp_path_factory):
+def pipeline_run(shared_data_dir, prefect_api_url, tmp_path_factory, small_config):
     """One whole pipeline execution shared by the record checks below."""
     tmp_path = tmp_path_factory.mktemp("pipeline")
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
@@ -151,7 +127,9 @@ def test_logged_model_predicts_labels(pipeline_run, shared_data_dir):
         assert accuracy == pytest.approx(summary["test_accuracy"]), (model_uri, accuracy)
 
 
-def test_process_runner_matches_thread_runner(shared_data_dir, prefect_api_url, tmp_path):
+def test_process_runner_matches_thread_runner(
+    shared_data_dir, prefect_api_url, tmp_path, small_config
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tables = {}
     for runner in ("thread", "process"):
@@ -167,7 +145,9 @@ def test_process_runner_matches_thread_runner(shared_data_dir, prefect_api_url, 
     pd.testing.assert_frame_equal(tables["thread"], tables["process"])
 
 
-def test_rerun_skips_completed_folds(shared_data_dir, prefect_api_url, tmp_path, tracking_uri):
+def test_rerun_skips_completed_folds(
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, small_config
+):
     # A first execution that only got through lambda 1e-4 (as if it had been interrupted).
     partial = small_config(
         shared_data_dir, tmp_path, tracking_uri, **{"cv.lambdas": [1e-4], "training.epochs": 1}
