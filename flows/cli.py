@@ -75,7 +75,6 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
 
     # Fail on bad data or an unreachable store here, with one line, before Prefect starts: the
     # dataset is memoized, so the flow's own load costs nothing more.
-    cfg = _credentials_to_environment(cfg)
     load_data_checked(cfg)
     check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
     if cfg.execution.runner == "dask" and cfg.execution.dask_address:
@@ -119,25 +118,6 @@ def _hide_known_failures_on_console() -> None:
                 isinstance(f, _KnownFailureFilter) for f in handler.filters
             ):
                 handler.addFilter(_KnownFailureFilter())
-
-
-def _credentials_to_environment(cfg: PipelineConfig) -> PipelineConfig:
-    """Move ``user:password@`` out of the tracking URI into MLflow's environment variables.
-
-    The config is the flow's parameter: Prefect stores and displays it, so it must not carry
-    secrets. MLflow reads ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` itself.
-    """
-    from urllib.parse import unquote, urlsplit
-
-    from pipeline.tracking import redact_uri
-
-    uri = cfg.tracking.tracking_uri
-    if not uri or "@" not in urlsplit(uri).netloc:
-        return cfg
-    parts = urlsplit(uri)
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-    return cfg.replace({"tracking.tracking_uri": redact_uri(uri)})
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:

@@ -123,7 +123,13 @@ def config_from_options(
 ) -> PipelineConfig:
     overrides = parse_set_options(set_ or [])
     overrides.update(_overrides(**flags))
-    return resolve_config(preset, config, overrides)
+    cfg = resolve_config(preset, config, overrides)
+    from pipeline.tracking import credentials_to_environment  # matplotlib, pandas: lazily
+
+    # Every command (run, serve, train...) builds its config here: secrets leave it here too.
+    uri = cfg.tracking.tracking_uri
+    safe_uri = credentials_to_environment(uri)
+    return cfg if safe_uri == uri else cfg.replace({"tracking.tracking_uri": safe_uri})
 
 
 # ----------------------------------------------------------------------------- train

@@ -93,6 +93,21 @@ def redact_uri(uri: str) -> str:
     return redacted
 
 
+def credentials_to_environment(uri: str | None) -> str | None:
+    """Move ``user:password@`` out of a tracking URI into MLflow's environment variables.
+
+    Configs are stored and shown (Prefect flow parameters, deployments, ``config.json``), so
+    they must not carry secrets; MLflow reads ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` itself. Returns the URI without credentials.
+    """
+    if not uri or "@" not in urllib.parse.urlsplit(uri).netloc:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    return redact_uri(uri)
+
+
 def default_artifact_location(uri: str) -> str | None:
     """Where a new experiment's artifacts go: next to a SQLite store, else the server's choice.
 

@@ -264,3 +264,18 @@ def test_data_info_on_empty_dir_reports_missing(capsys, tmp_path, monkeypatch):
     # Assert
     assert code == 0, f"info on an empty folder should still exit 0; stderr: {err}"
     assert "missing" in out, f"missing files should be reported:\n{out}"
+
+
+def test_credentials_leave_the_config_of_every_command(monkeypatch):
+    # Registered with monkeypatch so the variables are restored after the test.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "before")
+    from pipeline.cli import config_from_options
+
+    cfg = config_from_options(
+        None, None, ["tracking.tracking_uri=http://bob:p%40ss@127.0.0.1:5000"]
+    )
+
+    assert cfg.tracking.tracking_uri == "http://127.0.0.1:5000", cfg.tracking
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
