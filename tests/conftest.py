@@ -88,3 +88,34 @@ def reliability_log():
                 handle.write(json.dumps({"fault": fault, **figures}) + "\n")
 
     return log
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run the ``mlp-pipeline`` entry point in this process: ``cli(argv) -> (code, out, err)``.
+
+    ``main()`` quiets libraries through ``os.environ`` and the mlflow logger; both are restored
+    after the test.
+    """
+    import logging
+
+    from flows.cli import main  # the console script: every command registered
+
+    saved_env = dict(os.environ)
+    mlflow_logger = logging.getLogger("mlflow")
+    saved_level = mlflow_logger.level
+
+    def invoke(argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield invoke
+    os.environ.clear()
+    os.environ.update(saved_env)
+    mlflow_logger.setLevel(saved_level)

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flows.cli import main
 from mlp import MLP, MLPError, ModelFileError, fit
 from pipeline import data as data_module
 from pipeline import idx as idx_module
@@ -85,18 +84,6 @@ def _isolated(monkeypatch, tmp_path):
     os.environ.clear()
     os.environ.update(saved_env)
     logger.setLevel(level)
-
-
-def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the console script's entry in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _assert_cli_error(code: int, err: str, fragment: str) -> str:
@@ -243,7 +230,7 @@ def test_bad_data_file_raises_data_error(tmp_path, mutate, fragment):
 @pytest.mark.parametrize(
     ("mutate", "fragment"), [c[1:] for c in DATA_FILE_CASES], ids=[c[0] for c in DATA_FILE_CASES]
 )
-def test_bad_data_file_cli_exits_2_and_writes_nothing(tmp_path, capsys, mutate, fragment):
+def test_bad_data_file_cli_exits_2_and_writes_nothing(tmp_path, cli, mutate, fragment):
     # Arrange: tracking on (no --no-track) and pointed at a store that must not appear.
     mutate(_fake_mnist(tmp_path / "data"))
     argv = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
@@ -251,7 +238,7 @@ def test_bad_data_file_cli_exits_2_and_writes_nothing(tmp_path, capsys, mutate, 
             "--epochs", "1", "--hidden", "4", "--no-progress"]  # fmt: skip
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_cli_error(code, err, fragment)
@@ -271,7 +258,7 @@ _cases("test_data_verify_on_bad_files_exits_2", [c[0] for c in VERIFY_CASES])
 @pytest.mark.parametrize(
     ("mutate", "extra", "fragment"), [c[1:] for c in VERIFY_CASES], ids=[c[0] for c in VERIFY_CASES]
 )
-def test_data_verify_on_bad_files_exits_2(tmp_path, capsys, mutate, extra, fragment):
+def test_data_verify_on_bad_files_exits_2(tmp_path, cli, mutate, extra, fragment):
     # Arrange
     mutate(_fake_mnist(tmp_path / "data"))
     argv = [
@@ -283,7 +270,7 @@ def test_data_verify_on_bad_files_exits_2(tmp_path, capsys, mutate, extra, fragm
     ]
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert: the table of hashes may go to stdout; stderr holds the one error line.
     _assert_cli_error(code, err, fragment)
@@ -493,7 +480,7 @@ def test_bad_config_value_in_toml_is_config_error(tmp_path, key, value):
 
 @pytest.mark.parametrize(("key", "value"), CONFIG_VALUE_CASES, ids=CONFIG_VALUE_IDS)
 def test_bad_config_value_on_the_command_line_exits_2_and_writes_nothing(
-    tmp_path, capsys, monkeypatch, key, value
+    tmp_path, cli, monkeypatch, key, value
 ):
     # Arrange: a tracking store from the environment (a --tracking-uri flag would win over
     # --set tracking.tracking_uri); it must not even be created.
@@ -502,7 +489,7 @@ def test_bad_config_value_on_the_command_line_exits_2_and_writes_nothing(
     argv = ["train", "--no-progress", "--set", f"{key}={raw}"]
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_cli_error(code, err, key)
@@ -581,15 +568,13 @@ def test_bad_config_file_is_config_error(tmp_path, monkeypatch, make, fragment):
 @pytest.mark.parametrize(
     ("make", "fragment"), [c[1:] for c in TOML_FILE_CASES], ids=[c[0] for c in TOML_FILE_CASES]
 )
-def test_bad_config_file_cli_exits_2_and_writes_nothing(
-    tmp_path, capsys, monkeypatch, make, fragment
-):
+def test_bad_config_file_cli_exits_2_and_writes_nothing(tmp_path, cli, monkeypatch, make, fragment):
     # Arrange
     path = make(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri(tmp_path))
 
     # Act
-    code, out, err = _invoke(["train", "--config", str(path), "--no-progress"], capsys)
+    code, out, err = cli(["train", "--config", str(path), "--no-progress"])
 
     # Assert
     _assert_cli_error(code, err, fragment)
@@ -636,7 +621,7 @@ _cases("test_bad_flag_exits_2_and_writes_nothing", [c[0] for c in FLAG_CASES])
 @pytest.mark.parametrize(
     ("argv", "fragment"), [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES]
 )
-def test_bad_flag_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, argv, fragment):
+def test_bad_flag_exits_2_and_writes_nothing(tmp_path, cli, monkeypatch, argv, fragment):
     # Arrange
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _store_uri(tmp_path))
     extra = []
@@ -644,7 +629,7 @@ def test_bad_flag_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, argv
         extra = ["--no-progress"] if "--dataset" in argv else ["--dataset", "mnist-sample"]
 
     # Act
-    code, out, err = _invoke([*argv, *extra], capsys)
+    code, out, err = cli([*argv, *extra])
 
     # Assert
     _assert_cli_error(code, err, fragment)
@@ -784,7 +769,7 @@ _cases("test_unknown_model_uri_exits_2_and_creates_no_run", [c[0] for c in MODEL
 @pytest.mark.parametrize(
     ("uri", "fragment"), [c[1:] for c in MODEL_URI_CASES], ids=[c[0] for c in MODEL_URI_CASES]
 )
-def test_unknown_model_uri_exits_2_and_creates_no_run(capsys, empty_store, uri, fragment):
+def test_unknown_model_uri_exits_2_and_creates_no_run(cli, empty_store, uri, fragment):
     # Arrange
     from mlflow.tracking import MlflowClient
 
@@ -792,7 +777,7 @@ def test_unknown_model_uri_exits_2_and_creates_no_run(capsys, empty_store, uri, 
             "--dataset", "mnist-sample"]  # fmt: skip
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_cli_error(code, err, fragment)
@@ -806,11 +791,11 @@ def test_unknown_model_uri_exits_2_and_creates_no_run(capsys, empty_store, uri, 
 _cases("test_unreachable_tracking_server_exits_2")
 
 
-def test_unreachable_tracking_server_exits_2(capsys):
+def test_unreachable_tracking_server_exits_2(cli):
     # Port 9 (discard) on localhost: refused at once, no waiting.
     argv = ["evaluate", "--model", "models:/m@champion", "--tracking-uri", "http://127.0.0.1:9",
             "--dataset", "mnist-sample"]  # fmt: skip
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
     _assert_cli_error(code, err, "not reachable")
 
 
@@ -984,7 +969,7 @@ _cases("test_run_on_corrupt_data_exits_2_and_leaves_no_running_run", ["run", "cv
 
 
 @pytest.mark.parametrize("command", ["run", "cv"])
-def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(tmp_path, capsys, command):
+def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(tmp_path, cli, command):
     """The orchestrated commands check the data before Prefect starts: one line, nothing left."""
     # Arrange
     argv = [command, "--dataset", "mnist", "--data-dir", str(_corrupt_mnist(tmp_path)),
@@ -992,7 +977,7 @@ def test_run_on_corrupt_data_exits_2_and_leaves_no_running_run(tmp_path, capsys,
             "--runner", "sequential", "--no-progress"]  # fmt: skip
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_cli_error(code, err, "truncated IDX header")

@@ -18,6 +18,15 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "interrupt-test"
 
 
+def _wait_for_folds(process: subprocess.Popen, client: MlflowClient, count: int) -> None:
+    """Block until ``count`` folds are recorded FINISHED, failing if the run ends first."""
+    deadline = time.monotonic() + 240
+    while _finished_cv_runs(client) < count:
+        assert process.poll() is None, f"ended before the interruption: {process.communicate()}"
+        assert time.monotonic() < deadline, "no fold finished in time"
+        time.sleep(0.2)
+
+
 def _sweep_args(
     data_dir: Path, tracking_uri: str, cache: Path, runner="thread", workers=1, n=8000
 ) -> list[str]:
@@ -57,11 +66,7 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
     client = MlflowClient(tracking_uri=tracking_uri)
 
     first = _cli(args, tmp_path, env)
-    deadline = time.monotonic() + 240
-    while _finished_cv_runs(client) < 2:
-        assert first.poll() is None, f"ended before the interruption: {first.communicate()}"
-        assert time.monotonic() < deadline, "no fold finished in time"
-        time.sleep(0.3)
+    _wait_for_folds(first, client, 2)
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
     finished_before = _finished_cv_runs(client)
@@ -100,11 +105,7 @@ def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
     client = MlflowClient(tracking_uri=tracking_uri)
 
     first = _cli(args, tmp_path, env)
-    deadline = time.monotonic() + 240
-    while _finished_cv_runs(client) < 2:
-        assert first.poll() is None, f"ended before the kill: {first.communicate()}"
-        assert time.monotonic() < deadline, "no fold finished in time"
-        time.sleep(0.3)
+    _wait_for_folds(first, client, 2)
     first.kill()  # SIGKILL: no handler runs, the MLflow runs stay RUNNING
     first.communicate(timeout=60)
     finished_before = _finished_cv_runs(client)
@@ -189,11 +190,7 @@ def test_sigterm_stops_process_workers_too(
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
     pipeline = _cli(args, tmp_path, env)
-    deadline = time.monotonic() + 240
-    while _finished_cv_runs(client) < 1:
-        assert pipeline.poll() is None, pipeline.communicate()
-        assert time.monotonic() < deadline, "no fold finished in time"
-        time.sleep(0.2)
+    _wait_for_folds(pipeline, client, 1)
     workers = pool_workers(pipeline.pid)
     assert workers, "no pool workers found"
 

@@ -5,7 +5,6 @@ No Prefect and no MLflow here: ``train`` runs with ``--no-track``.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import subprocess
@@ -14,22 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-
 CLI = Path(sys.executable).with_name("mlp-pipeline")
 QUICK_TRAIN = ["train", "--dataset", "mnist-sample", "--epochs", "1", "--hidden", "16",
                "--no-track", "--no-progress"]  # fmt: skip
-
-
-def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``main(argv)`` in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _clean_env(tmp_path: Path) -> dict[str, str]:
@@ -51,18 +37,6 @@ def _assert_one_error_line(code: int, err: str, fragment: str) -> None:
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
     monkeypatch.delenv("MLP_PIPELINE_DEBUG", raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """main() quiets libraries through os.environ and the mlflow logger: undo that afterwards."""
-    saved_env = dict(os.environ)
-    mlflow_logger = logging.getLogger("mlflow")
-    saved_level = mlflow_logger.level
-    yield
-    os.environ.clear()
-    os.environ.update(saved_env)
-    mlflow_logger.setLevel(saved_level)
 
 
 # ----------------------------------------------------------------------------- train
@@ -131,42 +105,42 @@ def test_console_script_error_has_no_traceback(tmp_path):
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
-def test_bad_train_input_exits_2_with_one_error_line(capsys, extra, fragment):
+def test_bad_train_input_exits_2_with_one_error_line(cli, extra, fragment):
     # Arrange
     argv = ["train", "--dataset", "mnist-sample", "--no-track", "--no-progress", *extra]
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_one_error_line(code, err, fragment)
 
 
-def test_missing_config_file_exits_2(capsys, tmp_path):
+def test_missing_config_file_exits_2(cli, tmp_path):
     # Arrange
     missing = tmp_path / "missing.toml"
 
     # Act
-    code, out, err = _invoke(["train", "--config", str(missing), "--no-track"], capsys)
+    code, out, err = cli(["train", "--config", str(missing), "--no-track"])
 
     # Assert
     _assert_one_error_line(code, err, "does not exist")
     assert "missing.toml" in err, f"the message should name the file: {err!r}"
 
 
-def test_invalid_config_file_exits_2(capsys, tmp_path):
+def test_invalid_config_file_exits_2(cli, tmp_path):
     # Arrange
     path = tmp_path / "bad.toml"
     path.write_text("[training]\nepochz = 3\n", encoding="utf-8")
 
     # Act
-    code, out, err = _invoke(["train", "--config", str(path), "--no-track"], capsys)
+    code, out, err = cli(["train", "--config", str(path), "--no-track"])
 
     # Assert
     _assert_one_error_line(code, err, "training.epochz")
 
 
-def test_empty_data_dir_without_download_exits_2(capsys, tmp_path):
+def test_empty_data_dir_without_download_exits_2(cli, tmp_path):
     # Arrange
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -174,7 +148,7 @@ def test_empty_data_dir_without_download_exits_2(capsys, tmp_path):
             "data.download=false", "--no-track", "--no-progress"]  # fmt: skip
 
     # Act
-    code, out, err = _invoke(argv, capsys)
+    code, out, err = cli(argv)
 
     # Assert
     _assert_one_error_line(code, err, "error:")
@@ -184,19 +158,19 @@ def test_empty_data_dir_without_download_exits_2(capsys, tmp_path):
     assert list(empty.iterdir()) == [], "nothing should be downloaded with data.download=false"
 
 
-def test_dask_address_without_dask_runner_exits_2(capsys):
+def test_dask_address_without_dask_runner_exits_2(cli):
     # Act
-    code, out, err = _invoke(
-        ["train", "--set", "execution.dask_address=tcp://127.0.0.1:1", "--no-track"], capsys
+    code, out, err = cli(
+        ["train", "--set", "execution.dask_address=tcp://127.0.0.1:1", "--no-track"]
     )
 
     # Assert: rejected by validation, before any flow or server starts.
     _assert_one_error_line(code, err, "dask_address")
 
 
-def test_no_arguments_shows_help_without_error(capsys):
+def test_no_arguments_shows_help_without_error(cli):
     # Act
-    code, out, err = _invoke([], capsys)
+    code, out, err = cli([])
 
     # Assert
     assert "train" in out + err, f"help should list the commands:\n{out}{err}"
@@ -205,9 +179,9 @@ def test_no_arguments_shows_help_without_error(capsys):
     assert code in (0, 2), f"bare invocation should exit 0 or 2 (usage), got {code}"
 
 
-def test_help_exits_0(capsys):
+def test_help_exits_0(cli):
     # Act
-    code, out, err = _invoke(["train", "--help"], capsys)
+    code, out, err = cli(["train", "--help"])
 
     # Assert
     assert code == 0, f"--help should exit 0, got {code}; stderr {err!r}"
@@ -217,9 +191,9 @@ def test_help_exits_0(capsys):
 # ----------------------------------------------------------------------------- data
 
 
-def test_data_verify_shared_dir_exits_0(capsys, shared_data_dir):
+def test_data_verify_shared_dir_exits_0(cli, shared_data_dir):
     # Act
-    code, out, err = _invoke(["data", "verify", "--data-dir", str(shared_data_dir)], capsys)
+    code, out, err = cli(["data", "verify", "--data-dir", str(shared_data_dir)])
 
     # Assert
     assert code == 0, f"exit {code}; stderr: {err}"
@@ -227,16 +201,14 @@ def test_data_verify_shared_dir_exits_0(capsys, shared_data_dir):
     assert "expected" not in out, f"a file did not match its checksum:\n{out}"
 
 
-def test_data_verify_mismatch_exits_2(capsys, tmp_path):
+def test_data_verify_mismatch_exits_2(cli, tmp_path):
     # Arrange: a file with the right name but wrong content.
     folder = tmp_path / "mnist"
     folder.mkdir()
     (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
 
     # Act
-    code, out, err = _invoke(
-        ["data", "verify", "--dataset", "mnist", "--data-dir", str(tmp_path)], capsys
-    )
+    code, out, err = cli(["data", "verify", "--dataset", "mnist", "--data-dir", str(tmp_path)])
 
     # Assert
     assert code == 2, f"a corrupt or missing file should exit 2, got {code}; stderr {err!r}"
@@ -244,22 +216,22 @@ def test_data_verify_mismatch_exits_2(capsys, tmp_path):
     assert err.strip().startswith("error:"), f"stderr should start with 'error:': {err!r}"
 
 
-def test_data_info_exits_0(capsys, shared_data_dir):
+def test_data_info_exits_0(cli, shared_data_dir):
     # Act
-    code, out, err = _invoke(["data", "info", "--data-dir", str(shared_data_dir)], capsys)
+    code, out, err = cli(["data", "info", "--data-dir", str(shared_data_dir)])
 
     # Assert
     assert code == 0, f"exit {code}; stderr: {err}"
     assert "mnist" in out and "fashion-mnist" in out, f"info should list the datasets:\n{out}"
 
 
-def test_data_info_on_empty_dir_reports_missing(capsys, tmp_path, monkeypatch):
+def test_data_info_on_empty_dir_reports_missing(cli, tmp_path, monkeypatch):
     # Arrange: no --data-dir, no env var: ./data under an empty working directory.
     monkeypatch.delenv("MLP_PIPELINE_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
 
     # Act
-    code, out, err = _invoke(["data", "info"], capsys)
+    code, out, err = cli(["data", "info"])
 
     # Assert
     assert code == 0, f"info on an empty folder should still exit 0; stderr: {err}"

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
-import os
 import socket
 import time
 from pathlib import Path
@@ -20,7 +18,6 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import main
 from pipeline.config import preset
 from pipeline.errors import TrackingError
 from pipeline.results import FoldResult
@@ -112,28 +109,6 @@ def recorded(store_uri) -> tuple[str, object]:
         table = cv_table(results)
         recorder.log_cv_summary(table, select_lambda(table))
     return run_id, config
-
-
-@pytest.fixture(autouse=True)
-def _restore_environment():
-    """main() quiets libraries through os.environ and the mlflow logger: undo that afterwards."""
-    saved_env = dict(os.environ)
-    mlflow_logger = logging.getLogger("mlflow")
-    saved_level = mlflow_logger.level
-    yield
-    os.environ.clear()
-    os.environ.update(saved_env)
-    mlflow_logger.setLevel(saved_level)
-
-
-def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _free_port() -> int:
@@ -252,39 +227,39 @@ def test_table_rows_are_short_strings(store_uri, hand_made):
 
 
 # ------------------------------------------------------------------------------------ CLI
-def test_cli_json_lists_the_runs(store_uri, hand_made, capsys):
-    code, out, err = _invoke(
-        ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "json"], capsys
+def test_cli_json_lists_the_runs(store_uri, hand_made, cli):
+    code, out, err = cli(
+        ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "json"]
     )
     assert code == 0, err
     assert [r["run_id"] for r in json.loads(out)][0] == hand_made["new"], out
 
 
-def test_cli_table_shows_every_execution(store_uri, hand_made, capsys, monkeypatch):
+def test_cli_table_shows_every_execution(store_uri, hand_made, cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, "--experiment", HAND], capsys)
+    code, out, err = cli(["runs", "--tracking-uri", store_uri, "--experiment", HAND])
     assert code == 0, err
     for text in ("new-flow", "failed-flow", "old-flow", "0.9810", "FAILED", "256,128"):
         assert text in out, f"{text!r} missing from the table:\n{out}"
     assert out.index("new-flow") < out.index("old-flow"), "newest first"
 
 
-def test_cli_csv_with_last(store_uri, hand_made, capsys):
-    code, out, err = _invoke(
+def test_cli_csv_with_last(store_uri, hand_made, cli):
+    code, out, err = cli(
         ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "csv",
-         "--last", "1"], capsys,
+         "--last", "1"]
     )  # fmt: skip
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 2 and hand_made["new"] in lines[1], out
 
 
-def test_cli_empty_experiment_is_friendly(store_uri, hand_made, capsys):
-    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, "--experiment", EMPTY], capsys)
+def test_cli_empty_experiment_is_friendly(store_uri, hand_made, cli):
+    code, out, err = cli(["runs", "--tracking-uri", store_uri, "--experiment", EMPTY])
     assert code == 0, err
     assert "no pipeline runs" in out, out
-    code, out, err = _invoke(
-        ["runs", "--tracking-uri", store_uri, "--experiment", EMPTY, "--format", "json"], capsys
+    code, out, err = cli(
+        ["runs", "--tracking-uri", store_uri, "--experiment", EMPTY, "--format", "json"]
     )
     assert (code, json.loads(out)) == (0, []), (code, out)
     assert "no pipeline runs" in err, err
@@ -298,21 +273,21 @@ def test_cli_empty_experiment_is_friendly(store_uri, hand_made, capsys):
         (["--last", "0"], "--last"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2(store_uri, hand_made, capsys, argv, fragment):
-    code, out, err = _invoke(["runs", "--tracking-uri", store_uri, *argv], capsys)
+def test_cli_errors_are_one_line_exit_2(store_uri, hand_made, cli, argv, fragment):
+    code, out, err = cli(["runs", "--tracking-uri", store_uri, *argv])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, f"exit {code}; stderr {err!r}"
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert fragment in lines[0], lines[0]
 
 
-def test_cli_unreachable_server_exit_2(capsys):
-    code, _, err = _invoke(["runs", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"], capsys)
+def test_cli_unreachable_server_exit_2(cli):
+    code, _, err = cli(["runs", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"])
     assert code == 2 and err.startswith("error: MLflow tracking server"), (code, err)
     assert len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_missing_store_exit_2(tmp_path: Path, capsys):
+def test_cli_missing_store_exit_2(tmp_path: Path, cli):
     uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
-    code, _, err = _invoke(["runs", "--tracking-uri", uri], capsys)
+    code, _, err = cli(["runs", "--tracking-uri", uri])
     assert code == 2 and "no MLflow store" in err, (code, err)
