@@ -146,6 +146,11 @@ def _parse(path: Path, stream: BinaryIO, *, compressed: bool) -> IdxFile:
     if len(dims_raw) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header (expected {ndim} dimension sizes)")
     dims = struct.unpack(f">{ndim}I", dims_raw)
+    if 0 in dims:
+        # An empty axis makes the data 0 bytes whatever the other sizes claim, and NumPy
+        # refuses to even shape an empty array whose other axes overflow its size limit.
+        shape = "x".join(map(str, dims))
+        raise DataError(f"{path}: IDX header declares an empty dimension ({shape})")
     dtype = IDX_DTYPES[code]
     expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on absurd headers
 

@@ -193,3 +193,11 @@ def test_absurd_header_does_not_allocate(tmp_path):
     bad.write_bytes(bytes([0, 0, 0x08, 2]) + struct.pack(">2I", 2**32 - 1, 2**32 - 1) + b"x" * 10)
     with pytest.raises(DataError, match="truncated IDX file"):
         read_idx(bad)
+
+
+def test_empty_axis_with_absurd_other_axes_is_a_data_error(tmp_path):
+    """Found by the fuzzer: 0 data bytes, but NumPy cannot shape 0 x 821 x 1e8 x 1e8."""
+    bad = tmp_path / "empty-axis"
+    bad.write_bytes(bytes([0, 0, 0x08, 4]) + struct.pack(">4I", 0, 821, 105985019, 105999078))
+    with pytest.raises(DataError, match="empty dimension"):
+        read_idx(bad)
