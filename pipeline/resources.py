@@ -25,6 +25,10 @@ def set_blas_threads(threads: int) -> None:
     """
     global _applied
     if _applied != threads:
+        # threadpoolctl only limits libraries already loaded: a fresh worker process that has
+        # not imported NumPy yet would otherwise keep OpenBLAS's default (every core).
+        import numpy  # noqa: F401
+
         threadpool_limits(limits=threads, user_api="blas")
         _applied = threads
 
