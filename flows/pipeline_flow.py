@@ -17,19 +17,18 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
-from flows.runners import make_task_runner
+from flows.runners import task_runner
 from flows.tasks import configured_fold_task, step
 from pipeline.config import PipelineConfig
 from pipeline.data import Dataset
 from pipeline.errors import PipelineError
-from pipeline.folds import make_folds
 from pipeline.progress import reporter
 from pipeline.recording import ResilientRecorder, report_folder
 from pipeline.resources import cpu_count, set_blas_threads
 from pipeline.results import FoldResult
 from pipeline.selection import cv_table, select_lambda
 from pipeline.tracking import PipelineRecorder
-from pipeline.training import load_configured_dataset, predict_test, train_final
+from pipeline.training import load_data_checked, predict_test, train_final
 
 
 @dataclass
@@ -40,14 +39,6 @@ class Sweep:
     trained: int
     cached: int
     worker_restarts: int
-
-
-def load_data_checked(config: PipelineConfig) -> Dataset:
-    """Load, verify and subset the dataset; check the folds fit it before any training."""
-    dataset = load_configured_dataset(config.data)
-    cv = config.cv
-    make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
-    return dataset
 
 
 load_data = step(load_data_checked, name="load_data")
@@ -72,7 +63,7 @@ def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: ResilientRecor
     reporter().sweep_started(len(pending))
     while pending:
         try:
-            with make_task_runner(config.execution) as runner:
+            with task_runner(config.execution, config.data) as runner:
                 futures = {
                     runner.submit(
                         fold_task,
@@ -185,7 +176,7 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
     with _recorder(config) as recorder:
         parent, sweep, table, best = _cross_validate(config, dataset, recorder, "mlp-pipeline")
         # The pool is gone now: the final model may use every core.
-        set_blas_threads(cpu_count())
+        set_blas_threads(config.execution.resolved_final_blas_threads(cpu_count()))
         reporter().final_started(config.training.resolved_final_epochs, best)
         final = train_final_task(config, dataset, best, callback=reporter().final_epoch)
         evaluation, predicted = evaluate_task(final, dataset)

@@ -1,20 +1,25 @@
-"""Task runners chosen from the execution config at run time."""
+"""Task runners chosen from the execution config at run time, and a pool started early."""
 
 from __future__ import annotations
 
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from pipeline.config import ExecutionConfig
+from pipeline.config import DataConfig, ExecutionConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.resources import cpu_count, set_blas_threads
 
 
-def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
+def make_task_runner(execution: ExecutionConfig, data: DataConfig | None = None) -> TaskRunner:
     """A fresh task runner for the configured ``runner`` (use it as a context manager).
 
     ``sequential`` is a one-thread pool, so every runner goes through the same submit path.
+    With ``data``, process workers load that dataset as they start, not in their first task.
     """
     cores = cpu_count()
     workers = execution.resolved_workers(cores)
@@ -24,12 +29,114 @@ def make_task_runner(execution: ExecutionConfig) -> TaskRunner:
         set_blas_threads(blas)
         return ThreadPoolTaskRunner(max_workers=workers)
     if execution.runner == "process":
-        return ProcessPoolTaskRunner(
-            max_workers=workers, initializer=set_blas_threads, initargs=(blas,)
+        return EagerProcessPoolTaskRunner(
+            max_workers=workers, initializer=warm_worker, initargs=(blas, data)
         )
     if execution.runner == "dask":
         return _dask_runner(execution, workers)
     raise ConfigError(f"unknown runner {execution.runner!r}")
+
+
+class EagerProcessPoolTaskRunner(ProcessPoolTaskRunner):
+    """Prefect's process pool, with every worker process started when the runner is entered.
+
+    Python's pool spawns workers one per submission, so each one would import Prefect and load
+    the dataset (about 3 s on 2 busy cores) inside the first round of trainings; entered early
+    (:func:`prestarted_task_runner`), the workers do that while the Prefect server boots.
+    """
+
+    def __enter__(self) -> EagerProcessPoolTaskRunner:
+        super().__enter__()
+        # Prefect keeps its ProcessPoolExecutor private: if that changes, workers simply start
+        # on the first submissions again.
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            for _ in range(getattr(self, "_max_workers", 0) or 0):
+                executor.submit(int)  # a no-op call: each one spawns a worker while none idles
+        return self
+
+
+def warm_worker(blas_threads: int, data: DataConfig | None = None) -> None:
+    """Pool initializer: set the BLAS budget, import the task code and load the dataset.
+
+    Best effort beyond the BLAS budget: an initializer that raises breaks the whole pool, so a
+    dataset problem is left for the task to report in its own words.
+    """
+    set_blas_threads(blas_threads)
+    try:
+        import flows.tasks  # noqa: F401 -- Prefect's task engine and the training code
+        from pipeline.training import load_configured_dataset
+
+        prime_prefect()
+
+        if data is not None:
+            load_configured_dataset(data)
+    except Exception:  # noqa: BLE001, S110 -- the first task raises it again, with context
+        pass
+
+
+def prime_prefect() -> None:
+    """Do now what Prefect does lazily in a process's first task run.
+
+    Its first block (the result storage) loads every installed Prefect collection, importing
+    prefect-dask and distributed: about a second of CPU, in the first training of each worker.
+    """
+    from prefect.plugins import load_prefect_collections
+
+    load_prefect_collections()
+
+
+_prestarted: list[tuple[ExecutionConfig, DataConfig, TaskRunner]] = []
+_prestarted_lock = threading.Lock()
+
+
+@contextmanager
+def prestarted_task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[None]:
+    """Start the process pool now, so its workers get ready while other start-up work runs.
+
+    The next :func:`task_runner` call for the same ``execution`` and ``data`` takes this pool
+    (and closes it after use); if none does, it is closed on exit. Other runners start fast
+    and are not prestarted.
+    """
+    if execution.runner != "process":
+        yield
+        return
+    runner = make_task_runner(execution, data)
+    runner.__enter__()
+    entry = (execution, data, runner)
+    with _prestarted_lock:
+        _prestarted.append(entry)
+    try:
+        yield
+    finally:
+        with _prestarted_lock:
+            unused = entry in _prestarted
+            if unused:
+                _prestarted.remove(entry)
+        if unused:
+            runner.__exit__(None, None, None)
+
+
+@contextmanager
+def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRunner]:
+    """An entered task runner: the prestarted pool for this config if there is one, else new."""
+    with _prestarted_lock:
+        found = next((e for e in _prestarted if e[0] == execution and e[1] == data), None)
+        if found is not None:
+            _prestarted.remove(found)
+    if found is None:
+        with make_task_runner(execution, data) as runner:
+            yield runner
+        return
+    runner = found[2]
+    exc_info: tuple[Any, Any, Any] = (None, None, None)
+    try:
+        yield runner
+    except BaseException as exc:
+        exc_info = (type(exc), exc, exc.__traceback__)
+        raise
+    finally:
+        runner.__exit__(*exc_info)
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:

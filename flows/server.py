@@ -2,14 +2,133 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import subprocess
 import sys
-import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import PipelineError
 
 # Offline machines: without this every run logs a telemetry error.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# uvicorn's exit code when it cannot bind its port (Prefect's own launcher relies on it too).
+_PORT_IN_USE = 3
+
+
+class TemporaryServer:
+    """Prefect's temporary local API server, launched without blocking this process.
+
+    The same server a flow starts when no API is configured (Prefect's ``SubprocessASGIServer``:
+    ``uvicorn prefect.server.api.server:create_app`` in ephemeral mode, no UI, on 127.0.0.1),
+    but :meth:`launch` returns at once and nothing of the server package is imported here:
+    that import alone takes 1.5 s of this process's CPU, and the boot (4-5 s on 2 cores)
+    overlaps with the run's own preparation instead of preceding it.
+    """
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def launch(self) -> None:
+        """Start the server process on a free loopback port; do not wait for it."""
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen(  # noqa: S603 -- our interpreter, fixed arguments
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                # Import Prefect from where it is installed, never from the working directory.
+                "--app-dir",
+                _site_of("prefect"),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until ``/api/health`` answers; relaunch once on a port taken meanwhile."""
+        deadline = time.monotonic() + timeout
+        relaunched = False
+        while True:
+            assert self.process is not None, "launch() first"
+            code = self.process.poll()
+            if code == _PORT_IN_USE and not relaunched:
+                self.launch()
+                relaunched = True
+                continue
+            if code is not None:
+                raise PipelineError(
+                    f"the temporary Prefect server exited during start-up (exit code {code}); "
+                    "run `prefect server start` to see why, or set PREFECT_API_URL to a running "
+                    "server"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PipelineError(
+                    f"the temporary Prefect server did not answer within {timeout:.0f} s; "
+                    "set PREFECT_API_URL to a running server (`prefect server start`)"
+                )
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Terminate the server and reap it (killed if it lingers past 5 s)."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def _site_of(package: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"{package} is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextmanager
@@ -19,47 +138,60 @@ def prefect_api(
     """Make sure one Prefect API serves this process and every worker it spawns.
 
     With ``PREFECT_API_URL`` set (a real ``prefect server start``), that server is used. Without
-    it, a temporary local server is started here and its URL exported, so process and Dask
+    it, a temporary local server is launched here and its URL exported, so process and Dask
     workers inherit it instead of each starting their own (about 20 s each). Yields the URL of
     a temporary server, or None when an existing API is used.
 
-    ``while_starting`` runs while the temporary server boots (5-12 s here): slow preparation
-    such as creating the MLflow store overlaps with it instead of adding to it.
+    ``while_starting`` runs while the temporary server boots (4-12 s here): slow preparation
+    such as imports, creating the MLflow store or starting worker processes overlaps with it
+    instead of adding to it. The URL is exported before it runs, so workers started meanwhile
+    inherit it.
     """
     if os.environ.get("PREFECT_API_URL"):
         if while_starting is not None:
             while_starting()
         yield None
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    failure: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            server.start(timeout=startup_timeout)
-        except BaseException as exc:  # noqa: BLE001 -- re-raised in the calling thread
-            failure.append(exc)
-
-    booting = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    booting.start()
+    server = TemporaryServer()
+    server.launch()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    _refresh_prefect_settings()
     try:
         if while_starting is not None:
             while_starting()
-    finally:
-        booting.join()
-        if failure or sys.exc_info()[0] is not None:
-            server.stop()
-    if failure:
-        raise failure[0]
-    os.environ["PREFECT_API_URL"] = server.api_url
+        launched_url = server.api_url
+        server.wait_ready(startup_timeout)
+        if server.api_url != launched_url:  # relaunched on another port
+            os.environ["PREFECT_API_URL"] = server.api_url
+            _refresh_prefect_settings()
+    except BaseException:
+        os.environ.pop("PREFECT_API_URL", None)
+        _refresh_prefect_settings()
+        server.stop()
+        raise
     try:
         yield server.api_url
     finally:
         _drain_prefect_clients()
         os.environ.pop("PREFECT_API_URL", None)
+        _refresh_prefect_settings()
         server.stop()
+
+
+def _refresh_prefect_settings() -> None:
+    """Make an already imported Prefect read ``PREFECT_API_URL`` again.
+
+    Prefect reads its settings from the environment once, at import: without this, a process
+    that imported it before the server's URL was exported would start a second temporary
+    server for its flow run.
+    """
+    if "prefect.context" not in sys.modules:
+        return
+    try:
+        from prefect.context import refresh_global_settings_context
+    except ImportError:  # Prefect before 3.2 re-read its settings on every flow run
+        return
+    refresh_global_settings_context()
 
 
 def _drain_prefect_clients() -> None:
@@ -68,6 +200,8 @@ def _drain_prefect_clients() -> None:
     Otherwise they are flushed at interpreter exit, to a server that is gone, and the process
     hangs for a minute retrying.
     """
+    if "prefect" not in sys.modules:
+        return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 

@@ -152,6 +152,9 @@ class ExecutionConfig(_Section):
     blas_threads: int | None = Field(
         None, gt=0, description="BLAS threads per worker (default: cores // workers, at least 1)"
     )
+    final_blas_threads: int | None = Field(
+        None, gt=0, description="BLAS threads of the final model (default: every core)"
+    )
     dask_address: str | None = Field(
         None, description="tcp://host:port of an existing Dask scheduler"
     )
@@ -183,6 +186,10 @@ class ExecutionConfig(_Section):
             return self.blas_threads
         # Oversubscribing cores (workers x threads > cores) halves matmul speed here.
         return max(1, cores // self.resolved_workers(cores))
+
+    def resolved_final_blas_threads(self, cores: int | None = None) -> int:
+        """The final model trains alone, after the sweep's pool is gone: every core by default."""
+        return self.final_blas_threads or cores or os.cpu_count() or 1
 
 
 class TrackingConfig(_Section):

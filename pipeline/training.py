@@ -58,6 +58,14 @@ def dataset_from_ref(data: DataConfig, ref: DatasetRef) -> Dataset:
     return dataset
 
 
+def load_data_checked(config: PipelineConfig) -> Dataset:
+    """Load, verify and subset the dataset; check the folds fit it before any training."""
+    dataset = load_configured_dataset(config.data)
+    cv = config.cv
+    make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
+    return dataset
+
+
 def _fit_network(
     config: PipelineConfig,
     X: np.ndarray,

@@ -411,6 +411,7 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "execution.runner": [1, "slurm"],
     "execution.workers": ["x", 0],
     "execution.blas_threads": ["x", 0],
+    "execution.final_blas_threads": ["x", 0],
     "execution.dask_address": [5, ["tcp://h:1"]],
     "execution.retries": ["x", -1],
     "execution.resume": ["maybe", 2],
@@ -640,7 +641,7 @@ _cases("test_folds_more_than_training_samples_fail_before_training")
 
 
 def test_folds_more_than_training_samples_fail_before_training():
-    from flows.pipeline_flow import load_data_checked
+    from pipeline.training import load_data_checked
 
     config = build_config(
         overrides={"data.dataset": "mnist-sample", "data.limit_train": 3, "cv.folds": 4}

@@ -446,3 +446,14 @@ def test_config_forbids_unknown_keys_when_validated_directly():
     # Act / Assert
     with pytest.raises(pydantic.ValidationError, match="extra"):
         PipelineConfig.model_validate({"training": {"epochz": 3}})
+
+
+def test_blas_budget_defaults_split_the_cores_and_give_the_final_model_all():
+    from pipeline.config import ExecutionConfig
+
+    process = ExecutionConfig(runner="process")
+    assert process.resolved_workers(2) == 2
+    assert process.resolved_blas_threads(2) == 1  # 2 workers x 1 thread: never oversubscribed
+    assert ExecutionConfig(runner="sequential").resolved_blas_threads(2) == 2
+    assert process.resolved_final_blas_threads(2) == 2
+    assert ExecutionConfig(final_blas_threads=1).resolved_final_blas_threads(2) == 1

@@ -1,0 +1,103 @@
+"""The temporary Prefect server: launched early, shared by the flow and its workers, stopped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flows.server import TemporaryServer, _refresh_prefect_settings, prefect_api
+from pipeline.errors import PipelineError
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0): read its state.
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture()
+def no_api():
+    """No configured API: ``prefect_api`` must start its own temporary server.
+
+    Afterwards the session's API is restored in the environment *and* in Prefect's settings,
+    so later flows in this process do not start a temporary server of their own.
+    """
+    saved = os.environ.pop("PREFECT_API_URL", None)
+    yield
+    if saved is not None:
+        os.environ["PREFECT_API_URL"] = saved
+    _refresh_prefect_settings()
+
+
+def test_a_failing_preparation_stops_the_booting_server(no_api):
+    servers: list[int] = []
+    launch = TemporaryServer.launch
+
+    def remember(self: TemporaryServer) -> None:
+        launch(self)
+        servers.append(self.process.pid)
+
+    TemporaryServer.launch = remember
+    try:
+
+        def prepare() -> None:
+            assert os.environ["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+            raise PipelineError("bad data")
+
+        with pytest.raises(PipelineError, match="bad data"), prefect_api(while_starting=prepare):
+            pass
+    finally:
+        TemporaryServer.launch = launch
+    assert len(servers) == 1
+    assert not _alive(servers[0])
+    assert "PREFECT_API_URL" not in os.environ
+
+
+def test_flow_runs_reach_the_launched_server_even_if_prefect_was_imported_first(no_api):
+    # Prefect reads PREFECT_API_URL at import; this test process imported it long ago. Without
+    # a settings refresh the flow would start a second temporary server of its own.
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    assert "prefect" in sys.modules
+
+    @flow(name="server-identity-check")
+    def identify() -> str:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.get_id())
+
+    with prefect_api(startup_timeout=90) as url:
+        run_id = identify()
+        with get_client(sync_client=True) as client:
+            assert str(client.api_url).rstrip("/") == url.rstrip("/")
+            assert str(client.read_flow_run(run_id).id) == run_id
+
+
+def test_a_server_that_dies_while_booting_is_one_clear_error():
+    server = TemporaryServer()
+    server.port = 1
+    # A real process that exits at once, as a broken server install would.
+    server.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    with pytest.raises(PipelineError, match="exited during start-up .exit code 1"):
+        server.wait_ready(timeout=30)
+
+
+def test_launch_binds_loopback_and_stop_reaps(no_api):
+    server = TemporaryServer()
+    server.launch()
+    try:
+        assert server.api_url.startswith("http://127.0.0.1:")
+        server.wait_ready(timeout=90)
+        pid = server.process.pid
+    finally:
+        server.stop()
+    assert server.process is None
+    assert not _alive(pid)
