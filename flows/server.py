@@ -29,7 +29,7 @@ class TemporaryServer:
     The same server a flow starts when no API is configured (Prefect's ``SubprocessASGIServer``:
     ``uvicorn prefect.server.api.server:create_app`` in ephemeral mode, no UI, on 127.0.0.1),
     but :meth:`launch` returns at once and nothing of the server package is imported here:
-    that import alone takes 1.5 s of this process's CPU, and the boot (4-5 s on 2 cores)
+    that import alone takes 1.5 s of this process's CPU, and the boot (4-7 s on 2 cores)
     overlaps with the run's own preparation instead of preceding it.
     """
 
@@ -189,7 +189,7 @@ def _refresh_prefect_settings() -> None:
         return
     try:
         from prefect.context import refresh_global_settings_context
-    except ImportError:  # Prefect before 3.2 re-read its settings on every flow run
+    except ImportError:  # a Prefect without it: nothing to refresh
         return
     refresh_global_settings_context()
 
