@@ -64,7 +64,7 @@ DaskAddress = Annotated[
 def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     """Run a flow in this process with one Prefect API and progress bars.
 
-    Without ``PREFECT_API_URL`` a temporary Prefect server boots first (4-5 s here); the
+    Without ``PREFECT_API_URL`` a temporary Prefect server boots first (4-7 s here); the
     checks, imports, MLflow store and worker pool get ready meanwhile, on the other core.
     """
     from flows.server import prefect_api
@@ -106,10 +106,9 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
     from flows.runners import prestarted_task_runner, prime_prefect
 
     started.enter_context(prestarted_task_runner(cfg.execution, cfg.data))
-    from pipeline.tracking import check_tracking_uri, prepare_store, resolve_tracking_uri
+    from pipeline.tracking import prepare_store
 
-    check_tracking_uri(resolve_tracking_uri(cfg.tracking.tracking_uri))
-    prepare_store(cfg.tracking)
+    prepare_store(cfg.tracking)  # checks the URI first (one health request for a server)
     import flows.pipeline_flow  # noqa: F401 -- its imports, while the server boots
 
     prime_prefect()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -129,14 +129,10 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
             yield runner
         return
     runner = found[2]
-    exc_info: tuple[Any, Any, Any] = (None, None, None)
     try:
         yield runner
-    except BaseException as exc:
-        exc_info = (type(exc), exc, exc.__traceback__)
-        raise
     finally:
-        runner.__exit__(*exc_info)
+        runner.__exit__(*sys.exc_info())  # the exception leaving the sweep, if any
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:

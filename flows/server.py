@@ -154,37 +154,41 @@ def prefect_api(
         return
     server = TemporaryServer()
     server.launch()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    _refresh_prefect_settings()
+    _export_api_url(server.api_url)
     try:
         if while_starting is not None:
             while_starting()
-        launched_url = server.api_url
         server.wait_ready(startup_timeout)
-        if server.api_url != launched_url:  # relaunched on another port
-            os.environ["PREFECT_API_URL"] = server.api_url
-            _refresh_prefect_settings()
+        if os.environ.get("PREFECT_API_URL") != server.api_url:  # relaunched on another port
+            _export_api_url(server.api_url)
     except BaseException:
-        os.environ.pop("PREFECT_API_URL", None)
-        _refresh_prefect_settings()
+        _export_api_url(None)
         server.stop()
         raise
     try:
         yield server.api_url
     finally:
         _drain_prefect_clients()
-        os.environ.pop("PREFECT_API_URL", None)
-        _refresh_prefect_settings()
+        _export_api_url(None)
         server.stop()
 
 
-def _refresh_prefect_settings() -> None:
-    """Make an already imported Prefect read ``PREFECT_API_URL`` again.
+def _export_api_url(url: str | None) -> None:
+    """Set (or remove) ``PREFECT_API_URL`` for this process, its children and Prefect itself.
 
-    Prefect reads its settings from the environment once, at import: without this, a process
-    that imported it before the server's URL was exported would start a second temporary
-    server for its flow run.
+    Prefect reads its settings from the environment once, at import: without the refresh, a
+    process that imported it before the server's URL was exported would start a second
+    temporary server for its flow run.
     """
+    if url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = url
+    _refresh_prefect_settings()
+
+
+def _refresh_prefect_settings() -> None:
+    """Make an already imported Prefect read its settings from the environment again."""
     if "prefect.context" not in sys.modules:
         return
     try:

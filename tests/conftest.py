@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -69,6 +70,36 @@ def pool_workers():
             if parent == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
                 found.append(int(entry.name))
         return found
+
+    return find
+
+
+@pytest.fixture()
+def listening_hosts():
+    """A function giving the IPv4/IPv6 addresses a TCP ``port`` listens on, from ``/proc/net``.
+
+    What the kernel says, not the URL a program printed: a server asked for 127.0.0.1 that
+    bound 0.0.0.0 shows up here.
+    """
+
+    def find(port: int) -> set[str]:
+        hosts = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                address, port_hex = local.rsplit(":", 1)
+                if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+                hosts.add(socket.inet_ntop(family, words))
+        return hosts
 
     return find
 

@@ -24,8 +24,9 @@ def test_report_folder_stays_inside_the_cache_folder(tmp_path: Path, run_name: s
     assert folder.parent == cache.resolve() / "reports", folder
 
 
-def test_temporary_prefect_server_binds_loopback(prefect_api_url: str):
-    assert urllib.parse.urlsplit(prefect_api_url).hostname == "127.0.0.1", prefect_api_url
+def test_temporary_prefect_server_binds_loopback(prefect_api_url: str, listening_hosts):
+    port = urllib.parse.urlsplit(prefect_api_url).port
+    assert listening_hosts(port) == {"127.0.0.1"}, listening_hosts(port)
 
 
 def test_local_dask_cluster_binds_loopback():

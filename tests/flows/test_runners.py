@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from flows.runners import (
     EagerProcessPoolTaskRunner,
     prestarted_task_runner,
@@ -12,6 +14,9 @@ from flows.runners import (
     warm_worker,
 )
 from pipeline.config import DataConfig, ExecutionConfig
+from pipeline.errors import DataError
+from pipeline.resources import blas_threads, cpu_count, set_blas_threads
+from pipeline.training import load_configured_dataset
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> bool:
@@ -62,4 +67,11 @@ def test_thread_runners_are_not_prestarted(pool_workers):
 
 def test_warm_up_leaves_dataset_errors_to_the_task(tmp_path):
     # An initializer that raised would break the whole pool with a misleading message.
-    warm_worker(1, DataConfig(dataset="mnist", data_dir=str(tmp_path), download=False))
+    missing = DataConfig(dataset="mnist", data_dir=str(tmp_path), download=False)
+    with pytest.raises(DataError):  # the data really is unusable...
+        load_configured_dataset(missing)
+    try:
+        warm_worker(1, missing)  # ...yet the warm-up returns, with the BLAS budget applied
+        assert blas_threads() == 1
+    finally:
+        set_blas_threads(cpu_count())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flows.server import TemporaryServer, _refresh_prefect_settings, prefect_api
+from flows.server import TemporaryServer, _export_api_url, prefect_api
 from pipeline.errors import PipelineError
 
 
@@ -31,12 +31,10 @@ def no_api():
     """
     saved = os.environ.pop("PREFECT_API_URL", None)
     yield
-    if saved is not None:
-        os.environ["PREFECT_API_URL"] = saved
-    _refresh_prefect_settings()
+    _export_api_url(saved)
 
 
-def test_a_failing_preparation_stops_the_booting_server(no_api):
+def test_a_failing_preparation_stops_the_booting_server(no_api, monkeypatch):
     servers: list[int] = []
     launch = TemporaryServer.launch
 
@@ -44,17 +42,14 @@ def test_a_failing_preparation_stops_the_booting_server(no_api):
         launch(self)
         servers.append(self.process.pid)
 
-    TemporaryServer.launch = remember
-    try:
+    monkeypatch.setattr(TemporaryServer, "launch", remember)
 
-        def prepare() -> None:
-            assert os.environ["PREFECT_API_URL"].startswith("http://127.0.0.1:")
-            raise PipelineError("bad data")
+    def prepare() -> None:
+        assert os.environ["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+        raise PipelineError("bad data")
 
-        with pytest.raises(PipelineError, match="bad data"), prefect_api(while_starting=prepare):
-            pass
-    finally:
-        TemporaryServer.launch = launch
+    with pytest.raises(PipelineError, match="bad data"), prefect_api(while_starting=prepare):
+        pass
     assert len(servers) == 1
     assert not _alive(servers[0])
     assert "PREFECT_API_URL" not in os.environ
@@ -90,12 +85,12 @@ def test_a_server_that_dies_while_booting_is_one_clear_error():
         server.wait_ready(timeout=30)
 
 
-def test_launch_binds_loopback_and_stop_reaps(no_api):
+def test_launch_binds_loopback_and_stop_reaps(no_api, listening_hosts):
     server = TemporaryServer()
     server.launch()
     try:
-        assert server.api_url.startswith("http://127.0.0.1:")
         server.wait_ready(timeout=90)
+        assert listening_hosts(server.port) == {"127.0.0.1"}, listening_hosts(server.port)
         pid = server.process.pid
     finally:
         server.stop()
