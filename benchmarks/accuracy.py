@@ -29,10 +29,10 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
 from threadpoolctl import threadpool_limits
 
 from pipeline.config import PipelineConfig, parse_set_options, preset
@@ -115,8 +115,7 @@ def describe(config: PipelineConfig, l2: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--l2", type=float, default=DEFAULT_L2, help="lambda of the model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -33,9 +33,9 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
 from threadpoolctl import threadpool_limits
 
 from mlp import MLP, fit
@@ -350,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per contender per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--contenders", default="ours,torch,sklearn")
     parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--profile", action="store_true", help="also profile our engine per op")

@@ -35,8 +35,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -117,15 +116,10 @@ class TreeMonitor:
             self._stop.wait(0.2)
 
 
-def run_cli(args: list[str], workdir: Path, api_url: str | None = None) -> dict:
-    """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results.
-
-    Without ``api_url`` as a new user does: no Prefect server, so a temporary one for the run.
-    """
+def run_cli(args: list[str], workdir: Path) -> dict:
+    """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    if api_url:
-        env["PREFECT_API_URL"] = api_url
+    env.pop("PREFECT_API_URL", None)  # as a new user: a temporary server for the run
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args, "--no-progress"],
@@ -246,8 +240,7 @@ def run_sklearn(config) -> dict:
 # ------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_data = os.environ.get("MLP_PIPELINE_DATA_DIR", str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--data-dir", default=default_data)
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--parts", default="run,plain,sequential,sklearn")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
@@ -264,7 +257,7 @@ def main() -> None:
     for item in args.overrides:
         cli += ["--set", item]
     rounds: list[dict[str, dict]] = []
-    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp, persistent_server(parts) as api:
+    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp:
         for round_index in range(args.repeat):
             figures: dict[str, dict] = {}
             for part in parts:
@@ -273,8 +266,6 @@ def main() -> None:
                 print(f"--- {part} (round {round_index + 1}/{args.repeat})", flush=True)
                 if part == "run":
                     figures[part] = run_cli(cli, workdir)
-                elif part == "server":
-                    figures[part] = run_cli(cli, workdir, api_url=api)
                 elif part == "warm":
                     # A user's second run: the MLflow store exists; fresh fold cache: all train.
                     run_cli([*cli, "--set", "execution.cache_dir=first-cache"], workdir)
@@ -292,44 +283,6 @@ def main() -> None:
     if "run" in rounds[-1]:
         print(rounds[-1]["run"]["stdout"])
     summarize(rounds)
-
-
-def persistent_server(parts: list[str]):
-    """A ``prefect server start`` for the ``server`` part (a deployment's setting), else nothing."""
-    from contextlib import contextmanager, nullcontext
-
-    if "server" not in parts:
-        return nullcontext(None)
-
-    @contextmanager
-    def started():
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-             "--port", str(port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}/api"
-        try:
-            import urllib.request
-
-            for _ in range(600):
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.1)
-            yield url
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-
-    return started()
 
 
 def summarize(rounds: list[dict[str, dict]]) -> None:
@@ -356,7 +309,7 @@ def summarize(rounds: list[dict[str, dict]]) -> None:
         print(f"  test accuracy: {100 * run['test_accuracy']:.2f}% (>= 98.0%)")
         peak = max(r["run"]["peak_memory_mb"] for r in rounds)
         print(f"  peak memory (process tree): {peak:.0f} MB (<= 2048 MB)")
-    for name in ("run", "server", "warm"):
+    for name in ("run", "warm"):
         if name in last and "plain" in last:
             overhead = ratio(name, "plain") - 1
             print(f"  Prefect + MLflow overhead over a plain loop ({name}): "
@@ -370,7 +323,7 @@ def summarize(rounds: list[dict[str, dict]]) -> None:
     if "sklearn" in last:
         sk = last["sklearn"]
         print(f"  GridSearchCV(MLPClassifier) test accuracy {100 * sk['test_accuracy']:.2f}%")
-        for name in ("run", "server", "plain"):
+        for name in ("run", "plain"):
             if name in last:
                 print(f"  {name} vs GridSearchCV: {ratio(name, 'sklearn'):.2f}x its time "
                       "(ours: faster and at least as accurate)")  # fmt: skip

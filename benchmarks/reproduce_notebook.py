@@ -45,10 +45,10 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
 from threadpoolctl import threadpool_limits
 
 from pipeline.config import PipelineConfig, build_config, preset
@@ -88,8 +88,7 @@ def _final_task(args: tuple[str, PipelineConfig, float]) -> tuple[str, float, fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=os.environ.get("MLP_PIPELINE_DATA_DIR",
-                        str(Path(__file__).resolve().parents[2] / "shared" / "data")))  # fmt: skip
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 20 CV / 30 final / 50 two-layer steps"
     )
