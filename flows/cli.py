@@ -93,8 +93,9 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
 
     Bad data, an unreachable Dask scheduler or MLflow store fail here, in one line, before any
     flow run exists. The dataset is memoized, so the flow's own load costs nothing more. The
-    worker pool (closed by ``started``) spawns now, so the workers import and load the data
-    on the second core instead of in the first round of trainings.
+    worker pool (closed by ``started``) starts once the task code is imported and the data
+    loaded, so its workers fork ready to train (:class:`flows.runners.EagerProcessPoolTaskRunner`);
+    the MLflow store is opened after the fork, so no worker inherits its connections.
     """
     from pipeline.training import load_data_checked
 
@@ -103,15 +104,14 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
         from flows.runners import check_scheduler_reachable
 
         check_scheduler_reachable(cfg.execution.dask_address)
+    import flows.pipeline_flow  # noqa: F401 -- its imports, while the server boots
     from flows.runners import prestarted_task_runner, prime_prefect
 
+    prime_prefect()
     started.enter_context(prestarted_task_runner(cfg.execution, cfg.data))
     from pipeline.tracking import prepare_store
 
     prepare_store(cfg.tracking)  # checks the URI first (one health request for a server)
-    import flows.pipeline_flow  # noqa: F401 -- its imports, while the server boots
-
-    prime_prefect()
 
 
 class _KnownFailureFilter(logging.Filter):
@@ -143,7 +143,7 @@ def _hide_known_failures_on_console() -> None:
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking_uri import resolve_tracking_uri
 
     best = result["best_l2_lambda"]
     table = Table(title=f"cross-validation ({cfg.cv.folds} folds)")
@@ -284,7 +284,7 @@ def serve(
     Needs a Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL.
     """
     from flows import deployments as dep
-    from pipeline.tracking import redact_uri
+    from pipeline.tracking_uri import redact_uri
 
     url = dep.require_api_url()
     cfg = dep.absolute_paths(config_from_options(preset, config, set_))

@@ -85,7 +85,7 @@ def absolute_paths(config: PipelineConfig, keys: Iterable[str] = PATH_KEYS) -> P
     matters.
     """
     from pipeline.data import resolve_data_dir
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking_uri import resolve_tracking_uri
 
     resolvers = {
         "tracking.tracking_uri": lambda: _absolute_sqlite(
@@ -295,7 +295,7 @@ def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> MlflowOutcome |
     """The MLflow parent run tagged ``prefect.flow_run_id`` in the config's tracking store."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking_uri import resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient(tracking_uri=uri)

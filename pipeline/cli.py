@@ -124,7 +124,7 @@ def config_from_options(
     overrides = parse_set_options(set_ or [])
     overrides.update(_overrides(**flags))
     cfg = resolve_config(preset, config, overrides)
-    from pipeline.tracking import credentials_to_environment  # matplotlib, pandas: lazily
+    from pipeline.tracking_uri import credentials_to_environment
 
     # Every command (run, serve, train...) builds its config here: secrets leave it here too.
     uri = cfg.tracking.tracking_uri
@@ -191,7 +191,7 @@ def train(
 
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
-    from pipeline.tracking import redact_uri
+    from pipeline.tracking_uri import redact_uri
 
     if tracking_uri.startswith(("http://", "https://")):
         return redact_uri(tracking_uri)

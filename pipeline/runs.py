@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.errors import TrackingError
-from pipeline.tracking import DEFAULT_STORE_DIR, check_tracking_uri, redact_uri
+from pipeline.tracking_uri import DEFAULT_STORE_DIR, check_tracking_uri, redact_uri
 
 DEFAULT_EXPERIMENT = "mlp-pipeline"  # TrackingConfig.experiment's default
 PIPELINE_FILTER = "tags.stage = 'pipeline'"

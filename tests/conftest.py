@@ -53,9 +53,12 @@ def tracking_uri(tmp_path: Path) -> str:
 
 @pytest.fixture()
 def pool_workers():
-    """A function listing the process-pool workers a process spawned (not its resource tracker)."""
+    """A function listing the process-pool workers of a process: spawned or forked children."""
 
     def find(pid: int) -> list[int]:
+        # A forked worker runs its parent's command line; the parent's other children (a
+        # server, the resource tracker) do not.
+        parent_cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
@@ -67,7 +70,9 @@ def pool_workers():
                 continue
             # Field 4 is the parent pid; the command name (field 2) may contain spaces.
             parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            if parent != pid or "resource_tracker" in cmdline:
+                continue
+            if "spawn_main" in cmdline or cmdline == parent_cmdline:
                 found.append(int(entry.name))
         return found
 

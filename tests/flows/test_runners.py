@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pytest
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.runners import (
     EagerProcessPoolTaskRunner,
@@ -75,3 +82,74 @@ def test_warm_up_leaves_dataset_errors_to_the_task(tmp_path):
         assert blas_threads() == 1
     finally:
         set_blas_threads(cpu_count())
+
+
+def _start_kinds(pid: int, workers: list[int]) -> set[str]:
+    """``fork`` for a worker running its parent's command line, ``spawn`` for a fresh one."""
+    parent = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return {
+        "fork" if Path(f"/proc/{w}/cmdline").read_bytes() == parent else "spawn" for w in workers
+    }
+
+
+def test_workers_fork_from_a_process_without_other_threads(tmp_path):
+    # What the CLI does: the task code imported and the data loaded, then the pool started.
+    script = tmp_path / "start_pool.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, multiprocessing
+            from pathlib import Path
+            from flows.runners import prestarted_task_runner, task_runner
+            from flows.tasks import train_fold_task
+            from pipeline.config import DataConfig, ExecutionConfig
+            from pipeline.training import load_configured_dataset
+
+            if __name__ == "__main__":
+                execution = ExecutionConfig(runner="process", workers=2)
+                data = DataConfig(dataset="mnist-sample")
+                load_configured_dataset(data)
+                me = Path("/proc/self/cmdline").read_bytes()
+                with prestarted_task_runner(execution, data):
+                    with task_runner(execution, data) as runner:
+                        pids = [c.pid for c in multiprocessing.active_children()]
+                        kinds = [
+                            "fork" if Path(f"/proc/{p}/cmdline").read_bytes() == me else "spawn"
+                            for p in pids
+                        ]
+                        # The pool works: a forked worker computes like a spawned one.
+                        squares = [runner._executor.submit(pow, n, 2).result() for n in range(4)]
+                print(json.dumps({"kinds": kinds, "squares": squares}))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"kinds": ["fork", "fork"], "squares": [0, 1, 4, 9]}
+
+
+def test_workers_are_spawned_while_another_thread_runs(pool_workers):
+    # Forking a process whose other threads may hold locks can deadlock the child.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    execution = ExecutionConfig(runner="process", workers=2)
+    try:
+        with prestarted_task_runner(execution, DataConfig(dataset="mnist-sample")):
+            assert _wait_for(lambda: len(pool_workers(os.getpid())) == 2)
+            assert _start_kinds(os.getpid(), pool_workers(os.getpid())) == {"spawn"}
+    finally:
+        stop.set()
+
+
+def test_a_duplicate_is_prefects_lazy_pool(pool_workers):
+    # Prefect enters a duplicate of a flow's runner in each worker, for every task it runs.
+    runner = EagerProcessPoolTaskRunner(max_workers=2, initializer=warm_worker, initargs=(1,))
+    copy = runner.duplicate()
+    assert type(copy) is ProcessPoolTaskRunner
+    assert (copy._initializer, copy._initargs) == (warm_worker, (1,))
+    with copy:
+        assert not pool_workers(os.getpid())  # nothing started until a task is submitted

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -96,3 +99,65 @@ def test_launch_binds_loopback_and_stop_reaps(no_api, listening_hosts):
         server.stop()
     assert server.process is None
     assert not _alive(pid)
+
+
+def test_the_cli_launches_the_server_before_importing_heavy_libraries(tmp_path):
+    # The server's boot is the longest step of a run's start: nothing may delay its launch.
+    script = tmp_path / "launch_probe.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            import flows.server
+
+            def launch(self):
+                heavy = ("prefect", "mlflow", "pandas", "matplotlib")
+                print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
+                raise SystemExit(0)
+
+            flows.server.TemporaryServer.launch = launch
+            from flows.cli import main
+
+            main(["run", "--preset", "quick", "--no-progress"])
+            """
+        )
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.slow
+def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_data_dir):
+    # The temporary server as a first-time user gets it: a new Prefect database, no block types
+    # registered, forked process workers reporting to it, fold results persisted and reused.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    args = [
+        sys.executable, "-m", "flows.cli", "run", "--dataset", "mnist",
+        "--data-dir", str(shared_data_dir), "--limit-train", "3000", "--limit-test", "500",
+        "--hidden", "32", "--epochs", "2", "--final-epochs", "2", "--lambdas", "1e-4,1e-2",
+        "--folds", "2", "--runner", "process", "--workers", "2",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
+    ]  # fmt: skip
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert "trainings: 4 run, 0 reused from cache" in outputs[0]
+    assert "trainings: 0 run, 4 reused from cache" in outputs[1]
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        flow_runs = db.execute("SELECT state_type FROM flow_run").fetchall()
+        fold_runs = db.execute(
+            "SELECT state_name FROM task_run WHERE task_key LIKE 'train_fold%'"
+        ).fetchall()
+    assert flow_runs == [("COMPLETED",), ("COMPLETED",)]
+    assert sorted(fold_runs) == [("Cached",)] * 4 + [("Completed",)] * 4
