@@ -133,6 +133,7 @@ def _cross_validate(
     parent = recorder.start(
         config, dataset.name, dataset.fingerprint, tags={**_flow_tags(), "flow": flow_name}
     )
+    recorder.warm_up(final_model=flow_name == "mlp-pipeline")
     sweep = run_sweep(config, dataset, recorder)
     table = cv_table_task(sweep.results)
     best = select_lambda_task(table)

@@ -7,6 +7,7 @@ no display.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,14 @@ def _save(figure: Figure, path: str | Path) -> Path:
     figure.savefig(path, format="png")
     figure.clear()  # drop the artists now: a figure without pyplot is freed with its last reference
     return path
+
+
+def warm_up() -> None:
+    """Draw and encode a small figure in memory: the first figure of a process loads fonts."""
+    figure = _new_figure(1.0, 1.0)
+    figure.add_subplot().set_title("warm-up")
+    figure.savefig(io.BytesIO(), format="png")
+    figure.clear()
 
 
 def plot_cv_lambda(table: pd.DataFrame, best_lambda: float | None, path: str | Path) -> Path:

@@ -121,6 +121,10 @@ class ResilientRecorder:
         with deferred_signals():
             return self.recorder.start(*args, **kwargs)
 
+    def warm_up(self, *, final_model: bool) -> None:
+        """:meth:`PipelineRecorder.warm_up` (a head start only: never queued or retried)."""
+        self.recorder.warm_up(final_model=final_model)
+
     @property
     def offline(self) -> bool:
         """True while some calls are waiting for the store to come back."""

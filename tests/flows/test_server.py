@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
@@ -161,3 +162,14 @@ def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_
         ).fetchall()
     assert flow_runs == [("COMPLETED",), ("COMPLETED",)]
     assert sorted(fold_runs) == [("Cached",)] * 4 + [("Completed",)] * 4
+
+
+def test_the_garbage_collector_is_back_on_after_a_failed_start(cli, tmp_path, monkeypatch):
+    # Start-up runs with the collector off; a run that fails there must not leave it off.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(
+        ["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--set", "data.download=false"]
+    )
+    assert code == 2, err
+    assert "mnist" in err
+    assert gc.isenabled()

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,6 +153,7 @@ def recorded(store_uri, client, trained):
             run_name="test-run",
             tags={"prefect.flow_run_id": "abc"},
         )
+        recorder.warm_up(final_model=True)  # as the flow does: the record must not change
         fold_runs = {(r.l2_lambda, r.fold): recorder.log_fold(r) for r in folds}
         diverged_run = recorder.log_fold(diverged)
         table = cv_table([*folds, diverged])
@@ -461,3 +463,36 @@ def test_corrupt_store_raises_tracking_error(tmp_path):
     config = _config(f"sqlite:///{tmp_path}/mlflow.db", "never")
     with pytest.raises(TrackingError, match="cannot use MLflow store .*not a database"):
         PipelineRecorder(config.tracking).start(config, "mnist", "f" * 16)
+
+
+@pytest.mark.parametrize("final_model", [True, False])
+def test_warm_up_loads_what_the_final_logging_needs(tmp_path, final_model):
+    # A fresh process: the package map and mlflow.pyfunc are per-process, first-use state.
+    script = tmp_path / "warm.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import json, sys
+            from mlflow.utils import requirements_utils
+            from pipeline.config import TrackingConfig
+            from pipeline.tracking import PipelineRecorder
+
+            def state():
+                return [requirements_utils._MODULES_TO_PACKAGES is not None,
+                        "mlflow.pyfunc" in sys.modules, "matplotlib.font_manager" in sys.modules]
+
+            before = state()
+            recorder = PipelineRecorder(TrackingConfig(tracking_uri="sqlite:///{tmp_path}/m.db"))
+            recorder.warm_up(final_model={final_model})
+            recorder._warmed_up()
+            print(json.dumps([before, state()]))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before[:2] == [False, False]
+    assert after == [final_model, final_model, True]
