@@ -5,6 +5,8 @@ Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final +
 - ``run``: ``mlp-pipeline run`` as a user runs it (process runner, temporary Prefect server,
   a new SQLite MLflow store): wall time, peak memory of the whole process tree, test accuracy;
 - ``warm``: the same as a second run, on the store the first one created (fresh fold cache);
+- ``server``: the same as ``run``, with ``PREFECT_API_URL`` set to a running
+  ``prefect server start`` (started once, before the rounds, as deployments have one);
 - ``plain``: the same pipeline functions (``train_fold``, ``cv_table``, ``select_lambda``,
   ``train_final``, ``predict_test``) in a plain ``multiprocessing`` pool with the same workers
   and BLAS threads, forked after the data is loaded as the CLI's are, no Prefect, no MLflow:
@@ -26,11 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -143,10 +150,15 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def run_cli(args: list[str], workdir: Path) -> dict:
-    """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results."""
+def run_cli(args: list[str], workdir: Path, api_url: str | None = None) -> dict:
+    """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results.
+
+    Without ``api_url``, as a new user: a temporary Prefect server for the run.
+    """
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)  # as a new user: a temporary server for the run
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args, "--no-progress"],
@@ -169,6 +181,51 @@ def run_cli(args: list[str], workdir: Path) -> dict:
             "peak_pss_mb": monitor.peak_pss_bytes / 2**20,
             "cpu_seconds": monitor.cpu_seconds, "test_accuracy": accuracy,
             "stdout": stdout}  # fmt: skip
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
+    """A ``prefect server start`` on a free loopback port with its own home; yields its API URL.
+
+    Exits with the end of its log if it does not answer ``/api/health`` within ``timeout``.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port), "--analytics-off"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"prefect server start did not come up:\n{log_path.read_text()[-3000:]}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.5)
+            time.sleep(10)  # healthy is not idle yet: let its start-up services settle
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 # ------------------------------------------------------------------------------ plain loop
@@ -286,7 +343,10 @@ def main() -> None:
     for item in args.overrides:
         cli += ["--set", item]
     rounds: list[dict[str, dict]] = []
-    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlp-bench-") as tmp, ExitStack() as servers:
+        api_url = None
+        if "server" in parts:  # started once, before the rounds: like a deployment's server
+            api_url = servers.enter_context(prefect_server(Path(tmp) / "prefect-home"))
         for round_index in range(args.repeat):
             figures: dict[str, dict] = {}
             for part in parts:
@@ -295,6 +355,8 @@ def main() -> None:
                 print(f"--- {part} (round {round_index + 1}/{args.repeat})", flush=True)
                 if part == "run":
                     figures[part] = run_cli(cli, workdir)
+                elif part == "server":
+                    figures[part] = run_cli(cli, workdir, api_url)
                 elif part == "warm":
                     # A user's second run: the MLflow store exists; fresh fold cache: all train.
                     run_cli([*cli, "--set", "execution.cache_dir=first-cache"], workdir)
@@ -340,7 +402,7 @@ def summarize(rounds: list[dict[str, dict]]) -> None:
         pss = max(r["run"]["peak_pss_mb"] for r in rounds)
         print(f"  peak memory (process tree): {peak:.0f} MB summed RSS, {pss:.0f} MB summed PSS "
               "(<= 2048 MB)")  # fmt: skip
-    for name in ("run", "warm"):
+    for name in ("run", "warm", "server"):
         if name in last and "plain" in last:
             overhead = ratio(name, "plain") - 1
             print(f"  Prefect + MLflow overhead over a plain loop ({name}): "
