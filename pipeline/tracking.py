@@ -329,6 +329,9 @@ class PipelineRecorder:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
+        # A run that failed early may leave the warm-up importing: let it finish here rather
+        # than at interpreter exit, where a daemon thread holding an import lock can hang it.
+        self._warmed_up()
         if self.parent_run_id is None or self._finished:
             return False
         if exc is None:

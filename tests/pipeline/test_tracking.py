@@ -496,3 +496,20 @@ def test_warm_up_loads_what_the_final_logging_needs(tmp_path, final_model):
     before, after = json.loads(done.stdout.strip().splitlines()[-1])
     assert before[:2] == [False, False]
     assert after == [final_model, final_model, True]
+
+
+def test_ending_the_recorder_waits_for_its_warm_up(store_uri, monkeypatch):
+    # A run that fails at once must not leave the warm-up importing at interpreter exit.
+    finished = []
+
+    def slow_warm_up(final_model: bool) -> None:
+        time.sleep(0.5)
+        finished.append(final_model)
+
+    monkeypatch.setattr(pipeline.tracking, "_warm_up_logging", slow_warm_up)
+    config = _config(store_uri, "warm-up-exit")
+    with pytest.raises(RuntimeError), PipelineRecorder(config.tracking) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        recorder.warm_up(final_model=True)
+        raise RuntimeError("the sweep failed at once")
+    assert finished == [True]
