@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -189,9 +188,9 @@ def prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
 
     Exits with the end of its log if it does not answer ``/api/health`` within ``timeout``.
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from flows.server import free_port
+
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     home.mkdir(parents=True, exist_ok=True)
@@ -373,10 +372,10 @@ def main() -> None:
             rounds.append(figures)
     if "run" in rounds[-1]:
         print(rounds[-1]["run"]["stdout"])
-    summarize(rounds)
+    summarize(rounds, args.preset)
 
 
-def summarize(rounds: list[dict[str, dict]]) -> None:
+def summarize(rounds: list[dict[str, dict]], preset: str = "default") -> None:
     """Medians over rounds; ratios are medians of each round's side-by-side ratio."""
     from statistics import median
 
@@ -396,7 +395,7 @@ def summarize(rounds: list[dict[str, dict]]) -> None:
         print(f"  {part}: {shown(part)}")
     if "run" in last:
         run = last["run"]
-        print(f"  default preset wall time: {median(walls('run')):.0f} s (<= 360 s)")
+        print(f"  {preset} preset wall time: {median(walls('run')):.0f} s (<= 360 s)")
         print(f"  test accuracy: {100 * run['test_accuracy']:.2f}% (>= 98.0%)")
         peak = max(r["run"]["peak_memory_mb"] for r in rounds)
         pss = max(r["run"]["peak_pss_mb"] for r in rounds)

@@ -43,7 +43,7 @@ class TemporaryServer:
 
     def launch(self) -> None:
         """Start the server process on a free loopback port; do not wait for it."""
-        self.port = _free_port()
+        self.port = free_port()
         env = {
             **os.environ,
             "PREFECT_UI_ENABLED": "0",
@@ -131,7 +131,8 @@ def _site_of(package: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))).parent)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -148,7 +149,7 @@ def prefect_api(
     workers inherit it instead of each starting their own (about 20 s each). Yields the URL of
     a temporary server, or None when an existing API is used.
 
-    ``while_starting`` runs while the temporary server boots (4-12 s here): slow preparation
+    ``while_starting`` runs while the temporary server boots (4-7 s here): slow preparation
     such as imports, creating the MLflow store or starting worker processes overlaps with it
     instead of adding to it. The URL is exported before it runs, so workers started meanwhile
     inherit it.

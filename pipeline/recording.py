@@ -27,7 +27,8 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.results import FoldResult
-from pipeline.tracking import PipelineRecorder, check_tracking_uri, redact_uri
+from pipeline.tracking import PipelineRecorder
+from pipeline.tracking_uri import check_tracking_uri, redact_uri
 
 logger = logging.getLogger(__name__)
 

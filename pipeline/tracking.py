@@ -37,10 +37,8 @@ import pandas as pd
 from pipeline import plots
 from pipeline.errors import DataError, PipelineError, TrackingError
 from pipeline.results import Evaluation, FoldResult
-from pipeline.tracking_uri import (  # noqa: F401 -- re-exported: tracking's public names
-    DEFAULT_STORE_DIR,
+from pipeline.tracking_uri import (
     check_tracking_uri,
-    credentials_to_environment,
     default_artifact_location,
     redact_uri,
     resolve_tracking_uri,

@@ -1,7 +1,7 @@
 """Where MLflow runs go: the tracking URI resolved, checked and stripped of secrets.
 
 Standard library only, so a command can settle its URI before anything imports MLflow,
-pandas or matplotlib (:mod:`pipeline.tracking` re-exports these names).
+pandas or matplotlib.
 """
 
 from __future__ import annotations

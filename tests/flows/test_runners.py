@@ -35,7 +35,7 @@ def _wait_for(predicate, timeout: float = 60.0) -> bool:
     return False
 
 
-def test_prestarted_pool_spawns_every_worker_before_any_task(pool_workers):
+def test_prestarted_pool_starts_every_worker_before_any_task(pool_workers):
     execution = ExecutionConfig(runner="process", workers=2)
     data = DataConfig(dataset="mnist-sample")
     with prestarted_task_runner(execution, data):

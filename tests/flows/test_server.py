@@ -134,8 +134,9 @@ def test_the_cli_launches_the_server_before_importing_heavy_libraries(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_data_dir):
-    # The temporary server as a first-time user gets it: a new Prefect database, no block types
-    # registered, forked process workers reporting to it, fold results persisted and reused.
+    # The temporary server as a first-time user gets it: a new Prefect database in which it
+    # registers no block types, process workers reporting to it, fold results persisted and
+    # reused from a result storage that is no saved block.
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     args = [
@@ -160,8 +161,10 @@ def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_
         fold_runs = db.execute(
             "SELECT state_name FROM task_run WHERE task_key LIKE 'train_fold%'"
         ).fetchall()
+        block_types = db.execute("SELECT count(*) FROM block_type").fetchone()
     assert flow_runs == [("COMPLETED",), ("COMPLETED",)]
     assert sorted(fold_runs) == [("Cached",)] * 4 + [("Completed",)] * 4
+    assert block_types == (0,)  # so none of the above needed them
 
 
 def test_the_garbage_collector_is_back_on_after_a_failed_start(cli, tmp_path, monkeypatch):

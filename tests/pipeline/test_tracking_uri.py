@@ -1,0 +1,38 @@
+"""The tracking URI: resolved, redacted, its artifact folder (``pipeline.tracking_uri``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.tracking_uri import default_artifact_location, redact_uri, resolve_tracking_uri
+
+
+def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db", "argument wins"
+    assert resolve_tracking_uri(None) == "http://env:5000", "then the environment"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    default = resolve_tracking_uri(None)
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db", default
+    assert default.startswith("sqlite:////"), "absolute path: four slashes"
+    assert (tmp_path / "mlruns").is_dir(), "the store folder is created"
+    assert default_artifact_location(default) == (tmp_path.resolve() / "mlruns/artifacts").as_uri()
+    assert default_artifact_location("http://server:5000") is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("http://alice:s3cret@host:5000", "http://host:5000"),
+        ("https://token@host/mlflow", "https://host/mlflow"),
+        (
+            "postgresql://u:pw@db:5432/mlflow?password=pw&sslmode=require",
+            "postgresql://db:5432/mlflow?sslmode=require",
+        ),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://host:5000/?token=abc", "http://host:5000/"),
+    ],
+)
+def test_redact_uri(uri, expected):
+    assert redact_uri(uri) == expected
