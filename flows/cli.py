@@ -8,8 +8,6 @@ set) and rich progress bars.
 from __future__ import annotations
 
 import gc
-import logging
-import os
 import signal
 from contextlib import ExitStack
 from typing import Annotated, Any
@@ -18,7 +16,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mlp import MLPError
 from pipeline.cli import (
     Activation,
     BatchSize,
@@ -44,7 +41,6 @@ from pipeline.cli import (
     ui_command,
 )
 from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
 
 __all__ = ["app", "main"]
 
@@ -89,9 +85,10 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
             # What start-up built lives until exit: frozen, later full passes skip it.
             gc.freeze()
             gc.enable()
+            from flows.console import hide_known_failures_on_console
             from flows.pipeline_flow import cv_flow, mlp_pipeline
 
-            _hide_known_failures_on_console()
+            hide_known_failures_on_console()
             flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
             return flow_fn(cfg)
     finally:
@@ -115,41 +112,15 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
 
         check_scheduler_reachable(cfg.execution.dask_address)
     import flows.pipeline_flow  # noqa: F401 -- its imports, while the server boots
+    from flows.console import hide_known_failures_on_console
     from flows.runners import prestarted_task_runner, prime_prefect
 
     prime_prefect()
+    hide_known_failures_on_console()  # before the workers fork: they print to this console too
     started.enter_context(prestarted_task_runner(cfg.execution, cfg.data))
     from pipeline.tracking import prepare_store
 
     prepare_store(cfg.tracking)  # checks the URI first (one health request for a server)
-
-
-class _KnownFailureFilter(logging.Filter):
-    """Keep Prefect's console free of tracebacks for failures the CLI reports in one line.
-
-    The records still reach the Prefect API (its UI shows them); ``MLP_PIPELINE_DEBUG=1``
-    keeps them on the console too.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, PipelineError | MLPError):
-            return False
-        message = record.getMessage()
-        return not (record.levelno >= logging.ERROR and message.startswith("Finished in state"))
-
-
-def _hide_known_failures_on_console() -> None:
-    if os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}:
-        return
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, PrefectConsoleHandler) and not any(
-                isinstance(f, _KnownFailureFilter) for f in handler.filters
-            ):
-                handler.addFilter(_KnownFailureFilter())
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:

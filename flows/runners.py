@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -32,8 +33,10 @@ def make_task_runner(execution: ExecutionConfig, data: DataConfig | None = None)
         set_blas_threads(blas)
         return ThreadPoolTaskRunner(max_workers=workers)
     if execution.runner == "process":
+        from flows.tasks import stop_event
+
         return EagerProcessPoolTaskRunner(
-            max_workers=workers, initializer=warm_worker, initargs=(blas, data)
+            max_workers=workers, initializer=warm_worker, initargs=(blas, data, stop_event())
         )
     if execution.runner == "dask":
         return _dask_runner(execution, workers)
@@ -113,10 +116,11 @@ def _forking_copy(executor: ProcessPoolExecutor) -> ProcessPoolExecutor:
     )
 
 
-def warm_worker(blas_threads: int, data: DataConfig | None = None) -> None:
-    """Pool initializer: set the BLAS budget, import the task code and load the dataset.
+def warm_worker(blas_threads: int, data: DataConfig | None = None, stop: Any = None) -> None:
+    """Pool initializer: set the BLAS budget and stop flag, import the task code, load the data.
 
-    Best effort beyond the BLAS budget: an initializer that raises breaks the whole pool, so a
+    Best effort beyond the BLAS budget and ``stop`` (the parent's
+    :func:`flows.tasks.stop_event`): an initializer that raises breaks the whole pool, so a
     dataset problem is left for the task to report in its own words. In a forked worker the
     imports and the dataset are the parent's already.
     """
@@ -126,8 +130,13 @@ def warm_worker(blas_threads: int, data: DataConfig | None = None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     set_blas_threads(blas_threads)
     try:
-        import flows.tasks  # noqa: F401 -- Prefect's task engine and the training code
+        import flows.tasks  # Prefect's task engine and the training code
+        from flows.console import hide_known_failures_on_console
         from pipeline.training import load_configured_dataset
+
+        if stop is not None:
+            flows.tasks.use_stop_event(stop)
+        hide_known_failures_on_console()  # a forked worker has the parent's filter already
 
         prime_prefect()
 
@@ -182,18 +191,27 @@ def prestarted_task_runner(execution: ExecutionConfig, data: DataConfig) -> Iter
 
 @contextmanager
 def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRunner]:
-    """An entered task runner: the prestarted pool for this config if there is one, else new."""
+    """An entered task runner: the prestarted pool for this config if there is one, else new.
+
+    Interrupted (Ctrl-C, SIGTERM, a Prefect cancellation), it sets the trainings' stop flag
+    before closing the runner: closing waits for the trainings already running or queued to
+    the workers, which then end at their next epoch instead of running to the end (20-30 s
+    for the ``default`` preset).
+    """
+    from flows.tasks import stop_event
+
+    stop_event().clear()
     with _prestarted_lock:
         found = next((e for e in _prestarted if e[0] == execution and e[1] == data), None)
         if found is not None:
             _prestarted.remove(found)
-    if found is None:
-        with make_task_runner(execution, data) as runner:
-            yield runner
-        return
-    runner = found[2]
+    runner = found[2] if found is not None else make_task_runner(execution, data).__enter__()
     try:
         yield runner
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            stop_event().set()
+        raise
     finally:
         runner.__exit__(*sys.exc_info())  # the exception leaving the sweep, if any
 

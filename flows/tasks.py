@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,37 @@ from pipeline.results import FoldResult
 from pipeline.training import dataset_from_ref, train_fold
 
 
+class TrainingStopped(Exception):
+    """A training stopped between epochs because its sweep was interrupted (not retried)."""
+
+
+# Set when a sweep is interrupted; every training checks it between epochs. One per process
+# tree: forked workers inherit it, spawned ones get it from the pool's initializer, thread
+# workers share it. None where no sweep of ours started the process (a Dask worker).
+_stop: Any = None
+
+
+def stop_event() -> Any:
+    """This process's stop flag, created on first use (a spawn-safe ``multiprocessing.Event``)."""
+    global _stop
+    if _stop is None:
+        _stop = multiprocessing.get_context("spawn").Event()
+    return _stop
+
+
+def use_stop_event(event: Any) -> None:
+    """Make ``event`` this process's stop flag (in a worker, the parent's)."""
+    global _stop
+    _stop = event
+
+
+def raise_if_stopped(record: dict[str, Any] | None = None) -> None:
+    """Raise :class:`TrainingStopped` once the stop flag is set (an epoch callback)."""
+    if _stop is not None and _stop.is_set():
+        after = f" after epoch {record['epoch']}" if record else " before its first epoch"
+        raise TrainingStopped(f"training stopped{after}: the run was interrupted")
+
+
 def _fold_key(context: Any, parameters: dict[str, Any]) -> str:
     return fold_cache_key(
         parameters["config"],
@@ -31,7 +63,7 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Retry transient failures only: a bad config or dataset fails the same way every time."""
     try:
         state.result()
-    except (PipelineError, MLPError):
+    except (PipelineError, MLPError, TrainingStopped):
         return False
     except Exception:  # noqa: BLE001 -- anything else may be transient
         return True
@@ -48,10 +80,15 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 def train_fold_task(
     config: PipelineConfig, ref: DatasetRef, l2_lambda: float, fold: int, blas_threads: int = 1
 ) -> FoldResult:
-    """Train and validate one (lambda, fold); the worker loads the dataset once per process."""
+    """Train and validate one (lambda, fold); the worker loads the dataset once per process.
+
+    An interrupted sweep sets the stop flag: the training then ends at its next epoch instead
+    of running to the end while the run waits for it.
+    """
+    raise_if_stopped()
     set_blas_threads(blas_threads)
     dataset = dataset_from_ref(config.data, ref)
-    return train_fold(config, dataset, l2_lambda, fold)
+    return train_fold(config, dataset, l2_lambda, fold, callback=raise_if_stopped)
 
 
 def configured_fold_task(config: PipelineConfig) -> Task:

@@ -28,12 +28,13 @@ def _wait_for_folds(process: subprocess.Popen, client: MlflowClient, count: int)
 
 
 def _sweep_args(
-    data_dir: Path, tracking_uri: str, cache: Path, runner="thread", workers=1, n=8000
+    data_dir: Path, tracking_uri: str, cache: Path, runner="thread", workers=1, n=8000, epochs=3
 ) -> list[str]:
     """`mlp-pipeline cv` of 8 trainings (4 lambdas x 2 folds) on ``n`` real MNIST images."""
     return [
         "cv", "--dataset", "mnist", "--data-dir", str(data_dir), "--limit-train", str(n),
-        "--hidden", "64", "--epochs", "3", "--lambdas", "1e-5,1e-4,1e-3,1e-2", "--folds", "2",
+        "--hidden", "64", "--epochs", str(epochs), "--lambdas", "1e-5,1e-4,1e-3,1e-2",
+        "--folds", "2",
         "--runner", runner, "--workers", str(workers), "--tracking-uri", tracking_uri,
         "--experiment", EXPERIMENT, "--set", f"execution.cache_dir={cache}", "--no-progress",
     ]  # fmt: skip
@@ -56,6 +57,62 @@ def _finished_cv_runs(client: MlflowClient) -> int:
         return 0
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'", max_results=100)
     return sum(run.info.status == "FINISHED" for run in runs)
+
+
+def _train_fold_runs(client: MlflowClient) -> list:
+    """Prefect's ``train_fold`` task runs in the flow run behind the experiment's parent run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = (
+        client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")
+        if experiment
+        else []
+    )
+    if not parents:
+        return []
+    flow_run_id = parents[0].data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [run for run in runs if run.name.startswith("train_fold")]
+
+
+@pytest.mark.parametrize(("runner", "workers"), [("process", 2), ("thread", 1)])
+def test_interrupt_stops_running_trainings_at_their_next_epoch(
+    runner, workers, shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+):
+    # Trainings of about a minute each (600 epochs on 10,000 images): without the stop flag,
+    # closing the runner would wait for them, and they would end Completed (and be cached).
+    cache = tmp_path / "cache"
+    args = _sweep_args(
+        shared_data_dir, tracking_uri, cache, runner=runner, workers=workers, n=20000, epochs=600
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pipeline = _cli(args, tmp_path, env)
+    deadline = time.monotonic() + 240
+    while sum(run.state_name == "Running" for run in _train_fold_runs(client)) < workers:
+        assert pipeline.poll() is None, f"ended before the interruption: {pipeline.communicate()}"
+        assert time.monotonic() < deadline, "no training started in time"
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few epochs in
+
+    pipeline.send_signal(signal.SIGTERM)
+    _, stderr = pipeline.communicate(timeout=120)
+
+    assert pipeline.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "TrainingStopped" not in stderr, stderr[-2000:]
+    runs = _train_fold_runs(client)
+    states = [run.state_name for run in runs]
+    assert "Completed" not in states and "Running" not in states, states
+    stopped = [run for run in runs if "training stopped" in (run.state.message or "")]
+    assert len(stopped) >= workers, [(run.state_name, run.state.message) for run in runs]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert "RUNNING" not in statuses, statuses
 
 
 def test_sigterm_ends_runs_killed_and_rerun_resumes(

@@ -20,6 +20,7 @@ from flows.runners import (
     task_runner,
     warm_worker,
 )
+from flows.tasks import TrainingStopped, raise_if_stopped, stop_event
 from pipeline.config import DataConfig, ExecutionConfig
 from pipeline.errors import DataError
 from pipeline.resources import blas_threads, cpu_count, set_blas_threads
@@ -143,6 +144,39 @@ def test_workers_are_spawned_while_another_thread_runs(pool_workers):
             assert _start_kinds(os.getpid(), pool_workers(os.getpid())) == {"spawn"}
     finally:
         stop.set()
+
+
+def test_spawned_workers_see_the_parents_stop_flag(pool_workers):
+    other = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
+    other.start()  # another thread: the workers are spawned, and get the flag from initargs
+    execution = ExecutionConfig(runner="process", workers=2)
+    data = DataConfig(dataset="mnist-sample")
+    try:
+        with prestarted_task_runner(execution, data), task_runner(execution, data) as runner:
+            assert _start_kinds(os.getpid(), pool_workers(os.getpid())) == {"spawn"}
+            assert runner._executor.submit(raise_if_stopped).result() is None
+            stop_event().set()
+            for _ in range(2):  # whichever worker takes it
+                with pytest.raises(TrainingStopped, match="before its first epoch"):
+                    runner._executor.submit(raise_if_stopped).result()
+    finally:
+        stop_event().clear()
+
+
+def test_an_interrupted_sweep_sets_the_stop_flag_and_the_next_one_clears_it():
+    execution = ExecutionConfig(runner="thread", workers=1)
+    try:
+        with pytest.raises(KeyboardInterrupt), task_runner(execution, DataConfig()):
+            assert not stop_event().is_set()
+            raise KeyboardInterrupt
+        assert stop_event().is_set()
+        with task_runner(execution, DataConfig()):
+            assert not stop_event().is_set()
+        with pytest.raises(DataError), task_runner(execution, DataConfig()):
+            raise DataError("a failure, not an interruption: running trainings may finish")
+        assert not stop_event().is_set()
+    finally:
+        stop_event().clear()
 
 
 def test_a_duplicate_is_prefects_lazy_pool(pool_workers):
