@@ -425,8 +425,8 @@ class PipelineRecorder:
         """One finished child run for one (lambda, fold) training; returns its run id.
 
         Per-epoch metrics use the history's column names with step = epoch; the summary
-        (possibly restored-best) values go to ``fold_*`` metrics so they do not add a point to
-        the histories. A diverged training is tagged ``diverged=true`` with its message.
+        values (the last epoch's, or with early stopping the restored best epoch's) go to
+        ``fold_*`` metrics so they do not add a point to the histories. A diverged training is tagged ``diverged=true`` with its message.
         """
         from mlflow.entities import Param
 

@@ -78,8 +78,15 @@ def _fit_network(
     y_val: np.ndarray | None = None,
     early_stopping: int | None = None,
     callback: EpochCallback | None = None,
-) -> tuple[MLP, dict[str, list[float]], str]:
-    """Build and train one network; returns (model, history columns, divergence message or "")."""
+) -> tuple[MLP, dict[str, list[float]], str, int]:
+    """Build and train one network.
+
+    Returns the model, its history columns, the divergence message (or ""), and the index in
+    the history of the epoch whose weights the model holds: the last one, or with early stopping
+    the one with the lowest validation loss (its weights are put back, as scikit-learn's
+    ``early_stopping`` does). Without early stopping the last weights are kept, as the final
+    model keeps them, so a fold measures the procedure the final model goes through.
+    """
     model_cfg, train_cfg = config.model, config.training
     network = MLP(
         n_features=X.shape[1],
@@ -102,8 +109,9 @@ def _fit_network(
         if train_cfg.schedule == "step"
         else {}
     )
+    restore_best = early_stopping is not None
     try:
-        fit(
+        history = fit(
             network,
             X,
             y,
@@ -120,13 +128,17 @@ def _fit_network(
             X_val=X_val,
             y_val=y_val,
             early_stopping=early_stopping,
+            restore_best=restore_best,
             seed=seed,
             callback=on_epoch,
         )
         message = ""
+        held = len(records) - 1
+        if restore_best and history.best_epoch is not None:
+            held = [r["epoch"] for r in records].index(history.best_epoch)
     except DivergenceError as exc:
-        message = str(exc)
-    return network, _columns(records), message
+        message, held = str(exc), len(records) - 1
+    return network, _columns(records), message, held
 
 
 def _columns(records: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -155,16 +167,18 @@ def train_fold(
         raise ValueError(f"fold {fold} out of range 0..{len(folds) - 1}")
     val_idx = folds[fold]
     train_idx = train_indices(folds, fold)
-    normalizer = Normalizer.fit(dataset.X_train[train_idx], method=config.data.normalization)
+    train_raw = dataset.X_train[train_idx]
+    normalizer = Normalizer.fit(train_raw, method=config.data.normalization)
     dtype = config.model.dtype
-    X_tr = normalizer.transform(dataset.X_train[train_idx], dtype=dtype)
+    X_tr = normalizer.transform(train_raw, dtype=dtype)
+    del train_raw
     X_val = normalizer.transform(dataset.X_train[val_idx], dtype=dtype)
     y_tr = dataset.y_train[train_idx].astype(np.int64)
     y_val = dataset.y_train[val_idx].astype(np.int64)
 
     seed = fold_seed(cv.seed, l2_lambda, fold)
     started = time.perf_counter()
-    network, history, message = _fit_network(
+    _, history, message, held = _fit_network(
         config,
         X_tr,
         y_tr,
@@ -183,15 +197,16 @@ def train_fold(
             l2_lambda, fold, seed, nan, nan, nan, nan, len(history.get("epoch", [])), seconds,
             history, diverged=True, message=message,
         )  # fmt: skip
-    val_loss = network.loss(X_val, y_val).data
+    # The metrics of the epoch whose weights the network holds, computed by ``fit`` on the
+    # same validation fold (no second pass over it).
     return FoldResult(
         l2_lambda=l2_lambda,
         fold=fold,
         seed=seed,
-        val_accuracy=network.score(X_val, y_val),
-        val_loss=float(val_loss),
-        train_accuracy=float(history["train_accuracy"][-1]),
-        train_loss=float(history["train_loss"][-1]),
+        val_accuracy=history["val_accuracy"][held],
+        val_loss=history["val_loss"][held],
+        train_accuracy=history["train_accuracy"][held],
+        train_loss=history["train_loss"][held],
         epochs=len(history["epoch"]),
         seconds=seconds,
         history=history,
@@ -222,7 +237,7 @@ def train_final(
     y = dataset.y_train.astype(np.int64)
     seed = fold_seed(config.cv.seed, l2_lambda, fold=-1)
     started = time.perf_counter()
-    network, history, message = _fit_network(
+    network, history, message, _ = _fit_network(
         config,
         X,
         y,

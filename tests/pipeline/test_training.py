@@ -42,6 +42,14 @@ CONFIGS = {
         "cv.stratify": False,
         "data.normalization": "scale",
     },
+    # Early stopping on the validation fold: the best epoch's weights are put back.
+    "early_stopping": {
+        "model.hidden_sizes": [32],
+        "training.epochs": 25,
+        "training.lr": 0.1,
+        "training.early_stopping": 2,
+        "cv.folds": 2,
+    },
 }
 
 
@@ -78,12 +86,13 @@ def _by_hand(cfg: PipelineConfig, dataset, l2_lambda: float, fold: int):
         activation=cfg.model.activation, init=cfg.model.init, dtype=dtype, seed=seed,
     )  # fmt: skip
     t = cfg.training
-    fit(
+    history = fit(
         net, X_tr, y_tr, epochs=t.epochs, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
         batch_size=None if t.optimizer == "gd" else t.batch_size, l2=l2_lambda,
         schedule=t.schedule, dropout=t.dropout, X_val=X_va, y_val=y_va, seed=seed,
+        early_stopping=t.early_stopping, restore_best=t.early_stopping is not None,
     )  # fmt: skip
-    return net, X_va, y_va
+    return net, X_va, y_va, len(history)
 
 
 # ----------------------------------------------------------------------------- train_fold
@@ -115,7 +124,7 @@ def test_train_fold_equals_a_by_hand_split_and_fit(sample, name, fold):
 
     # Act
     result = train_fold(cfg, sample, lam, fold)
-    net, X_va, y_va = _by_hand(cfg, sample, lam, fold)
+    net, X_va, y_va, epochs_run = _by_hand(cfg, sample, lam, fold)
 
     # Assert
     expected_acc = net.score(X_va, y_va)
@@ -129,12 +138,30 @@ def test_train_fold_equals_a_by_hand_split_and_fit(sample, name, fold):
     assert result.seed == fold_seed(cfg.cv.seed, lam, fold), (
         "seed is not fold_seed(seed, lam, fold)"
     )
-    assert (result.l2_lambda, result.fold, result.epochs) == (lam, fold, cfg.training.epochs), (
+    assert (result.l2_lambda, result.fold, result.epochs) == (lam, fold, epochs_run), (
         f"summary fields {result.l2_lambda}, {result.fold}, {result.epochs}"
     )
     assert not result.diverged and result.message == "", "a normal run is not diverged"
     if name == "default":  # two full-batch GD steps (notebook) barely move the network
         assert result.val_accuracy > 0.5, f"2 epochs should learn something: {result.val_accuracy}"
+
+
+@pytest.mark.parametrize("patience", [None, 2])
+def test_a_fold_reports_the_epoch_whose_weights_it_keeps(sample, patience):
+    # 25 epochs on 1000 images: the validation loss bottoms out early, then rises.
+    cfg = _config(**{"training.epochs": 25, "training.lr": 0.1, "training.early_stopping": patience})
+
+    result = train_fold(cfg, sample, 0.0, 0)
+
+    losses = result.history["val_loss"]
+    best = int(np.argmin(losses))
+    assert best < len(losses) - 1, f"the loss never rose, nothing is tested: {losses}"
+    # Without early stopping the last weights are kept (as in the final model); with it, the
+    # best epoch's weights come back (as in scikit-learn).
+    held = best if patience else len(losses) - 1
+    assert result.val_loss == losses[held], (patience, result.val_loss, losses)
+    assert result.val_accuracy == result.history["val_accuracy"][held]
+    assert result.train_loss == result.history["train_loss"][held]
 
 
 def test_train_fold_history_has_one_row_per_epoch(sample):
