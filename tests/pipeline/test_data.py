@@ -506,6 +506,24 @@ def test_standardize_uses_global_statistics_of_fit_data():
     assert refit.mean_[0] != pytest.approx(norm.mean_[0]), "statistics from the fit data only"
 
 
+def test_pixel_statistics_match_float64_numpy_on_real_mnist(mnist):
+    # 20,001 real images: uint8 takes the exact integer path, in chunks that do not divide it.
+    X = mnist.X_train[:20001]
+    reference = X.astype(np.float64)
+    norm = Normalizer.fit(X, "standardize-pixel", min_std=0.0)
+    np.testing.assert_allclose(norm.mean_, reference.mean(axis=0) / 255, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(norm.std_, reference.std(axis=0) / 255, rtol=1e-9, atol=1e-15)
+    pooled = Normalizer.fit(X, "standardize")
+    assert pooled.mean_[0] == pytest.approx(reference.mean() / 255, rel=1e-12)
+    assert pooled.std_[0] == pytest.approx(reference.std() / 255, rel=1e-9)
+    # The same statistics from float input (the float64 path) and the same transform.
+    as_float = Normalizer.fit(reference, "standardize-pixel", min_std=0.0)
+    np.testing.assert_allclose(as_float.std_, norm.std_, rtol=1e-9, atol=1e-15)
+    out = pooled.transform(X[:500], dtype="float64")
+    expected = (reference[:500] / 255 - pooled.mean_) / pooled.std_
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_normalizer_roundtrip_and_errors():
     X = np.arange(24, dtype=np.uint8).reshape(4, 6)
     norm = Normalizer.fit(X, "standardize")
