@@ -426,7 +426,8 @@ class PipelineRecorder:
 
         Per-epoch metrics use the history's column names with step = epoch; the summary
         values (the last epoch's, or with early stopping the restored best epoch's) go to
-        ``fold_*`` metrics so they do not add a point to the histories. A diverged training is tagged ``diverged=true`` with its message.
+        ``fold_*`` metrics so they do not add a point to the histories. A diverged training is
+        tagged ``diverged=true`` with its message.
         """
         from mlflow.entities import Param
 

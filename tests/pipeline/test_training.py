@@ -149,7 +149,8 @@ def test_train_fold_equals_a_by_hand_split_and_fit(sample, name, fold):
 @pytest.mark.parametrize("patience", [None, 2])
 def test_a_fold_reports_the_epoch_whose_weights_it_keeps(sample, patience):
     # 25 epochs on 1000 images: the validation loss bottoms out early, then rises.
-    cfg = _config(**{"training.epochs": 25, "training.lr": 0.1, "training.early_stopping": patience})
+    overrides = {"training.epochs": 25, "training.lr": 0.1, "training.early_stopping": patience}
+    cfg = _config(**overrides)
 
     result = train_fold(cfg, sample, 0.0, 0)
 
