@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import signal
-from contextlib import ExitStack
+import sys
+import threading
+from contextlib import ExitStack, nullcontext
 from typing import Annotated, Any
 
 import typer
@@ -67,11 +69,17 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     from flows.server import prefect_api
     from pipeline.progress import ConsoleReporter, reporting
 
-    def _terminate(signum: int, frame: Any) -> None:
-        # SIGTERM ends the run like Ctrl-C, so its MLflow runs end KILLED, not RUNNING.
+    interrupted: list[int] = []
+
+    def _interrupt(signum: int, frame: Any) -> None:
+        # SIGTERM ends the run like Ctrl-C, so its MLflow runs end KILLED, not RUNNING. The
+        # trainings are told to stop here, not only where the KeyboardInterrupt lands: it can
+        # land inside a library that turns it into another error (pydantic's serializer does).
+        interrupted.append(signum)
+        _stop_trainings_soon()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     # Start-up imports Prefect, MLflow, pandas and matplotlib: the collector's full passes over
     # their objects took 0.7 CPU-s of a 4.5 s start-up that is CPU-bound on 2 cores.
@@ -79,7 +87,7 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
     try:
         with (
             ExitStack() as started,
-            prefect_api(while_starting=lambda: _prepare_run(cfg, started)),
+            prefect_api(while_starting=lambda: _prepare_run(cfg, started)) as temporary_api,
             reporting(ConsoleReporter(enabled=progress)),
         ):
             # What start-up built lives until exit: frozen, later full passes skip it.
@@ -90,9 +98,40 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
 
             hide_known_failures_on_console()
             flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
-            return flow_fn(cfg)
+            with _no_flow_heartbeats() if temporary_api else nullcontext():
+                return flow_fn(cfg)
+    except Exception:
+        if interrupted:  # the interruption, whatever a library made of it on the way
+            raise KeyboardInterrupt(f"signal {interrupted[0]}") from None
+        raise
     finally:
         gc.enable()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_trainings_soon() -> None:
+    """Set the trainings' stop flag, if a sweep may be running, from a signal handler.
+
+    Set from a helper thread: the handler runs in the main thread, which may hold the flag's
+    lock at that moment.
+    """
+    tasks = sys.modules.get("flows.tasks")
+    stop = getattr(tasks, "_stop", None)
+    if stop is not None:
+        threading.Thread(target=stop.set, name="stop-trainings", daemon=True).start()
+
+
+def _no_flow_heartbeats() -> Any:
+    """Prefect settings without flow-run heartbeats, for a run on its own temporary server.
+
+    Heartbeats let a lasting server mark a flow run Crashed when its process vanishes; a
+    temporary server vanishes with the run. They only cost: the flow's teardown waits up to
+    1 s for the heartbeat thread, which sleeps in 1 s steps.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:

@@ -22,6 +22,8 @@ class KnownFailureFilter(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, PipelineError | MLPError | TrainingStopped):
             return False
+        if isinstance(error, Exception) and "KeyboardInterrupt" in str(error):
+            return False  # a Ctrl-C a library wrapped (pydantic's serializer): "interrupted"
         message = record.getMessage()
         return not (record.levelno >= logging.ERROR and message.startswith("Finished in state"))
 

@@ -128,6 +128,11 @@ def warm_worker(blas_threads: int, data: DataConfig | None = None, stop: Any = N
         # A forked worker inherits the CLI's SIGTERM handler (raise KeyboardInterrupt); the
         # pool's terminate() must end a worker, not raise inside its task.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A terminal's Ctrl-C reaches every process of the group. The CLI stops the trainings
+        # through the stop flag; a KeyboardInterrupt raised in a worker's task would escape
+        # Prefect's result callback (it catches Exception only) and kill the pool's manager
+        # thread, leaving the workers waiting for work forever and the CLI hung at exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_blas_threads(blas_threads)
     try:
         import flows.tasks  # Prefect's task engine and the training code

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +24,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 # uvicorn's exit code when it cannot bind its port (Prefect's own launcher relies on it too).
 _PORT_IN_USE = 3
+
+
+class PrefectServerLost(PipelineError):
+    """The temporary Prefect server stopped while a run was using it (exit code 1)."""
+
+    exit_code = 1
 
 
 class TemporaryServer:
@@ -57,6 +66,10 @@ class TemporaryServer:
             "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0",
         }
         env.pop("PREFECT_API_URL", None)
+        # Its own session: a Ctrl-C in the terminal reaches this process only, which then ends
+        # the flow run through the server and stops it; sharing the signal, the server died
+        # first and the run lost its API mid-way. On Linux it also gets SIGTERM if this process
+        # dies without stopping it (SIGKILL), instead of living on.
         self.process = subprocess.Popen(  # noqa: S603 -- our interpreter, fixed arguments
             [
                 sys.executable,
@@ -78,7 +91,14 @@ class TemporaryServer:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_end_with_parent(),  # noqa: PLW1509 -- only with no other thread
         )
+
+    @property
+    def exit_code(self) -> int | None:
+        """The server's exit code once it has stopped by itself; None while it runs."""
+        return None if self.process is None else self.process.poll()
 
     def wait_ready(self, timeout: float) -> None:
         """Block until ``/api/health`` answers; relaunch once on a port taken meanwhile."""
@@ -122,6 +142,28 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def _end_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies.
+
+    None elsewhere, and while other threads run: Python code between fork and exec may then
+    deadlock on a lock another thread held.
+    """
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    set_parent_death_signal = 1  # PR_SET_PDEATHSIG in <linux/prctl.h>
+
+    def request() -> None:
+        prctl(set_parent_death_signal, int(signal.SIGTERM))
+
+    return request
 
 
 def _site_of(package: str) -> str:
@@ -174,8 +216,18 @@ def prefect_api(
         raise
     try:
         yield server.api_url
+    except Exception:
+        code = server.exit_code
+        if code is not None:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            raise PrefectServerLost(
+                f"the temporary Prefect server stopped during the run ({how}); finished folds "
+                "are cached: run the command again to resume, or set PREFECT_API_URL to a "
+                "running server"
+            ) from None
+        raise
     finally:
-        _drain_prefect_clients()
+        _drain_prefect_clients(server_alive=server.exit_code is None)
         _export_api_url(None)
         server.stop()
 
@@ -205,16 +257,44 @@ def _refresh_prefect_settings() -> None:
     refresh_global_settings_context()
 
 
-def _drain_prefect_clients() -> None:
+def _drain_prefect_clients(server_alive: bool = True) -> None:
     """Send buffered logs and events while the temporary server still answers.
 
-    Otherwise they are flushed at interpreter exit, to a server that is gone, and the process
-    hangs for a minute retrying.
+    Otherwise Prefect flushes them at interpreter exit, to a server that is gone, with no time
+    limit: 7 s per event here, minutes for a run's worth. What is still queued after 10 s,
+    or at all once the server has stopped, is dropped.
     """
     if "prefect" not in sys.modules:
         return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=10)
-    EventsWorker.drain_all(timeout=10)
+    if server_alive:
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    _drop_undelivered_prefect_messages()
+
+
+def _drop_undelivered_prefect_messages() -> None:
+    """Empty the queues of Prefect's log and event workers, keeping their stop signal.
+
+    Uses Prefect's private service registry; without it, nothing is dropped (as before).
+    """
+    try:
+        from prefect._internal.concurrency.services import _active_services
+    except ImportError:
+        return
+    for service in list(_active_services):
+        pending = getattr(service, "_queue", None)
+        if not isinstance(pending, queue.Queue):
+            continue
+        stopping = False
+        while True:
+            try:
+                item = pending.get_nowait()
+            except queue.Empty:
+                break
+            pending.task_done()  # as the worker does for each item it takes
+            stopping = stopping or item is None
+        if stopping or getattr(service, "_stopped", False):
+            pending.put_nowait(None)  # the worker's loop ends on it

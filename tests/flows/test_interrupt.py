@@ -82,7 +82,7 @@ def _train_fold_runs(client: MlflowClient) -> list:
 
 @pytest.mark.parametrize(("runner", "workers"), [("process", 2), ("thread", 1)])
 def test_interrupt_stops_running_trainings_at_their_next_epoch(
-    runner, workers, shared_data_dir, prefect_api_url, tmp_path, tracking_uri
+    runner, workers, shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
     # Trainings of about a minute each (600 epochs on 10,000 images): without the stop flag,
     # closing the runner would wait for them, and they would end Completed (and be cached).
@@ -105,14 +105,23 @@ def test_interrupt_stops_running_trainings_at_their_next_epoch(
 
     assert pipeline.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "TrainingStopped" not in stderr, stderr[-2000:]
+    # The server records task-run states from the workers' events, shortly after they happen.
+    deadline = time.monotonic() + 30
+    while "Running" in (states := [run.state_name for run in _train_fold_runs(client)]):
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
     runs = _train_fold_runs(client)
-    states = [run.state_name for run in runs]
-    assert "Completed" not in states and "Running" not in states, states
+    assert "Completed" not in states, states
     stopped = [run for run in runs if "training stopped" in (run.state.message or "")]
     assert len(stopped) >= workers, [(run.state_name, run.state.message) for run in runs]
     experiment = client.get_experiment_by_name(EXPERIMENT)
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
+    reliability_log(
+        f"SIGTERM mid-training ({runner} runner): running trainings stop at their next epoch",
+        survived=True,
+        results_lost=0,
+    )
 
 
 def test_sigterm_ends_runs_killed_and_rerun_resumes(
@@ -263,3 +272,85 @@ def test_sigterm_stops_process_workers_too(
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
     reliability_log("SIGTERM mid-sweep (process runner): workers gone", survived=True)
+
+
+def _wait_for_parent_run(process: subprocess.Popen, client: MlflowClient) -> None:
+    """Block until the pipeline's parent MLflow run exists: the sweep is starting."""
+    deadline = time.monotonic() + 240
+    while True:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment and client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'"):
+            return
+        assert process.poll() is None, f"ended before the interruption: {process.communicate()}"
+        assert time.monotonic() < deadline, "the sweep did not start in time"
+        time.sleep(0.2)
+
+
+def _temporary_server_of(pid: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"uvicorn" in cmdline:
+                return int(entry.name)
+    raise AssertionError(f"no temporary Prefect server under {pid}")
+
+
+def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
+    shared_data_dir, tmp_path, tracking_uri
+):
+    # A terminal's Ctrl-C sends SIGINT to the whole foreground process group. The temporary
+    # server must not die with it under the run: the run ends its Prefect and MLflow runs
+    # through it, then stops it.
+    args = _sweep_args(
+        shared_data_dir, tracking_uri, tmp_path / "cache", runner="process", workers=2,
+        n=20000, epochs=600,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pipeline = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    _wait_for_parent_run(pipeline, client)
+    server = _temporary_server_of(pipeline.pid)
+    time.sleep(1.0)
+
+    os.killpg(pipeline.pid, signal.SIGINT)
+    _, stderr = pipeline.communicate(timeout=90)  # dropping nothing, it took minutes
+
+    assert pipeline.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "Unable to connect" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-2000:]
+    assert not Path(f"/proc/{server}").exists(), "the temporary server outlived the run"
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert "RUNNING" not in statuses, statuses
+
+
+def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
+    shared_data_dir, tmp_path, tracking_uri
+):
+    args = _sweep_args(
+        shared_data_dir, tracking_uri, tmp_path / "cache", runner="thread", workers=1,
+        n=8000, epochs=40,
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pipeline = _cli(args, tmp_path, env)
+    _wait_for_parent_run(pipeline, client)
+    os.kill(_temporary_server_of(pipeline.pid), signal.SIGKILL)  # out of memory, say
+
+    # Before, Prefect flushed every queued event to the dead server at exit, 7 s each: minutes.
+    _, stderr = pipeline.communicate(timeout=180)
+
+    assert pipeline.returncode == 1, stderr[-2000:]
+    assert (
+        "error: the temporary Prefect server stopped during the run (killed by signal 9)" in stderr
+    ), stderr[-3000:]
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert "RUNNING" not in statuses, statuses

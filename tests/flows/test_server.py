@@ -176,3 +176,35 @@ def test_the_garbage_collector_is_back_on_after_a_failed_start(cli, tmp_path, mo
     assert code == 2, err
     assert "mnist" in err
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("temporary", [True, False])
+def test_flow_heartbeats_are_off_only_on_a_temporary_server(
+    temporary, cli, tmp_path, monkeypatch, prefect_api_url
+):
+    # A temporary server dies with the run, so heartbeats (which let a lasting server mark a
+    # vanished run Crashed) only delay the flow's teardown there.
+    from prefect.settings import get_current_settings
+
+    import flows.cli
+    import flows.pipeline_flow
+
+    seen = {}
+
+    def probe(config):
+        seen["api"] = os.environ.get("PREFECT_API_URL")
+        seen["heartbeat"] = get_current_settings().flows.heartbeat_frequency
+        return {}
+
+    monkeypatch.setattr(flows.pipeline_flow, "cv_flow", probe)
+    monkeypatch.setattr(flows.cli, "_print_summary", lambda result, cfg: None)
+    if temporary:
+        monkeypatch.delenv("PREFECT_API_URL")
+    try:
+        code, _, err = cli(["cv", "--preset", "quick", "--set", f"execution.cache_dir={tmp_path}"])
+    finally:
+        _export_api_url(prefect_api_url)  # Prefect's settings too, for the tests after this one
+    assert code == 0, err
+    assert (seen["api"] != prefect_api_url) is temporary, seen
+    assert seen["heartbeat"] == (None if temporary else 180), seen
+    assert get_current_settings().flows.heartbeat_frequency == 180, "restored after the run"
