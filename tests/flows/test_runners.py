@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -78,11 +79,18 @@ def test_warm_up_leaves_dataset_errors_to_the_task(tmp_path):
     missing = DataConfig(dataset="mnist", data_dir=str(tmp_path), download=False)
     with pytest.raises(DataError):  # the data really is unusable...
         load_configured_dataset(missing)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         warm_worker(1, missing)  # ...yet the warm-up returns, with the BLAS budget applied
         assert blas_threads() == 1
+        # A worker leaves Ctrl-C to the CLI (which stops it through the stop flag) and dies
+        # on SIGTERM.
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         set_blas_threads(cpu_count())
+        for sig, handler in handlers.items():  # this is pytest's process, not a worker
+            signal.signal(sig, handler)
 
 
 def _start_kinds(pid: int, workers: list[int]) -> set[str]:
