@@ -300,7 +300,7 @@ def _temporary_server_of(pid: int) -> int:
 
 
 def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
-    shared_data_dir, tmp_path, tracking_uri
+    shared_data_dir, tmp_path, tracking_uri, reliability_log
 ):
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group. The temporary
     # server must not die with it under the run: the run ends its Prefect and MLflow runs
@@ -329,10 +329,11 @@ def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
     experiment = client.get_experiment_by_name(EXPERIMENT)
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
+    reliability_log("Ctrl-C to the whole process group mid-sweep (temporary server)", survived=True)
 
 
 def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
-    shared_data_dir, tmp_path, tracking_uri
+    shared_data_dir, tmp_path, tracking_uri, reliability_log
 ):
     args = _sweep_args(
         shared_data_dir, tracking_uri, tmp_path / "cache", runner="thread", workers=1,
@@ -354,3 +355,4 @@ def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
     experiment = client.get_experiment_by_name(EXPERIMENT)
     statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
     assert "RUNNING" not in statuses, statuses
+    reliability_log("the temporary Prefect server SIGKILLed mid-run", survived=True)
