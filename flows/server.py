@@ -280,11 +280,16 @@ def _drop_undelivered_prefect_messages() -> None:
 
     Uses Prefect's private service registry; without it, nothing is dropped (as before).
     """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
     try:
         from prefect._internal.concurrency.services import _active_services
     except ImportError:
         return
     for service in list(_active_services):
+        if not isinstance(service, APILogWorker | EventsWorker):
+            continue  # other services may hold work that is not for the server
         pending = getattr(service, "_queue", None)
         if not isinstance(pending, queue.Queue):
             continue
