@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from multiprocessing import get_context
 from pathlib import Path
@@ -153,6 +153,26 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def run_measured(
+    command: list[str], workdir: Path, env: Mapping[str, str], what: str
+) -> tuple[str, dict]:
+    """Run ``command`` in ``workdir``: its stdout, and its wall seconds from launch to exit,
+    peak tree memory and CPU seconds per role. Exits with the end of its stderr if it fails.
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with TreeMonitor(process.pid) as monitor:
+        stdout, stderr = process.communicate()
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
+    return stdout, {"wall_seconds": wall, "peak_memory_mb": monitor.peak_bytes / 2**20,
+                    "peak_pss_mb": monitor.peak_pss_bytes / 2**20,
+                    "cpu_seconds": monitor.cpu_seconds}  # fmt: skip
+
+
 def run_cli(args: list[str], workdir: Path, api_url: str | None = None) -> dict:
     """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results.
 
@@ -162,28 +182,15 @@ def run_cli(args: list[str], workdir: Path, api_url: str | None = None) -> dict:
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args, "--no-progress"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    with TreeMonitor(process.pid) as monitor:
-        stdout, stderr = process.communicate()
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise SystemExit(f"mlp-pipeline {' '.join(args)} failed:\n{stderr[-3000:]}")
+    stdout, measured = run_measured(
+        [sys.executable, "-m", "flows.cli", *args, "--no-progress"], workdir, env,
+        what=f"mlp-pipeline {' '.join(args)}",
+    )  # fmt: skip
     accuracy = None
     for line in stdout.splitlines():
         if line.startswith("test accuracy"):
             accuracy = float(line.split()[2])
-    return {"wall_seconds": wall, "peak_memory_mb": monitor.peak_bytes / 2**20,
-            "peak_pss_mb": monitor.peak_pss_bytes / 2**20,
-            "cpu_seconds": monitor.cpu_seconds, "test_accuracy": accuracy,
-            "stdout": stdout}  # fmt: skip
+    return {**measured, "test_accuracy": accuracy, "stdout": stdout}
 
 
 @contextmanager
@@ -237,25 +244,13 @@ def run_child(part: str, options: list[str], workdir: Path) -> dict:
     Timed like :func:`run_cli`, from launch to exit; the child's own timer becomes
     ``inside_seconds``.
     """
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--child", part, *options],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    with TreeMonitor(process.pid) as monitor:
-        stdout, stderr = process.communicate()
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise SystemExit(f"{part} failed:\n{stderr[-3000:]}")
+    stdout, measured = run_measured(
+        [sys.executable, str(Path(__file__).resolve()), "--child", part, *options], workdir,
+        os.environ, what=part,
+    )  # fmt: skip
     figures = json.loads(stdout.strip().splitlines()[-1])
     figures["inside_seconds"] = figures.pop("wall_seconds")
-    figures.pop("cpu_seconds", None)
-    return {"wall_seconds": wall, **figures, "peak_memory_mb": monitor.peak_bytes / 2**20,
-            "peak_pss_mb": monitor.peak_pss_bytes / 2**20,
-            "cpu_seconds": monitor.cpu_seconds}  # fmt: skip
+    return {**measured, **figures}
 
 
 # ------------------------------------------------------------------------------ plain loop
@@ -269,19 +264,15 @@ def _plain_fold(job: tuple) -> object:
 
 
 def run_plain(config) -> dict:
-    """The same pipeline functions, the same parallelism, no Prefect and no MLflow."""
-    import resource
+    """The same pipeline functions, the same parallelism, no Prefect and no MLflow.
 
+    Run in its own process by :func:`run_child`, which measures its CPU and memory.
+    """
     from pipeline.resources import cpu_count, set_blas_threads
     from pipeline.selection import cv_table, select_lambda
     from pipeline.training import load_configured_dataset, predict_test, train_final
 
-    def cpu(who: int) -> float:
-        usage = resource.getrusage(who)
-        return usage.ru_utime + usage.ru_stime
-
     started = time.perf_counter()
-    main_cpu, workers_cpu = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
     cores = cpu_count()
     workers = config.execution.resolved_workers(cores)
     blas = config.execution.resolved_blas_threads(cores)
@@ -295,10 +286,7 @@ def run_plain(config) -> dict:
     set_blas_threads(config.execution.resolved_final_blas_threads(cores))
     final = train_final(config, dataset, best)
     evaluation, _ = predict_test(final, dataset)
-    wall = time.perf_counter() - started
-    cpu_seconds = {"main": round(cpu(resource.RUSAGE_SELF) - main_cpu, 1),
-                   "workers": round(cpu(resource.RUSAGE_CHILDREN) - workers_cpu, 1)}  # fmt: skip
-    return {"wall_seconds": wall, "cpu_seconds": cpu_seconds,
+    return {"wall_seconds": time.perf_counter() - started,
             "test_accuracy": evaluation.accuracy, "best_l2_lambda": best}  # fmt: skip
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import signal
 import sys
-import threading
 from contextlib import ExitStack, nullcontext
 from typing import Annotated, Any
 
@@ -93,10 +92,8 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
             # What start-up built lives until exit: frozen, later full passes skip it.
             gc.freeze()
             gc.enable()
-            from flows.console import hide_known_failures_on_console
             from flows.pipeline_flow import cv_flow, mlp_pipeline
 
-            hide_known_failures_on_console()
             flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
             with _no_flow_heartbeats() if temporary_api else nullcontext():
                 return flow_fn(cfg)
@@ -111,15 +108,11 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
 
 
 def _stop_trainings_soon() -> None:
-    """Set the trainings' stop flag, if a sweep may be running, from a signal handler.
-
-    Set from a helper thread: the handler runs in the main thread, which may hold the flag's
-    lock at that moment.
-    """
+    """Tell running trainings to stop; no import in a signal handler (before the task code
+    is imported, no training runs)."""
     tasks = sys.modules.get("flows.tasks")
-    stop = getattr(tasks, "_stop", None)
-    if stop is not None:
-        threading.Thread(target=stop.set, name="stop-trainings", daemon=True).start()
+    if tasks is not None:
+        tasks.stop_soon()
 
 
 def _no_flow_heartbeats() -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from flows.tasks import TrainingStopped
 from mlp import MLPError
 from pipeline.errors import PipelineError
 
@@ -17,8 +18,6 @@ class KnownFailureFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from flows.tasks import TrainingStopped
-
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, PipelineError | MLPError | TrainingStopped):
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,15 @@ def use_stop_event(event: Any) -> None:
     """Make ``event`` this process's stop flag (in a worker, the parent's)."""
     global _stop
     _stop = event
+
+
+def stop_soon() -> None:
+    """Set the stop flag, if this process has one, from a helper thread.
+
+    For signal handlers: they run in the main thread, which may hold the flag's lock then.
+    """
+    if _stop is not None:
+        threading.Thread(target=_stop.set, name="stop-trainings", daemon=True).start()
 
 
 def raise_if_stopped(record: dict[str, Any] | None = None) -> None:

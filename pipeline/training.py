@@ -135,7 +135,7 @@ def _fit_network(
         message = ""
         held = len(records) - 1
         if restore_best and history.best_epoch is not None:
-            held = [r["epoch"] for r in records].index(history.best_epoch)
+            held = history.best_epoch - 1  # epochs count from 1, one record each
     except DivergenceError as exc:
         message, held = str(exc), len(records) - 1
     return network, _columns(records), message, held

@@ -51,6 +51,29 @@ def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
 
 
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live child process of ``pid``, from ``/proc``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Field 4 is the parent pid; the command name (field 2) may contain spaces.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+@pytest.fixture()
+def child_processes():
+    """A function listing (pid, command line) of the child processes of a process."""
+    return _children
+
+
 @pytest.fixture()
 def pool_workers():
     """A function listing the process-pool workers of a process: spawned or forked children."""
@@ -59,22 +82,12 @@ def pool_workers():
         # A forked worker runs its parent's command line; the parent's other children (a
         # server, the resource tracker) do not.
         parent_cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            # Field 4 is the parent pid; the command name (field 2) may contain spaces.
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent != pid or "resource_tracker" in cmdline:
-                continue
-            if "spawn_main" in cmdline or cmdline == parent_cmdline:
-                found.append(int(entry.name))
-        return found
+        return [
+            child
+            for child, cmdline in _children(pid)
+            if "resource_tracker" not in cmdline
+            and ("spawn_main" in cmdline or cmdline == parent_cmdline)
+        ]
 
     return find
 

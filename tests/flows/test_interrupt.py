@@ -18,13 +18,18 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "interrupt-test"
 
 
+def _wait_for(process: subprocess.Popen, ready, what: str) -> None:
+    """Block until ``ready()``, failing if the run ends first or 240 s pass."""
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert process.poll() is None, f"ended before the interruption: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{what} did not happen in time"
+        time.sleep(0.2)
+
+
 def _wait_for_folds(process: subprocess.Popen, client: MlflowClient, count: int) -> None:
     """Block until ``count`` folds are recorded FINISHED, failing if the run ends first."""
-    deadline = time.monotonic() + 240
-    while _finished_cv_runs(client) < count:
-        assert process.poll() is None, f"ended before the interruption: {process.communicate()}"
-        assert time.monotonic() < deadline, "no fold finished in time"
-        time.sleep(0.2)
+    _wait_for(process, lambda: _finished_cv_runs(client) >= count, f"{count} folds finished")
 
 
 def _sweep_args(
@@ -40,7 +45,10 @@ def _sweep_args(
     ]  # fmt: skip
 
 
-def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+def _cli(
+    args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False
+) -> subprocess.Popen:
+    """``mlp-pipeline ARGS``; with ``new_session``, its own process group, like a terminal job."""
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *args],
         cwd=cwd,
@@ -48,6 +56,7 @@ def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -114,8 +123,7 @@ def test_interrupt_stops_running_trainings_at_their_next_epoch(
     assert "Completed" not in states, states
     stopped = [run for run in runs if "training stopped" in (run.state.message or "")]
     assert len(stopped) >= workers, [(run.state_name, run.state.message) for run in runs]
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = _statuses(client)
     assert "RUNNING" not in statuses, statuses
     reliability_log(
         f"SIGTERM mid-training ({runner} runner): running trainings stop at their next epoch",
@@ -268,39 +276,42 @@ def test_sigterm_stops_process_workers_too(
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.monotonic() < deadline, f"worker processes still alive: {workers}"
         time.sleep(0.2)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = _statuses(client)
     assert "RUNNING" not in statuses, statuses
     reliability_log("SIGTERM mid-sweep (process runner): workers gone", survived=True)
 
 
 def _wait_for_parent_run(process: subprocess.Popen, client: MlflowClient) -> None:
     """Block until the pipeline's parent MLflow run exists: the sweep is starting."""
-    deadline = time.monotonic() + 240
-    while True:
+
+    def started() -> bool:
         experiment = client.get_experiment_by_name(EXPERIMENT)
-        if experiment and client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'"):
-            return
-        assert process.poll() is None, f"ended before the interruption: {process.communicate()}"
-        assert time.monotonic() < deadline, "the sweep did not start in time"
-        time.sleep(0.2)
+        return bool(
+            experiment and client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")
+        )
+
+    _wait_for(process, started, "the sweep's start")
 
 
-def _temporary_server_of(pid: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"uvicorn" in cmdline:
-                return int(entry.name)
-    raise AssertionError(f"no temporary Prefect server under {pid}")
+def _temporary_server_of(pid: int, child_processes) -> int:
+    servers = [child for child, cmdline in child_processes(pid) if "uvicorn" in cmdline]
+    assert servers, f"no temporary Prefect server under {pid}"
+    return servers[0]
+
+
+def _statuses(client: MlflowClient) -> set[str]:
+    """The status of every MLflow run of the experiment."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return {r.info.status for r in client.search_runs([experiment.experiment_id])}
+
+
+def _without_api() -> dict[str, str]:
+    """This environment without ``PREFECT_API_URL``: the run starts its temporary server."""
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
 
 
 def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
-    shared_data_dir, tmp_path, tracking_uri, reliability_log
+    shared_data_dir, tmp_path, tracking_uri, reliability_log, child_processes
 ):
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group. The temporary
     # server must not die with it under the run: the run ends its Prefect and MLflow runs
@@ -309,14 +320,10 @@ def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
         shared_data_dir, tracking_uri, tmp_path / "cache", runner="process", workers=2,
         n=20000, epochs=600,
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
+    pipeline = _cli(args, tmp_path, _without_api(), new_session=True)
     _wait_for_parent_run(pipeline, client)
-    server = _temporary_server_of(pipeline.pid)
+    server = _temporary_server_of(pipeline.pid, child_processes)
     time.sleep(1.0)
 
     os.killpg(pipeline.pid, signal.SIGINT)
@@ -326,24 +333,22 @@ def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
     assert "Traceback" not in stderr and "Unable to connect" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr[-2000:]
     assert not Path(f"/proc/{server}").exists(), "the temporary server outlived the run"
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = _statuses(client)
     assert "RUNNING" not in statuses, statuses
     reliability_log("Ctrl-C to the whole process group mid-sweep (temporary server)", survived=True)
 
 
 def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
-    shared_data_dir, tmp_path, tracking_uri, reliability_log
+    shared_data_dir, tmp_path, tracking_uri, reliability_log, child_processes
 ):
     args = _sweep_args(
         shared_data_dir, tracking_uri, tmp_path / "cache", runner="thread", workers=1,
         n=8000, epochs=40,
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = _cli(args, tmp_path, env)
+    pipeline = _cli(args, tmp_path, _without_api())
     _wait_for_parent_run(pipeline, client)
-    os.kill(_temporary_server_of(pipeline.pid), signal.SIGKILL)  # out of memory, say
+    os.kill(_temporary_server_of(pipeline.pid, child_processes), signal.SIGKILL)  # OOM, say
 
     # Before, Prefect flushed every queued event to the dead server at exit, 7 s each: minutes.
     _, stderr = pipeline.communicate(timeout=180)
@@ -352,7 +357,6 @@ def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
     assert (
         "error: the temporary Prefect server stopped during the run (killed by signal 9)" in stderr
     ), stderr[-3000:]
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
+    statuses = _statuses(client)
     assert "RUNNING" not in statuses, statuses
     reliability_log("the temporary Prefect server SIGKILLed mid-run", survived=True)
