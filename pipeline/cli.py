@@ -41,7 +41,9 @@ Preset = Annotated[
     str | None, typer.Option("--preset", help="notebook, default or quick (default: default)")
 ]
 ConfigFile = Annotated[
-    Path | None, typer.Option("--config", help="TOML file with [data], [model], ... sections")
+    Path | None,
+    # Typer renders help as Rich markup: an unescaped [data] is read as a style tag and vanishes.
+    typer.Option("--config", help=r"TOML file with \[data], \[model], ... sections"),
 ]
 SetOption = Annotated[
     list[str] | None,

@@ -186,6 +186,8 @@ def test_help_exits_0(cli):
     # Assert
     assert code == 0, f"--help should exit 0, got {code}; stderr {err!r}"
     assert "--no-track" in out, f"train --help should list its options:\n{out}"
+    # Help text is Rich markup: section names in brackets must survive as text.
+    assert "[data]," in out, f"--config's help lost its section names:\n{out}"
 
 
 # ----------------------------------------------------------------------------- data
