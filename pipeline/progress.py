@@ -11,25 +11,44 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
+from rich.text import Text
 
 console = Console(stderr=True)
 
 
-def _progress(enabled: bool) -> Progress:
+class StatusColumn(ProgressColumn):
+    """The task's ``status`` field on one line, cut with an ellipsis when the line is full.
+
+    Rich shrinks only wrappable columns when a row is wider than the terminal, and every
+    stock column is not: on an 80-column terminal the counts, elapsed time and ETA were cut to
+    ``0:…`` by a long status. This column is the one that gives way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=False, min_width=0))
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("status", "")), no_wrap=True, overflow="ellipsis")
+
+
+def _progress(enabled: bool, console: Console = console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        StatusColumn(),
         console=console,
         disable=not enabled,
         transient=False,
@@ -53,18 +72,6 @@ def epoch_bar(total: int, description: str, enabled: bool = True) -> Iterator[An
         yield on_epoch
 
 
-@contextmanager
-def task_bar(total: int, description: str, enabled: bool = True) -> Iterator[Any]:
-    """A bar for tasks done / total with ETA; yields ``advance(status: str)``."""
-    with _progress(enabled) as progress:
-        task = progress.add_task(description, total=total, status="")
-
-        def advance(status: str = "") -> None:
-            progress.update(task, advance=1, status=status)
-
-        yield advance
-
-
 class Reporter:
     """Receives pipeline progress events; the default ignores them.
 
@@ -86,8 +93,8 @@ class Reporter:
 class ConsoleReporter(Reporter):
     """Rich bars: sweep trainings done / total with ETA, then the final model's epochs."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self._progress = _progress(enabled)
+    def __init__(self, enabled: bool = True, console: Console = console) -> None:
+        self._progress = _progress(enabled, console)
         self._progress.start()
         self._sweep: Any = None
         self._final: Any = None
