@@ -245,7 +245,14 @@ def runs(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """List pipeline executions side by side, newest first: config, best lambda, accuracies."""
-    from pipeline.runs import DEFAULT_EXPERIMENT, list_pipeline_runs, table_rows, to_csv, to_json
+    from pipeline.runs import (
+        DEFAULT_EXPERIMENT,
+        columns_that_fit,
+        list_pipeline_runs,
+        table_rows,
+        to_csv,
+        to_json,
+    )
 
     if format_ not in ("table", "csv", "json"):
         raise PipelineError(f"--format must be table, csv or json, got {format_!r}")
@@ -263,14 +270,22 @@ def runs(
         )
         return
     rows = table_rows(frame)
+    shown = columns_that_fit(rows, out.width)
+    left_out = len(rows[0]) - len(shown)
     # No vertical rules and one space between columns: 14 columns in about 140 characters.
     table = Table(
         title=f"pipeline runs in {name!r}, newest first (full run ids: --format csv or json)",
+        caption=(
+            f"{left_out} more column{'s' if left_out > 1 else ''} on a wider terminal, "
+            "or with --format csv"
+            if left_out
+            else None
+        ),
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
         pad_edge=False,
     )
-    for column in rows[0]:
+    for column in shown:
         table.add_column(
             column,
             justify="right" if column in _NUMERIC_COLUMNS else "left",
@@ -278,7 +293,7 @@ def runs(
         )
     for row in rows:
         style = {"FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}.get(row["status"])
-        table.add_row(*row.values(), style=style)
+        table.add_row(*(row[column] for column in shown), style=style)
     out.print(table)
 
 
@@ -294,16 +309,23 @@ def data_info(data_dir: DataDir = None) -> None:
     from pipeline.data import dataset_status, resolve_data_dir
 
     root = resolve_data_dir(data_dir)
-    table = Table(title=f"datasets under {root}")
-    for column in ("dataset", "file", "found at", "layout", "gzip", "bytes"):
-        table.add_column(column)
+    table = Table(
+        title=f"datasets under {root}", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False
+    )
+    table.add_column("dataset", no_wrap=True)
+    # Paths are what a user copies: wrapped whole onto the next line, never cut to "…".
+    table.add_column("file", overflow="fold")
+    table.add_column("layout", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
     for row in dataset_status(data_dir):
+        if row["path"] is None:
+            where = f"[red]missing[/red]: {row['file']}(.gz)"
+        else:
+            where = _under(row["path"], root)
         table.add_row(
             row["dataset"],
-            row["file"],
-            row["path"] or "[red]missing[/red]",
+            where,
             row["layout"] or "-",
-            {True: "yes", False: "no", None: "-"}[row["compressed"]],
             "-" if row["size"] is None else f"{row['size']:,}",
         )
     out.print(table)
@@ -317,25 +339,45 @@ def data_verify(
     data_dir: DataDir = None,
 ) -> None:
     """Check dataset files against their canonical SHA-256 (exit 2 on any mismatch)."""
-    from pipeline.data import DATASET_NAMES, dataset_status, verify_dataset
+    from pipeline.data import DATASET_NAMES, dataset_status, resolve_data_dir, verify_dataset
 
     if dataset is None:
         present = {row["dataset"] for row in dataset_status(data_dir) if row["path"]}
         names = [name for name in DATASET_NAMES if name in present]
     else:
         names = [dataset]
-    failures = 0
-    table = Table(title="SHA-256 of the decompressed files")
-    for column in ("file", "sha256", "status"):
-        table.add_column(column)
+    root = resolve_data_dir(data_dir)
+    mismatches = []
+    table = Table(
+        title="SHA-256 of the decompressed files",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    table.add_column("file", overflow="fold")
+    table.add_column("sha256", no_wrap=True)
+    table.add_column("status", no_wrap=True)
     for name in names:
         for row in verify_dataset(name, data_dir):
-            failures += not row["ok"]
-            status = "[green]ok[/green]" if row["ok"] else f"[red]expected {row['expected']}[/red]"
-            table.add_row(row["file"], row["actual"], status)
+            shown = _under(row["file"], root)
+            if not row["ok"]:
+                mismatches.append((shown, row))
+            # Abbreviated as git does; a mismatch gets both hashes whole below the table.
+            table.add_row(
+                shown,
+                row["actual"][:16] + "…",
+                "[green]ok[/green]" if row["ok"] else "[red]MISMATCH[/red]",
+            )
     out.print(table)
-    if failures:
-        raise PipelineError(f"{failures} file(s) do not match their canonical checksum")
+    for shown, row in mismatches:
+        out.print(f"{shown}\n  expected {row['expected']}\n  actual   {row['actual']}")
+    if mismatches:
+        raise PipelineError(f"{len(mismatches)} file(s) do not match their canonical checksum")
+
+
+def _under(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies there, else as given."""
+    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 # ----------------------------------------------------------------------------- entry point

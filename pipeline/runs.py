@@ -245,6 +245,44 @@ def table_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
     return rows
 
 
+# Which table columns stay when the terminal is too narrow for all: first what identifies an
+# execution and its results, then the settings that tell executions apart.
+_COLUMN_PRIORITY = (
+    "started",
+    "best λ",
+    "CV acc",
+    "test acc",
+    "status",
+    "took",
+    "dataset",
+    "epochs",
+    "hidden",
+    "flow run",
+    "optimizer",
+    "lr",
+    "λ tried",
+    "folds",
+)
+
+
+def columns_that_fit(rows: list[dict[str, str]], width: int, gap: int = 2) -> list[str]:
+    """The table columns to show on a ``width``-character line, in table order.
+
+    Columns are dropped from the end of ``_COLUMN_PRIORITY`` until every kept one fits whole
+    (its longest value or header, plus ``gap``): a squeezed table cuts every cell to ``m…``.
+    """
+    names = list(rows[0]) if rows else []
+    needed = {name: max(len(name), *(len(row[name]) for row in rows)) + gap for name in names}
+    order = [name for name in _COLUMN_PRIORITY if name in needed]
+    order += [name for name in names if name not in order]
+    kept = set(order)
+    for name in reversed(order):
+        if sum(needed[n] for n in kept) <= width or len(kept) == 1:
+            break
+        kept.discard(name)
+    return [name for name in names if name in kept]
+
+
 def _missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 

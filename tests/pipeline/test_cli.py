@@ -199,32 +199,51 @@ def test_data_verify_shared_dir_exits_0(cli, shared_data_dir):
 
     # Assert
     assert code == 0, f"exit {code}; stderr: {err}"
-    assert "ok" in out, f"verify should report ok files:\n{out}"
-    assert "expected" not in out, f"a file did not match its checksum:\n{out}"
+    assert " mnist/train-images-idx3-ubyte.gz " in out, f"relative paths, whole:\n{out}"
+    assert out.count(" ok") == 12, f"8 IDX files and 4 sample arrays should be ok:\n{out}"
+    assert "MISMATCH" not in out, f"a file did not match its checksum:\n{out}"
 
 
-def test_data_verify_mismatch_exits_2(cli, tmp_path):
-    # Arrange: a file with the right name but wrong content.
+def test_data_verify_mismatch_exits_2(cli, tmp_path, shared_data_dir, monkeypatch):
+    # Arrange: the real MNIST, one file of it replaced by a valid IDX file of other content.
+    import hashlib
+    import shutil
+
+    from pipeline.data import SPECS
+
+    monkeypatch.setenv("COLUMNS", "80")
     folder = tmp_path / "mnist"
-    folder.mkdir()
-    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
+    shutil.copytree(shared_data_dir / "mnist", folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    wrong = b"\x00\x00\x08\x01\x00\x00\x00\x01\x07"
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(wrong)
+    expected = SPECS["mnist"].sha256["test_labels"]
 
     # Act
     code, out, err = cli(["data", "verify", "--dataset", "mnist", "--data-dir", str(tmp_path)])
 
-    # Assert
+    # Assert: exit 2, one error line, and both hashes of the bad file whole on stdout.
     assert code == 2, f"a corrupt or missing file should exit 2, got {code}; stderr {err!r}"
     assert "Traceback" not in err, f"traceback leaked:\n{err}"
     assert err.strip().startswith("error:"), f"stderr should start with 'error:': {err!r}"
+    assert out.count(" ok") == 3 and "MISMATCH" in out, out
+    assert f"expected {expected}" in out, f"the expected hash, whole:\n{out}"
+    assert f"actual   {hashlib.sha256(wrong).hexdigest()}" in out, f"the actual hash:\n{out}"
 
 
-def test_data_info_exits_0(cli, shared_data_dir):
+def test_data_info_exits_0(cli, shared_data_dir, monkeypatch):
+    # Arrange: an 80-column terminal
+    monkeypatch.setenv("COLUMNS", "80")
+
     # Act
     code, out, err = cli(["data", "info", "--data-dir", str(shared_data_dir)])
 
-    # Assert
+    # Assert: every file's path, relative to the data folder, whole on one line.
     assert code == 0, f"exit {code}; stderr: {err}"
-    assert "mnist" in out and "fashion-mnist" in out, f"info should list the datasets:\n{out}"
+    for name in ("mnist", "fashion-mnist"):
+        for role in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            assert f" {name}/{role}.gz " in out, f"{name}/{role}.gz not shown whole:\n{out}"
+    assert "…" not in out, f"cells were cut short:\n{out}"
 
 
 def test_data_info_on_empty_dir_reports_missing(cli, tmp_path, monkeypatch):

@@ -21,7 +21,14 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import preset
 from pipeline.errors import TrackingError
 from pipeline.results import FoldResult
-from pipeline.runs import COLUMNS, list_pipeline_runs, table_rows, to_csv, to_json
+from pipeline.runs import (
+    COLUMNS,
+    columns_that_fit,
+    list_pipeline_runs,
+    table_rows,
+    to_csv,
+    to_json,
+)
 from pipeline.selection import cv_table, select_lambda
 from pipeline.tracking import PipelineRecorder
 
@@ -226,6 +233,21 @@ def test_table_rows_are_short_strings(store_uri, hand_made):
     assert (failed["test acc"], failed["status"]) == ("-", "FAILED"), failed
 
 
+def test_columns_that_fit_keep_the_results_first(store_uri, hand_made):
+    rows = table_rows(list_pipeline_runs(HAND, tracking_uri=store_uri))
+    every = list(rows[0])
+
+    def width(names):  # what the kept columns need: longest cell or header, plus the gap
+        return sum(max(len(n), *(len(r[n]) for r in rows)) + 2 for n in names)
+
+    assert columns_that_fit(rows, 10_000) == every
+    narrow = columns_that_fit(rows, 80)
+    assert {"started", "best λ", "CV acc", "test acc", "status"} <= set(narrow), narrow
+    assert narrow == [n for n in every if n in narrow], "table order is kept"
+    assert width(narrow) <= 80 < width(every), (narrow, width(narrow))
+    assert columns_that_fit(rows, 5) == ["started"], "at least one column, the first in priority"
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_json_lists_the_runs(store_uri, hand_made, cli):
     code, out, err = cli(
@@ -242,6 +264,20 @@ def test_cli_table_shows_every_execution(store_uri, hand_made, cli, monkeypatch)
     for text in ("new-flow", "failed-flow", "old-flow", "0.9810", "FAILED", "256,128"):
         assert text in out, f"{text!r} missing from the table:\n{out}"
     assert out.index("new-flow") < out.index("old-flow"), "newest first"
+
+
+def test_cli_table_on_a_narrow_terminal_cuts_columns_not_cells(
+    store_uri, hand_made, cli, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli(["runs", "--tracking-uri", store_uri, "--experiment", HAND])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), out
+    assert "…" not in out, f"cells were cut short:\n{out}"
+    for text in ("0.9810", "FAILED", "1e-3"):
+        assert text in out, f"{text!r} missing from the narrow table:\n{out}"
+    assert "on a wider terminal, or with --format csv" in out, out
 
 
 def test_cli_csv_with_last(store_uri, hand_made, cli):
