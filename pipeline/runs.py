@@ -227,9 +227,9 @@ def table_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
         rows.append(
             {
                 "started": _local_time(record["start_time"]),
-                "dataset": record["dataset"] or "-",
+                "dataset": _text(record["dataset"]),
                 "hidden": _joined(record["hidden_sizes"], ",") or "-",
-                "optimizer": record["optimizer"] or "-",
+                "optimizer": _text(record["optimizer"]),
                 "lr": "-" if _missing(record["lr"]) else _short(record["lr"]),
                 "epochs": epochs if final in ("-", epochs) else f"{epochs}/{final}",
                 "folds": _integer(record["folds"]),
@@ -237,9 +237,9 @@ def table_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
                 "best λ": "-" if _missing(record["best_lambda"]) else _short(record["best_lambda"]),
                 "CV acc": _number(record["cv_accuracy"], "{:.4f}"),
                 "test acc": _number(record["test_accuracy"], "{:.4f}"),
-                "flow run": record["prefect_flow_run"] or "-",
+                "flow run": _text(record["prefect_flow_run"]),
                 "took": _duration(record["duration_seconds"]),
-                "status": record["status"],
+                "status": _text(record["status"]),
             }
         )
     return rows
@@ -285,6 +285,12 @@ def columns_that_fit(rows: list[dict[str, str]], width: int, gap: int = 2) -> li
 
 def _missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(value: Any) -> str:
+    # A missing string is NaN in pandas' string columns (a run with no Prefect flow run, from
+    # `mlp-pipeline train`), and NaN is truthy: `value or "-"` let it through to the table.
+    return "-" if _missing(value) or value == "" else str(value)
 
 
 def _number(value: Any, template: str = "{:g}") -> str:

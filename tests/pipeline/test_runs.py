@@ -280,6 +280,28 @@ def test_cli_table_on_a_narrow_terminal_cuts_columns_not_cells(
     assert "on a wider terminal, or with --format csv" in out, out
 
 
+def test_cli_table_lists_a_train_run_without_flow_run(store_uri, cli, monkeypatch):
+    # Arrange: `mlp-pipeline train` records an execution that no Prefect flow ran, beside one
+    # that a flow ran (the flow-run column then holds a string and a missing value: NaN).
+    monkeypatch.setenv("COLUMNS", "200")
+    client = MlflowClient(tracking_uri=store_uri)
+    _parent(
+        client, client.create_experiment("trained"), start=T0, minutes=1, status="FINISHED",
+        params={}, metrics={}, tags={"prefect.flow_run_name": "a-flow"},
+    )  # fmt: skip
+    where = ["--tracking-uri", store_uri, "--experiment", "trained"]
+    code, _, err = cli(["train", "--preset", "quick", "--l2", "1e-3", "--no-progress", *where])
+    assert code == 0, err
+
+    # Act
+    code, out, err = cli(["runs", *where])
+
+    # Assert: listed, its missing flow run shown as "-"
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "mnist-sample" in line)
+    assert "FINISHED" in row and " - " in row, out
+
+
 def test_cli_csv_with_last(store_uri, hand_made, cli):
     code, out, err = cli(
         ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "csv",
