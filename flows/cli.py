@@ -39,6 +39,7 @@ from pipeline.cli import (
     config_from_options,
     main,
     out,
+    registration_line,
     ui_command,
 )
 from pipeline.config import PipelineConfig
@@ -187,12 +188,14 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
             f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
             f"test loss {result['test_loss']:.4f})"
         )
-        if result.get("registered_version") is not None:
-            champion = " (new champion)" if result.get("champion") else ""
-            out.print(
-                f"model {cfg.tracking.registered_model} version "
-                f"{result['registered_version']}{champion}"
-            )
+        line = registration_line(
+            result.get("registered_model"),
+            result.get("registered_version"),
+            bool(result.get("champion")),
+            result.get("champion_note", ""),
+        )
+        if line:
+            out.print(line, markup=False)
     out.print(f"MLflow run {result['mlflow_run_id']}")
     out.print(f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}")
 

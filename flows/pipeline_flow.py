@@ -203,7 +203,9 @@ def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  
         test_accuracy=evaluation.accuracy,
         test_loss=evaluation.loss,
         model_uri=record.model_uri if record else None,
+        registered_model=record.registered_model if record else None,
         registered_version=record.registered_version if record else None,
         champion=record.champion if record else False,
+        champion_note=record.champion_note if record else "",
     )
     return _finish_offline(recorder, config, summary, final)

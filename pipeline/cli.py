@@ -183,12 +183,31 @@ def train(
 
         with PipelineRecorder(cfg.tracking) as recorder:
             run_id = recorder.start(cfg, data.name, data.fingerprint, tags={"flow": "train"})
-            recorder.log_final(
+            record = recorder.log_final(
                 final.network, final.normalizer, final.history, evaluation,
                 data.X_test, data.y_test, predicted, l2_lambda=l2,
             )  # fmt: skip
+        line = registration_line(
+            record.registered_model, record.registered_version, record.champion,
+            record.champion_note,
+        )  # fmt: skip
+        if line:
+            out.print(line, markup=False)
         out.print(f"MLflow run {run_id}")
         out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}")
+
+
+def registration_line(
+    name: str | None, version: str | None, champion: bool, note: str = ""
+) -> str | None:
+    """``model NAME version N (new champion: ...)``; None when the model was not registered."""
+    if not name or version is None:
+        return None
+    if champion:
+        status = f"new champion: {note}" if note else "new champion"
+    else:
+        status = note or "not the champion"
+    return f"model {name} version {version} ({status})"
 
 
 def ui_command(tracking_uri: str) -> str:

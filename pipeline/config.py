@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -200,8 +201,36 @@ class TrackingConfig(_Section):
     )
     experiment: str = Field("mlp-pipeline", min_length=1)
     registered_model: str | None = Field(
-        "mlp-mnist", description="Registry name of the final model (null: don't register)"
+        "mlp-{dataset}",
+        min_length=1,
+        description="Registry name of the final model; {dataset} is replaced by the dataset's "
+        "name (mlp-mnist, mlp-fashion-mnist). null: don't register",
     )
+
+    @field_validator("registered_model")
+    @classmethod
+    def _only_the_dataset_placeholder(cls, value: str | None) -> str | None:
+        # A champion is compared with the versions of its own name: one name per dataset by
+        # default, so a Fashion-MNIST model never competes with (or replaces) a digit model.
+        if value is None:
+            return value
+        try:
+            fields = [
+                (field, spec, conversion)
+                for _, field, spec, conversion in string.Formatter().parse(value)
+                if field is not None
+            ]
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {value!r}") from None
+        if any(field != ("dataset", "", None) for field in fields):
+            raise ValueError(f"only {{dataset}} may stand in braces (got {value!r})")
+        return value
+
+    def registered_model_for(self, dataset: str) -> str | None:
+        """The registry name for a model trained on ``dataset`` (None: don't register)."""
+        if self.registered_model is None:
+            return None
+        return self.registered_model.format(dataset=dataset)
 
 
 class PipelineConfig(_Section):

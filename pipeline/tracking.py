@@ -16,6 +16,7 @@ Run layout of one execution::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -265,6 +266,9 @@ class FinalRecord:
     model_uri: str
     registered_version: str | None
     champion: bool
+    registered_model: str | None = None
+    # How the champion was decided, e.g. "champion stays version 2 (0.9850 on this test set)".
+    champion_note: str = ""
 
 
 # ------------------------------------------------------------------------------------ recorder
@@ -296,6 +300,7 @@ class PipelineRecorder:
         self.parent_run_id: str | None = None
         self.stale_run_ids: list[str] = []
         self._dataset: dict[str, str] = {}
+        self._registered_model: str | None = None
         self._open_children: list[str] = []
         self._finished = False
         self._warm_up: threading.Thread | None = None
@@ -378,6 +383,7 @@ class PipelineRecorder:
         self.parent_run_id = run.info.run_id
         self._finished = False
         self._dataset = {"dataset.name": dataset_name, "dataset.fingerprint": dataset_fingerprint}
+        self._registered_model = self.tracking_config.registered_model_for(dataset_name)
 
         params = {key: _stringify(_redact(value)) for key, value in config.flat().items()}
         params.update(
@@ -543,13 +549,18 @@ class PipelineRecorder:
 
         version = None
         champion = False
-        if self.tracking_config.registered_model:
-            version = self._create_version(run_id, model_info)
-            champion = self._register(version, evaluation.accuracy)
+        note = ""
+        name = self._registered_model
+        if name:
+            version = self._create_version(name, run_id, model_info)
+            champion, note = self._register(
+                name, version, evaluation.accuracy, test_images, test_labels
+            )
+            self.client.set_tag(parent, "registered_model", name)
             self.client.set_tag(parent, "registered_model_version", version)
             self.client.set_tag(parent, "champion", str(champion).lower())
         self.client.set_tag(parent, "model_uri", model_info.model_uri)
-        return FinalRecord(run_id, model_info.model_uri, version, champion)
+        return FinalRecord(run_id, model_info.model_uri, version, champion, name, note)
 
     def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images, folder: Path):
         import mlflow
@@ -575,11 +586,10 @@ class PipelineRecorder:
                 pip_requirements=requirements,
             )
 
-    def _create_version(self, run_id: str, model_info: Any) -> str:
+    def _create_version(self, name: str, run_id: str, model_info: Any) -> str:
         """Register the logged model (through the client: the fluent call prints to stderr)."""
         from mlflow.exceptions import MlflowException
 
-        name = self.tracking_config.registered_model
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
@@ -592,25 +602,62 @@ class PipelineRecorder:
             )
         return str(created.version)
 
-    def _register(self, version: str, test_accuracy: float) -> bool:
-        """Tag the new version; move the champion alias to it if it beats the current one."""
+    def _register(
+        self,
+        name: str,
+        version: str,
+        test_accuracy: float,
+        test_images: np.ndarray,
+        test_labels: np.ndarray,
+    ) -> tuple[bool, str]:
+        """Tag the new version; move the champion alias to it if it beats the current one.
+
+        Accuracies are only compared on one test set. A champion scored on another one (another
+        dataset, a ``limit_test`` subset, a version from before this tag existed) is loaded and
+        scored on this version's test set first, as MLflow's champion/challenger guide does.
+        Returns (champion or not, how it was decided).
+        """
         from mlflow.exceptions import MlflowException
 
-        name = self.tracking_config.registered_model
-        self.client.set_model_version_tag(name, version, "test_accuracy", repr(test_accuracy))
-        for key, value in self._dataset.items():
+        test_set = test_set_fingerprint(test_images, test_labels)
+        tags = {
+            "test_accuracy": repr(test_accuracy),
+            "test_set": test_set,
+            "test_images": str(len(test_labels)),
+            **self._dataset,
+        }
+        for key, value in tags.items():
             self.client.set_model_version_tag(name, version, key, value)
         if not math.isfinite(test_accuracy):
-            return False
+            return False, "not compared: its test accuracy is not finite"
         try:
             current = self.client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+        except MlflowException:  # no champion yet
+            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            return True, ""
+        if current.tags.get("test_set") == test_set:
             current_accuracy = float(current.tags.get("test_accuracy", "nan"))
-        except MlflowException:
-            current_accuracy = math.nan  # no champion yet
+            measured = f"{current_accuracy:.4f}"
+        else:
+            try:
+                model = load_model_for_eval(f"models:/{name}/{current.version}", self.tracking_uri)
+                predicted = model.predict(np.asarray(test_images, dtype=np.float32))
+                current_accuracy = float(np.mean(np.asarray(predicted) == test_labels))
+            except Exception as exc:  # noqa: BLE001 -- kept as champion, and the reason shown
+                note = (
+                    f"champion stays version {current.version}: it could not be scored on this "
+                    f"test set ({_one_line(exc)})"
+                )
+                self.client.set_model_version_tag(name, version, "champion_comparison", note)
+                return False, note
+            measured = f"{current_accuracy:.4f} on this test set"
         if math.isnan(current_accuracy) or test_accuracy > current_accuracy:
             self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-            return True
-        return False
+            champion, note = True, f"beats version {current.version}, {measured}"
+        else:
+            champion, note = False, f"champion stays version {current.version}, {measured}"
+        self.client.set_model_version_tag(name, version, "champion_comparison", note)
+        return champion, note
 
     # -- summary ------------------------------------------------------------------------------
     def log_metrics_summary(self, wall_seconds: float) -> None:
@@ -671,6 +718,16 @@ def _redact(value: Any) -> Any:
 def _config_json(config: Any) -> str:
     data = config.model_dump(mode="json") if hasattr(config, "model_dump") else config.flat()
     return json.dumps(_redact(data), indent=2) + "\n"
+
+
+def test_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of a test set's pixels and labels: the same digest means comparable accuracies."""
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ loading

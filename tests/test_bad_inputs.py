@@ -418,7 +418,7 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "execution.cache_dir": [5, None, ""],
     "tracking.tracking_uri": [5, ["sqlite://"]],
     "tracking.experiment": [5, None, ""],
-    "tracking.registered_model": [5, ["mlp"]],
+    "tracking.registered_model": [5, ["mlp"], "", "mlp-{model}", "mlp-{dataset!r}", "mlp-{"],
 }
 CONFIG_VALUE_CASES = [(key, value) for key, values in FIELD_BAD_VALUES.items() for value in values]
 CONFIG_VALUE_IDS = [f"{key}={json.dumps(value)}" for key, value in CONFIG_VALUE_CASES]

@@ -180,10 +180,10 @@ def test_champion_loads_through_the_server(remote_run, mlflow_server):
 
     config, summary, client = remote_run
     assert summary["champion"] is True, summary
-    alias = client.get_model_version_by_alias(config.tracking.registered_model, "champion")
+    alias = client.get_model_version_by_alias(summary["registered_model"], "champion")
     assert alias.version == summary["registered_version"], alias
     model = load_model_for_eval(
-        f"models:/{config.tracking.registered_model}@champion", tracking_uri=mlflow_server
+        f"models:/{summary['registered_model']}@champion", tracking_uri=mlflow_server
     )
     dataset = load_configured_dataset(config.data)
     predicted = np.asarray(model.predict(dataset.X_test.astype(np.float32)))

@@ -119,7 +119,7 @@ def test_logged_model_predicts_labels(pipeline_run, shared_data_dir):
     from pipeline.training import load_configured_dataset
 
     dataset = load_configured_dataset(config.data)
-    for model_uri in (summary["model_uri"], f"models:/{config.tracking.registered_model}@champion"):
+    for model_uri in (summary["model_uri"], f"models:/{summary['registered_model']}@champion"):
         model = load_model_for_eval(model_uri, tracking_uri=uri)
         predicted = np.asarray(model.predict(dataset.X_test.astype(np.float32)))
         assert predicted.shape == (dataset.X_test.shape[0],)

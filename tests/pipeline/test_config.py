@@ -457,3 +457,19 @@ def test_blas_budget_defaults_split_the_cores_and_give_the_final_model_all():
     assert ExecutionConfig(runner="sequential").resolved_blas_threads(2) == 2
     assert process.resolved_final_blas_threads(2) == 2
     assert ExecutionConfig(final_blas_threads=1).resolved_final_blas_threads(2) == 1
+
+
+def test_registered_model_is_named_after_the_dataset_by_default():
+    tracking = preset("default").tracking
+    assert tracking.registered_model_for("mnist") == "mlp-mnist"
+    assert tracking.registered_model_for("fashion-mnist") == "mlp-fashion-mnist"
+    fixed = preset("default").replace({"tracking.registered_model": "digits-{{v2}}"}).tracking
+    assert fixed.registered_model_for("mnist") == "digits-{v2}"
+    off = preset("default").replace({"tracking.registered_model": None}).tracking
+    assert off.registered_model_for("mnist") is None
+
+
+@pytest.mark.parametrize("name", ["mlp-{model}", "mlp-{dataset!r}", "mlp-{dataset:>9}", "m-{"])
+def test_registered_model_accepts_only_the_dataset_placeholder(name):
+    with pytest.raises(ConfigError, match="tracking.registered_model"):
+        preset("default").replace({"tracking.registered_model": name})

@@ -346,6 +346,46 @@ def test_champion_moves_only_on_improvement(store_uri, client, trained):
     assert tags["test_accuracy"] == "0.8" and tags["dataset.name"] == "mnist", tags
 
 
+def test_champion_from_another_test_set_is_rescored_on_this_one(
+    store_uri, client, trained, shared_data_dir
+):
+    """Accuracies on different test sets are not comparable: the champion is scored again."""
+    config = _config(store_uri, "rescored", "mlp-rescored")
+    # Another test set: 300 other test images (a stratified draw of another size).
+    other = load_dataset("mnist", data_dir=shared_data_dir, download=False).limit(1000, 300)
+    network_on_other = float(
+        np.mean(trained.net.predict(trained.normalizer.transform(other.X_test)) == other.y_test)
+    )
+
+    def log(accuracy, ds):
+        evaluation = Evaluation(accuracy, 0.3, len(ds.y_test), trained.evaluation.confusion)
+        with PipelineRecorder(config.tracking) as recorder:
+            recorder.start(config, "mnist", "f" * 16)
+            return recorder.log_final(
+                trained.net, trained.normalizer, trained.history, evaluation,
+                ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
+            )  # fmt: skip
+
+    # Version 1 claims 0.99 on the first test set: champion.
+    first = log(0.99, trained.ds)
+    # Version 2 scores a little above what version 1's network really scores on the other
+    # test set: it beats the re-scored champion, though 0.99 is the larger number.
+    second = log(network_on_other + 0.001, other)
+    # Version 3, on the same test set as version 2, below it: compared with version 2's tag.
+    third = log(network_on_other, other)
+
+    assert (first.champion, first.champion_note) == (True, ""), first
+    assert second.champion, second
+    assert second.champion_note == f"beats version 1, {network_on_other:.4f} on this test set"
+    assert not third.champion, third
+    assert third.champion_note == f"champion stays version 2, {network_on_other + 0.001:.4f}"
+    assert str(client.get_model_version_by_alias("mlp-rescored", "champion").version) == "2"
+    tags = client.get_model_version("mlp-rescored", "3").tags
+    assert tags["test_set"] == client.get_model_version("mlp-rescored", "2").tags["test_set"]
+    assert tags["test_set"] != client.get_model_version("mlp-rescored", "1").tags["test_set"]
+    assert (tags["test_images"], tags["champion_comparison"]) == ("300", third.champion_note)
+
+
 def test_no_registration_without_a_registered_model(store_uri, client, trained):
     config = _config(store_uri, "unregistered", None)
     with PipelineRecorder(config.tracking) as recorder:
