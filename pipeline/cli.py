@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlp import MLPError
@@ -329,7 +330,10 @@ def data_info(data_dir: DataDir = None) -> None:
 
     root = resolve_data_dir(data_dir)
     table = Table(
-        title=f"datasets under {root}", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False
+        title=f"datasets under {escape(str(root))}",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
     )
     table.add_column("dataset", no_wrap=True)
     # Paths are what a user copies: wrapped whole onto the next line, never cut to "…".
@@ -395,8 +399,9 @@ def data_verify(
 
 
 def _under(path: str, root: Path) -> str:
-    """``path`` relative to ``root`` when it lies there, else as given."""
-    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
+    """``path`` relative to ``root`` when it lies there, else as given; escaped for Rich markup
+    (a folder named ``[old]`` would otherwise vanish as a style tag)."""
+    return escape(str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path)
 
 
 # ----------------------------------------------------------------------------- entry point

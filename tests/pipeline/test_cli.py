@@ -259,6 +259,19 @@ def test_data_info_on_empty_dir_reports_missing(cli, tmp_path, monkeypatch):
     assert "missing" in out, f"missing files should be reported:\n{out}"
 
 
+def test_data_info_shows_a_bracketed_folder_name(cli, tmp_path):
+    # Arrange: Rich markup would read "[v1]" as a style tag and drop it.
+    folder = tmp_path / "[v1]"
+    folder.mkdir()
+
+    # Act
+    code, out, err = cli(["data", "info", "--data-dir", str(folder)])
+
+    # Assert
+    assert code == 0, err
+    assert "[v1]" in out, f"the folder name lost its brackets:\n{out}"
+
+
 def test_credentials_leave_the_config_of_every_command(monkeypatch):
     # Registered with monkeypatch so the variables are restored after the test.
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")
