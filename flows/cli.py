@@ -197,7 +197,10 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
         if line:
             out.print(line, markup=False)
     out.print(f"MLflow run {result['mlflow_run_id']}")
-    out.print(f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}")
+    out.print(
+        f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}",
+        markup=False,
+    )
 
 
 @app.command()
@@ -375,7 +378,7 @@ def trigger(
     out.print(f"MLflow run {outcome.run_id}", highlight=False)
     if outcome.test_accuracy is not None:
         out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
-    out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", highlight=False)
+    out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", markup=False)
 
 
 def _print_state(state: Any) -> None:

@@ -195,7 +195,7 @@ def train(
         if line:
             out.print(line, markup=False)
         out.print(f"MLflow run {run_id}")
-        out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}")
+        out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}", markup=False)
 
 
 def registration_line(
@@ -280,13 +280,14 @@ def runs(
     frame = list_pipeline_runs(name, tracking_uri=tracking_uri, last=last)
     if format_ != "table":
         if frame.empty:  # still valid (empty) output for scripts; the hint goes to stderr
-            Console(stderr=True).print(f"no pipeline runs in experiment {name!r} yet")
+            Console(stderr=True).print(f"no pipeline runs in experiment {name!r} yet", markup=False)
         sys.stdout.write(to_json(frame) if format_ == "json" else to_csv(frame))
         return
     if frame.empty:
         out.print(
             f"no pipeline runs in experiment {name!r} yet: start one with "
-            "`mlp-pipeline run --preset quick`"
+            "`mlp-pipeline run --preset quick`",
+            markup=False,
         )
         return
     rows = table_rows(frame)
@@ -294,7 +295,8 @@ def runs(
     left_out = len(rows[0]) - len(shown)
     # No vertical rules and one space between columns: 14 columns in about 140 characters.
     table = Table(
-        title=f"pipeline runs in {name!r}, newest first (full run ids: --format csv or json)",
+        title=f"pipeline runs in {escape(repr(name))}, newest first (full run ids: --format csv "
+        "or json)",
         caption=(
             f"{left_out} more column{'s' if left_out > 1 else ''} on a wider terminal, "
             "or with --format csv"

@@ -302,6 +302,20 @@ def test_cli_table_lists_a_train_run_without_flow_run(store_uri, cli, monkeypatc
     assert "FINISHED" in row and " - " in row, out
 
 
+def test_cli_prints_bracketed_paths_and_names_as_they_are(tmp_path, cli, monkeypatch):
+    # Rich markup would read "[v1]" as a style tag and drop it from the commands printed.
+    monkeypatch.setenv("COLUMNS", "200")
+    store = tmp_path / "[v1]"
+    store.mkdir()
+    where = ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--experiment", "[exp]"]
+    code, out, err = cli(["train", "--preset", "quick", "--no-progress", *where])
+    assert code == 0, err
+    assert f"--backend-store-uri sqlite:///{store}/mlflow.db " in out, out
+    code, out, err = cli(["runs", *where])
+    assert code == 0, err
+    assert "pipeline runs in '[exp]'" in out, out
+
+
 def test_cli_csv_with_last(store_uri, hand_made, cli):
     code, out, err = cli(
         ["runs", "--tracking-uri", store_uri, "--experiment", HAND, "--format", "csv",
