@@ -247,7 +247,7 @@ def test_two_pipelines_at_once_share_one_store(
         stages = sorted(r.data.tags["stage"] for r in children)
         assert stages == ["cv"] * 4 + ["final"], stages
         assert "test_accuracy" in parent.data.metrics
-    versions = client.search_model_versions("name = 'mlp-mnist'")
+    versions = client.search_model_versions("name = 'mlp-mnist-sample'")  # quick: the sample
     assert len(versions) == 2, versions
     database = tracking_uri.removeprefix("sqlite:///")
     with sqlite3.connect(database) as connection:
