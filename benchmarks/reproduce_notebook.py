@@ -51,17 +51,18 @@ import pandas as pd
 from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
 from threadpoolctl import threadpool_limits
 
+from pipeline import notebook
 from pipeline.config import PipelineConfig, build_config, preset
 from pipeline.results import FoldResult
 from pipeline.selection import cv_table, select_lambda
 from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
 
 # The notebook's printed figures (mean CV accuracy in %, per lambda).
-NOTEBOOK_CV = {1e-1: 81.3667, 1e-2: 85.2667, 1e-3: 85.7217, 1e-4: 85.5367}
-NOTEBOOK_CV_LOSS = {1e-1: 1.0718, 1e-2: 0.4873, 1e-3: 0.4767, 1e-4: 0.4872}
-NOTEBOOK_BEST_LAMBDA = 1e-3
-NOTEBOOK_TEST_ONE_HIDDEN = 88.39
-NOTEBOOK_TEST_TWO_HIDDEN = 96.43
+NOTEBOOK_CV = notebook.CV_ACCURACY_PERCENT
+NOTEBOOK_CV_LOSS = notebook.CV_LOSS
+NOTEBOOK_BEST_LAMBDA = notebook.BEST_LAMBDA
+NOTEBOOK_TEST_ONE_HIDDEN = notebook.TEST_ACCURACY_ONE_HIDDEN_PERCENT
+NOTEBOOK_TEST_TWO_HIDDEN = notebook.TEST_ACCURACY_TWO_HIDDEN_PERCENT
 DEEP_OVERRIDES = {"model.hidden_sizes": [128, 64], "training.lr": 0.6, "training.final_epochs": 500}
 DEEP_LAMBDA = 1e-3
 

@@ -157,6 +157,7 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
 
 
 def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
+    from pipeline import notebook
     from pipeline.tracking_uri import resolve_tracking_uri
 
     best = result["best_l2_lambda"]
@@ -174,6 +175,20 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
             style="bold" if chosen else None,
         )
     out.print(table)
+    # A run of the notebook's protocol (its preset): its published figures beside ours.
+    beside_notebook = notebook.follows_protocol(cfg)
+    if beside_notebook:
+        published = Table(title="the homework notebook, as published")
+        for column in ("λ", "val accuracy (mean)", "val loss", ""):
+            published.add_column(column, justify="right")
+        for lam, percent in sorted(notebook.CV_ACCURACY_PERCENT.items()):
+            published.add_row(
+                f"{lam:g}",
+                f"{percent / 100:.4f}",
+                f"{notebook.CV_LOSS[lam]:.4f}",
+                "← chosen" if lam == notebook.BEST_LAMBDA else "",
+            )
+        out.print(published)
     out.print(
         f"trainings: {result['trained_folds']} run, {result['cached_folds']} reused from cache; "
         f"wall time {result['wall_seconds']:.1f} s"
@@ -188,6 +203,11 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
             f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
             f"test loss {result['test_loss']:.4f})"
         )
+        if beside_notebook:
+            out.print(
+                f"notebook: λ={notebook.BEST_LAMBDA:g} chosen, test accuracy "
+                f"{notebook.TEST_ACCURACY_ONE_HIDDEN_PERCENT / 100:.4f}"
+            )
         line = registration_line(
             result.get("registered_model"),
             result.get("registered_version"),
