@@ -267,7 +267,7 @@ class FinalRecord:
     registered_version: str | None
     champion: bool
     registered_model: str | None = None
-    # How the champion was decided, e.g. "champion stays version 2 (0.9850 on this test set)".
+    # How the champion was decided, e.g. "champion stays version 2, 0.9850 on this test set".
     champion_note: str = ""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -384,6 +385,35 @@ def test_champion_from_another_test_set_is_rescored_on_this_one(
     assert tags["test_set"] == client.get_model_version("mlp-rescored", "2").tags["test_set"]
     assert tags["test_set"] != client.get_model_version("mlp-rescored", "1").tags["test_set"]
     assert (tags["test_images"], tags["champion_comparison"]) == ("300", third.champion_note)
+
+
+def test_a_champion_that_cannot_be_scored_again_stays_and_says_why(
+    store_uri, client, trained, shared_data_dir
+):
+    config = _config(store_uri, "unscorable", "mlp-unscorable")
+    other = load_dataset("mnist", data_dir=shared_data_dir, download=False).limit(1000, 300)
+
+    def log(accuracy, ds):
+        evaluation = Evaluation(accuracy, 0.3, len(ds.y_test), trained.evaluation.confusion)
+        with PipelineRecorder(config.tracking) as recorder:
+            recorder.start(config, "mnist", "f" * 16)
+            return recorder.log_final(
+                trained.net, trained.normalizer, trained.history, evaluation,
+                ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
+            )  # fmt: skip
+
+    first = log(0.5, trained.ds)
+    # The champion's model files are gone (a store cleaned by hand): it cannot be scored on
+    # another test set, so it is not replaced on a guess, and the reason is given.
+    location = client.get_logged_model(first.model_uri.removeprefix("models:/")).artifact_location
+    shutil.rmtree(location.removeprefix("file://"))
+    second = log(0.99, other)
+
+    assert not second.champion, second
+    assert second.champion_note.startswith(
+        "champion stays version 1: it could not be scored on this test set ("
+    ), second.champion_note
+    assert str(client.get_model_version_by_alias("mlp-unscorable", "champion").version) == "1"
 
 
 def test_no_registration_without_a_registered_model(store_uri, client, trained):
