@@ -398,6 +398,14 @@ def trigger(
     out.print(f"MLflow run {outcome.run_id}", highlight=False)
     if outcome.test_accuracy is not None:
         out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
+    line = registration_line(
+        outcome.registered_model,
+        outcome.registered_version,
+        outcome.champion,
+        outcome.champion_note,
+    )
+    if line:
+        out.print(line, markup=False)
     out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", markup=False)
 
 

@@ -289,6 +289,10 @@ class MlflowOutcome:
     run_id: str
     test_accuracy: float | None
     tracking_uri: str
+    registered_model: str | None = None
+    registered_version: str | None = None
+    champion: bool = False
+    champion_note: str = ""
 
 
 def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> MlflowOutcome | None:
@@ -310,4 +314,13 @@ def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> MlflowOutcome |
     if not runs:
         return None
     run = runs[0]
-    return MlflowOutcome(run.info.run_id, run.data.metrics.get("test_accuracy"), uri)
+    tags = run.data.tags
+    return MlflowOutcome(
+        run.info.run_id,
+        run.data.metrics.get("test_accuracy"),
+        uri,
+        registered_model=tags.get("registered_model"),
+        registered_version=tags.get("registered_model_version"),
+        champion=tags.get("champion") == "true",
+        champion_note=tags.get("champion_comparison", ""),
+    )

@@ -559,6 +559,8 @@ class PipelineRecorder:
             self.client.set_tag(parent, "registered_model", name)
             self.client.set_tag(parent, "registered_model_version", version)
             self.client.set_tag(parent, "champion", str(champion).lower())
+            if note:
+                self.client.set_tag(parent, "champion_comparison", note)
         self.client.set_tag(parent, "model_uri", model_info.model_uri)
         return FinalRecord(run_id, model_info.model_uri, version, champion, name, note)
 

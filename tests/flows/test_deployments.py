@@ -323,7 +323,8 @@ def test_scheduled_run_reaches_mlflow(serve, prefect_server, tracking_store, wor
 @pytest.mark.server
 def test_trigger_wait_prints_run_and_accuracy(serve, env, workdir, tracking_store):
     result = _cli(
-        ["trigger", "--deployment", "on-demand", "--set", "training.epochs=2", "--wait"],
+        ["trigger", "--deployment", "on-demand", "--set", "training.epochs=2",
+         "--set", "tracking.registered_model=mlp-triggered", "--wait"],
         env, workdir,
     )  # fmt: skip
 
@@ -335,6 +336,9 @@ def test_trigger_wait_prints_run_and_accuracy(serve, env, workdir, tracking_stor
     run = MlflowClient(tracking_uri=tracking_store).get_run(run_id.group(1))
     assert run.data.params["training.epochs"] == "2", run.data.params
     assert run.data.metrics["test_accuracy"] == pytest.approx(float(accuracy.group(1)), abs=1e-4)
+    # The registration, as `run` prints it (the served config registers nothing; the trigger
+    # overrides that).
+    assert "model mlp-triggered version 1 (new champion)" in result.stdout, result.stdout
 
 
 @pytest.mark.slow
