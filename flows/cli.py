@@ -39,7 +39,7 @@ from pipeline.cli import (
     config_from_options,
     main,
     out,
-    registration_line,
+    print_registration,
     ui_command,
 )
 from pipeline.config import PipelineConfig
@@ -208,14 +208,12 @@ def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
                 f"notebook: λ={notebook.BEST_LAMBDA:g} chosen, test accuracy "
                 f"{notebook.TEST_ACCURACY_ONE_HIDDEN_PERCENT / 100:.4f}"
             )
-        line = registration_line(
+        print_registration(
             result.get("registered_model"),
             result.get("registered_version"),
             bool(result.get("champion")),
             result.get("champion_note", ""),
         )
-        if line:
-            out.print(line, markup=False)
     out.print(f"MLflow run {result['mlflow_run_id']}")
     out.print(
         f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}",
@@ -398,14 +396,10 @@ def trigger(
     out.print(f"MLflow run {outcome.run_id}", highlight=False)
     if outcome.test_accuracy is not None:
         out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
-    line = registration_line(
-        outcome.registered_model,
-        outcome.registered_version,
-        outcome.champion,
+    print_registration(
+        outcome.registered_model, outcome.registered_version, outcome.champion,
         outcome.champion_note,
-    )
-    if line:
-        out.print(line, markup=False)
+    )  # fmt: skip
     out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", markup=False)
 
 

@@ -188,27 +188,25 @@ def train(
                 final.network, final.normalizer, final.history, evaluation,
                 data.X_test, data.y_test, predicted, l2_lambda=l2,
             )  # fmt: skip
-        line = registration_line(
+        print_registration(
             record.registered_model, record.registered_version, record.champion,
             record.champion_note,
         )  # fmt: skip
-        if line:
-            out.print(line, markup=False)
         out.print(f"MLflow run {run_id}")
         out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}", markup=False)
 
 
-def registration_line(
+def print_registration(
     name: str | None, version: str | None, champion: bool, note: str = ""
-) -> str | None:
-    """``model NAME version N (new champion: ...)``; None when the model was not registered."""
+) -> None:
+    """Print ``model NAME version N (new champion: ...)``; nothing if it was not registered."""
     if not name or version is None:
-        return None
+        return
     if champion:
         status = f"new champion: {note}" if note else "new champion"
     else:
         status = note or "not the champion"
-    return f"model {name} version {version} ({status})"
+    out.print(f"model {name} version {version} ({status})", markup=False)
 
 
 def ui_command(tracking_uri: str) -> str:

@@ -21,6 +21,7 @@ def test_the_notebook_preset_follows_the_protocol_wherever_it_runs():
     )
     assert notebook.follows_protocol(config)
     assert notebook.follows_protocol(elsewhere)
+    assert not notebook.follows_protocol(preset("default"))
 
 
 @pytest.mark.parametrize(
@@ -36,4 +37,3 @@ def test_the_notebook_preset_follows_the_protocol_wherever_it_runs():
 )
 def test_another_protocol_is_not_the_notebook(change):
     assert not notebook.follows_protocol(preset("notebook").replace(change))
-    assert not notebook.follows_protocol(preset("default"))

@@ -319,27 +319,22 @@ def test_load_model_for_eval_unknown_uri(recorded):
             load_model_for_eval(uri, tracking_uri)
 
 
+def _log_final(config, trained, accuracy: float, ds):
+    """One execution's final model, claimed to score ``accuracy`` on ``ds``'s test set."""
+    evaluation = Evaluation(accuracy, 0.3, len(ds.y_test), trained.evaluation.confusion)
+    with PipelineRecorder(config.tracking) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        return recorder.log_final(
+            trained.net, trained.normalizer, trained.history, evaluation,
+            ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
+        )  # fmt: skip
+
+
 def test_champion_moves_only_on_improvement(store_uri, client, trained):
     config = _config(store_uri, "champion", "mlp-champion")
     outcomes = []
     for accuracy in (0.9, 0.8, 0.95):
-        evaluation = Evaluation(
-            accuracy, 0.3, trained.evaluation.n_samples, trained.evaluation.confusion
-        )
-        with PipelineRecorder(config.tracking) as recorder:
-            recorder.start(config, "mnist", "f" * 16)
-            outcomes.append(
-                recorder.log_final(
-                    trained.net,
-                    trained.normalizer,
-                    trained.history,
-                    evaluation,
-                    trained.ds.X_test,
-                    trained.ds.y_test,
-                    trained.predictions,
-                    l2_lambda=1e-3,
-                )
-            )
+        outcomes.append(_log_final(config, trained, accuracy, trained.ds))
         champion = client.get_model_version_by_alias("mlp-champion", "champion").version
         outcomes[-1] = (outcomes[-1].registered_version, outcomes[-1].champion, str(champion))
     assert outcomes == [("1", True, "1"), ("2", False, "1"), ("3", True, "3")], outcomes
@@ -358,22 +353,13 @@ def test_champion_from_another_test_set_is_rescored_on_this_one(
         np.mean(trained.net.predict(trained.normalizer.transform(other.X_test)) == other.y_test)
     )
 
-    def log(accuracy, ds):
-        evaluation = Evaluation(accuracy, 0.3, len(ds.y_test), trained.evaluation.confusion)
-        with PipelineRecorder(config.tracking) as recorder:
-            recorder.start(config, "mnist", "f" * 16)
-            return recorder.log_final(
-                trained.net, trained.normalizer, trained.history, evaluation,
-                ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
-            )  # fmt: skip
-
     # Version 1 claims 0.99 on the first test set: champion.
-    first = log(0.99, trained.ds)
+    first = _log_final(config, trained, 0.99, trained.ds)
     # Version 2 scores a little above what version 1's network really scores on the other
     # test set: it beats the re-scored champion, though 0.99 is the larger number.
-    second = log(network_on_other + 0.001, other)
+    second = _log_final(config, trained, network_on_other + 0.001, other)
     # Version 3, on the same test set as version 2, below it: compared with version 2's tag.
-    third = log(network_on_other, other)
+    third = _log_final(config, trained, network_on_other, other)
 
     assert (first.champion, first.champion_note) == (True, ""), first
     assert second.champion, second
@@ -393,21 +379,12 @@ def test_a_champion_that_cannot_be_scored_again_stays_and_says_why(
     config = _config(store_uri, "unscorable", "mlp-unscorable")
     other = load_dataset("mnist", data_dir=shared_data_dir, download=False).limit(1000, 300)
 
-    def log(accuracy, ds):
-        evaluation = Evaluation(accuracy, 0.3, len(ds.y_test), trained.evaluation.confusion)
-        with PipelineRecorder(config.tracking) as recorder:
-            recorder.start(config, "mnist", "f" * 16)
-            return recorder.log_final(
-                trained.net, trained.normalizer, trained.history, evaluation,
-                ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
-            )  # fmt: skip
-
-    first = log(0.5, trained.ds)
+    first = _log_final(config, trained, 0.5, trained.ds)
     # The champion's model files are gone (a store cleaned by hand): it cannot be scored on
     # another test set, so it is not replaced on a guess, and the reason is given.
     location = client.get_logged_model(first.model_uri.removeprefix("models:/")).artifact_location
     shutil.rmtree(location.removeprefix("file://"))
-    second = log(0.99, other)
+    second = _log_final(config, trained, 0.99, other)
 
     assert not second.champion, second
     assert second.champion_note.startswith(
