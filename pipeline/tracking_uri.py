@@ -74,13 +74,23 @@ def default_artifact_location(uri: str) -> str | None:
     Without an explicit location MLflow would use the working directory of whichever process
     happened to create the experiment.
     """
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+    database = sqlite_database(uri)
+    if database is None:
         return None
-    database = Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
     if not database.is_absolute():
         database = Path.cwd() / database  # sqlite:///rel.db is relative to the working dir
     return (database.parent / "artifacts").as_uri()
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative or absolute); None for other stores.
+
+    In-memory databases are not files: None too.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        return None
+    return Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
 
 
 def check_tracking_uri(uri: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> None:

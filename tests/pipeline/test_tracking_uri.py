@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tracking_uri import default_artifact_location, redact_uri, resolve_tracking_uri
+from pipeline.tracking_uri import (
+    default_artifact_location,
+    redact_uri,
+    resolve_tracking_uri,
+    sqlite_database,
+)
 
 
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
@@ -36,3 +41,19 @@ def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
 )
 def test_redact_uri(uri, expected):
     assert redact_uri(uri) == expected
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:////abs/dir/mlflow.db", "/abs/dir/mlflow.db"),
+        ("sqlite:///rel/mlflow.db", "rel/mlflow.db"),
+        ("sqlite:///:memory:", None),
+        ("sqlite://", None),
+        ("http://host:5000", None),
+        ("postgresql://db/mlflow", None),
+    ],
+)
+def test_sqlite_database(uri, expected):
+    found = sqlite_database(uri)
+    assert (None if found is None else str(found)) == expected
