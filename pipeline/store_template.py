@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import sqlite3
 import tempfile
@@ -101,11 +102,17 @@ def _is_usable_template(database: Path) -> bool:
 
 
 def _copy_if_absent(template: Path, database: Path) -> bool:
-    """Copy ``template`` to ``database`` unless that appears first; atomic, never overwrites."""
-    handle, partial = tempfile.mkstemp(dir=database.parent, prefix=f".{database.name}-")
-    os.close(handle)
+    """Copy ``template`` to ``database`` unless that appears first; atomic, never overwrites.
+
+    The copy gets the permissions SQLite gives a new database (0666 less the umask), not the
+    0600 of a temporary file: a store others read (``mlflow ui`` run by a teammate) stays
+    readable.
+    """
+    partial = database.with_name(f".{database.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        shutil.copyfile(template, partial)
+        with os.fdopen(descriptor, "wb") as target, open(template, "rb") as source:
+            shutil.copyfileobj(source, target)
         try:
             os.link(partial, database)  # fails if the file exists: never replaces a store
         except FileExistsError:

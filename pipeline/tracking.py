@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +100,12 @@ def _client(uri: str):
 
 
 @contextlib.contextmanager
-def _store_setup_lock(uri: str) -> Iterator[None]:
-    """Serialize first use of a SQLite store across processes.
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialize a step across processes on a SQLite store (elsewhere: no lock).
 
-    Two pipelines starting together on a new store would both run MLflow's schema migrations
-    (and both create the experiment); the second fails with "table ... already exists".
+    Taken for a store's first use (two pipelines starting together on a new store would both
+    run MLflow's schema migrations and both create the experiment; the second failed with
+    "table ... already exists") and for registering a model (see ``log_final``).
     """
     database = sqlite_database(uri)
     if database is None:
@@ -137,7 +138,7 @@ def prepare_store(tracking_config: Any) -> None:
 
 def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
     """A client and the experiment's id; first use of a SQLite store creates its schema."""
-    with _store_setup_lock(uri):
+    with _store_lock(uri):
         database = sqlite_database(uri)
         if database is not None:
             seed_sqlite_store(database)  # a new store: a copy, not MLflow's 1.4-2 s of migrations
@@ -146,6 +147,18 @@ def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
         client.search_registered_models(max_results=1)
         experiment_id = get_or_create_experiment(client, experiment, default_artifact_location(uri))
     return client, experiment_id
+
+
+def _once(steps: dict[str, Any], step: str, action: Callable[..., Any], *args, **kwargs) -> Any:
+    """``action(*args, **kwargs)``, unless ``steps`` says an earlier attempt did it: its result.
+
+    ``steps`` lives as long as one ``log_final``: :class:`~pipeline.recording.ResilientRecorder`
+    retries a failed call from the top, and each retry used to create one more final run (and
+    could register the model again).
+    """
+    if step not in steps:
+        steps[step] = action(*args, **kwargs)
+    return steps[step]
 
 
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
@@ -307,6 +320,7 @@ class PipelineRecorder:
         self._dataset: dict[str, str] = {}
         self._registered_model: str | None = None
         self._open_children: list[str] = []
+        self._final_steps: dict[str, Any] = {}  # what log_final has done (see _once)
         self._finished = False
         self._warm_up: threading.Thread | None = None
         if urllib.parse.urlsplit(self.tracking_uri).scheme in ("http", "https"):
@@ -387,6 +401,7 @@ class PipelineRecorder:
             raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
         self.parent_run_id = run.info.run_id
         self._finished = False
+        self._final_steps = {}
         self._dataset = {"dataset.name": dataset_name, "dataset.fingerprint": dataset_fingerprint}
         self._registered_model = self.tracking_config.registered_model_for(dataset_name)
 
@@ -527,17 +542,56 @@ class PipelineRecorder:
 
         self._warmed_up()
         parent = self._parent()
-        run_id = self._child(f"final lambda={l2_lambda:g}", {"stage": "final"})
-        now = _now_ms()
+        steps = self._final_steps  # a retried call resumes where it failed
+        run_id = _once(steps, "run", self._child, f"final lambda={l2_lambda:g}", {"stage": "final"})
+        now = _once(steps, "time", _now_ms)
         test = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
         epochs = len(history_columns.get("train_loss", ()))
-        self._log(
-            run_id,
+        _once(
+            steps, "metrics", self._log, run_id,
             metrics=_epoch_metrics(history_columns, now) + _metrics(test, now),
             params=[Param("l2_lambda", _stringify(l2_lambda)), Param("epochs", str(epochs))],
-        )
-        self._log(parent, metrics=_metrics(test, now))
+        )  # fmt: skip
+        _once(steps, "parent metrics", self._log, parent, metrics=_metrics(test, now))
+        _once(
+            steps, "figures", self._log_final_figures, parent,
+            history_columns, evaluation, test_images, test_labels, test_predictions,
+        )  # fmt: skip
+        model_info = _once(steps, "model", self._log_model, run_id, model, normalizer, test_images)
+        _once(steps, "ended", self._end, run_id, "FINISHED", None)
 
+        version = None
+        champion = False
+        note = ""
+        name = self._registered_model
+        if name:
+            # One registration at a time per local store: choosing the champion reads the
+            # current one, then moves the alias; two pipelines doing it at once could both
+            # see no champion, or each keep the model it beat.
+            with _store_lock(self.tracking_uri):
+                version = _once(steps, "version", self._create_version, name, run_id, model_info)
+                champion, note = _once(
+                    steps, "champion", self._register,
+                    name, version, evaluation.accuracy, test_images, test_labels,
+                )  # fmt: skip
+            self.client.set_tag(parent, "registered_model", name)
+            self.client.set_tag(parent, "registered_model_version", version)
+            self.client.set_tag(parent, "champion", str(champion).lower())
+            if note:
+                self.client.set_tag(parent, "champion_comparison", note)
+        self.client.set_tag(parent, "model_uri", model_info.model_uri)
+        return FinalRecord(run_id, model_info.model_uri, version, champion, name, note)
+
+    def _log_final_figures(
+        self,
+        parent: str,
+        history_columns: Mapping[str, Sequence[float]],
+        evaluation: Evaluation,
+        test_images: np.ndarray,
+        test_labels: np.ndarray,
+        test_predictions: np.ndarray,
+    ) -> None:
+        """The final model's training curves, confusion matrix and misclassified grid."""
         with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
             folder = Path(tmp)
             figures = [
@@ -549,27 +603,12 @@ class PipelineRecorder:
             ]
             for figure in figures:
                 self.client.log_artifact(parent, str(figure))
-            model_info = self._log_model(run_id, model, normalizer, test_images, folder)
-        self._end(run_id, "FINISHED", None)
 
-        version = None
-        champion = False
-        note = ""
-        name = self._registered_model
-        if name:
-            version = self._create_version(name, run_id, model_info)
-            champion, note = self._register(
-                name, version, evaluation.accuracy, test_images, test_labels
-            )
-            self.client.set_tag(parent, "registered_model", name)
-            self.client.set_tag(parent, "registered_model_version", version)
-            self.client.set_tag(parent, "champion", str(champion).lower())
-            if note:
-                self.client.set_tag(parent, "champion_comparison", note)
-        self.client.set_tag(parent, "model_uri", model_info.model_uri)
-        return FinalRecord(run_id, model_info.model_uri, version, champion, name, note)
+    def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images):
+        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+            return self._log_model_from(Path(tmp), run_id, model, normalizer, test_images)
 
-    def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images, folder: Path):
+    def _log_model_from(self, folder: Path, run_id: str, model: Any, normalizer: Any, test_images):
         import mlflow
 
         weights = model.save(folder / "weights.npz")

@@ -249,6 +249,12 @@ def test_two_pipelines_at_once_share_one_store(
         assert "test_accuracy" in parent.data.metrics
     versions = client.search_model_versions("name = 'mlp-mnist-sample'")  # quick: the sample
     assert len(versions) == 2, versions
+    # Registrations take turns: the second compares with the first, whichever finished first.
+    champion = client.get_model_version_by_alias("mlp-mnist-sample", "champion")
+    best = max(float(v.tags["test_accuracy"]) for v in versions)
+    assert float(champion.tags["test_accuracy"]) == best, [v.tags for v in versions]
+    second = max(versions, key=lambda v: int(v.version))
+    assert "champion_comparison" in second.tags, "the second registration saw the first"
     database = tracking_uri.removeprefix("sqlite:///")
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)

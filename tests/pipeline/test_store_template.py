@@ -3,7 +3,9 @@ stores MLflow builds itself."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from contextlib import closing
 from pathlib import Path
 
@@ -34,10 +36,36 @@ def _opened(database: Path) -> Path:
     return database
 
 
-def _contents(database: Path) -> tuple[list, dict]:
-    """The schema (sorted: MLflow creates some indexes in no fixed order) and every row."""
+def _schema(database: Path) -> dict[str, dict[str, list[str]]]:
+    """Every table's columns, keys, indexes and constraints, as SQLAlchemy reads them.
+
+    Compared as sorted lists, not as SQLite's ``CREATE TABLE`` text: MLflow's migrations write
+    a table's CHECK constraints in no fixed order, so two stores MLflow builds can differ there.
+    """
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{database}")
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        readers = {
+            "columns": inspector.get_columns,
+            "primary key": lambda t: [inspector.get_pk_constraint(t)],
+            "foreign keys": inspector.get_foreign_keys,
+            "indexes": inspector.get_indexes,
+            "unique": inspector.get_unique_constraints,
+            "checks": inspector.get_check_constraints,
+        }
+        return {
+            table: {kind: sorted(map(repr, read(table))) for kind, read in readers.items()}
+            for table in inspector.get_table_names()
+        }
+    finally:
+        engine.dispose()
+
+
+def _contents(database: Path) -> tuple[dict, dict]:
+    """The schema and every row (less the times of day)."""
     with closing(sqlite3.connect(database)) as db:
-        schema = sorted(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
         rows = {}
         for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
             cursor = db.execute(f'SELECT * FROM "{table}"')  # noqa: S608 -- names from the file
@@ -46,7 +74,7 @@ def _contents(database: Path) -> tuple[list, dict]:
                 tuple(v for c, v in zip(columns, row, strict=True) if c not in _TIMES)
                 for row in cursor
             )
-    return schema, rows
+    return _schema(database), rows
 
 
 def test_a_copied_store_is_the_store_mlflow_builds(tmp_path):
@@ -61,6 +89,7 @@ def test_a_copied_store_is_the_store_mlflow_builds(tmp_path):
     copied_schema, copied_rows = _contents(_opened(copied))
     built_schema, built_rows = _contents(built)
     assert copied_schema == built_schema
+    assert copied_schema["runs"]["checks"], "constraints are compared too"
     assert copied_rows == built_rows
     assert copied_rows["alembic_version"], "the schema revision is recorded"
     assert [row[1] for row in copied_rows["experiments"]] == ["Default"]
@@ -80,6 +109,17 @@ def test_a_pipeline_store_from_the_template_records_and_registers(tmp_path):
     client.set_registered_model_alias("m", "champion", version.version)
     assert client.get_metric_history(run.info.run_id, "accuracy")[0].value == 0.98
     assert client.get_model_version_by_alias("m", "champion").run_id == run.info.run_id
+
+
+def test_a_copied_store_has_the_permissions_of_a_new_file(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        built = _opened(tmp_path / "built.db")
+        copied = tmp_path / "copied.db"
+        assert seed_sqlite_store(copied)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(copied.stat().st_mode) == stat.S_IMODE(built.stat().st_mode) == 0o640
 
 
 def test_a_store_in_a_missing_folder_is_left_to_the_caller(tmp_path):

@@ -23,6 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import pipeline.tracking
@@ -31,6 +32,7 @@ from pipeline.config import preset
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.normalize import Normalizer
+from pipeline.recording import ResilientRecorder
 from pipeline.results import Evaluation, FoldResult
 from pipeline.selection import cv_table, select_lambda
 from pipeline.tracking import PipelineRecorder, load_model_for_eval, mark_stale_runs_failed
@@ -328,6 +330,52 @@ def _log_final(config, trained, accuracy: float, ds):
             trained.net, trained.normalizer, trained.history, evaluation,
             ds.X_test, ds.y_test, trained.predictions[: len(ds.y_test)], l2_lambda=1e-3,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        "log_batch",
+        "log_artifact",
+        "set_terminated",
+        "create_model_version",
+        "set_model_version_tag",
+    ],  # fmt: skip
+)
+def test_a_retried_final_record_resumes_where_it_failed(store_uri, client, trained, failing):
+    """The store fails once in the middle of ``log_final``; the retry makes no second run."""
+    config = _config(store_uri, f"resume-{failing}", f"mlp-resume-{failing}")
+    evaluation = trained.evaluation
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        real = getattr(recorder.recorder.client, failing)
+        calls = []
+
+        def fail_once(*args, **kwargs):  # a store that drops one request, then answers again
+            calls.append(args)
+            if len(calls) == 1:
+                raise MlflowException(f"transient failure in {failing}")
+            return real(*args, **kwargs)
+
+        setattr(recorder.recorder.client, failing, fail_once)
+        final = recorder.log_final(
+            trained.net, trained.normalizer, trained.history, evaluation,
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
+        )  # fmt: skip
+        assert len(calls) >= 2, "the step failed once and was done again"
+    assert not recorder.offline
+
+    experiment = client.get_experiment_by_name(f"resume-{failing}")
+    finals = client.search_runs([experiment.experiment_id], "tags.stage = 'final'")
+    assert [run.info.run_id for run in finals] == [final.run_id], "one final run"
+    assert finals[0].info.status == "FINISHED"
+    history = client.get_metric_history(final.run_id, "train_loss")
+    assert len(history) == EPOCHS, "each epoch's metric recorded once"
+    versions = client.search_model_versions(f"name = 'mlp-resume-{failing}'")
+    assert [str(v.version) for v in versions] == ["1"], "registered once"
+    champion = client.get_model_version_by_alias(f"mlp-resume-{failing}", "champion")
+    assert str(champion.version) == "1" and final.champion
+    assert champion.tags["test_accuracy"] == repr(evaluation.accuracy)
 
 
 def test_champion_moves_only_on_improvement(store_uri, client, trained):
