@@ -342,7 +342,9 @@ def _log_final(config, trained, accuracy: float, ds):
         "set_model_version_tag",
     ],  # fmt: skip
 )
-def test_a_retried_final_record_resumes_where_it_failed(store_uri, client, trained, failing):
+def test_a_retried_final_record_resumes_where_it_failed(
+    store_uri, client, trained, failing, reliability_log
+):
     """The store fails once in the middle of ``log_final``; the retry makes no second run."""
     config = _config(store_uri, f"resume-{failing}", f"mlp-resume-{failing}")
     evaluation = trained.evaluation
@@ -376,6 +378,9 @@ def test_a_retried_final_record_resumes_where_it_failed(store_uri, client, train
     champion = client.get_model_version_by_alias(f"mlp-resume-{failing}", "champion")
     assert str(champion.version) == "1" and final.champion
     assert champion.tags["test_accuracy"] == repr(evaluation.accuracy)
+    reliability_log(
+        f"MLflow failing once in the final record ({failing})", survived=True, results_lost=0
+    )
 
 
 def test_champion_moves_only_on_improvement(store_uri, client, trained):
