@@ -141,7 +141,7 @@ def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
     with _store_lock(uri):
         database = sqlite_database(uri)
         if database is not None:
-            seed_sqlite_store(database)  # a new store: a copy, not MLflow's 1.4-2 s of migrations
+            seed_sqlite_store(database)  # a new store: a copy, not MLflow's 2 s of migrations
         client = _client(uri)
         # First use creates the tracking and the registry schema: both under the lock.
         client.search_registered_models(max_results=1)
