@@ -152,9 +152,10 @@ def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
 def _once(steps: dict[str, Any], step: str, action: Callable[..., Any], *args, **kwargs) -> Any:
     """``action(*args, **kwargs)``, unless ``steps`` says an earlier attempt did it: its result.
 
-    ``steps`` lives as long as one ``log_final``: :class:`~pipeline.recording.ResilientRecorder`
-    retries a failed call from the top, and each retry used to create one more final run (and
-    could register the model again).
+    ``steps`` are one recorded call's (:meth:`PipelineRecorder._steps`):
+    :class:`~pipeline.recording.ResilientRecorder` retries a failed call from the top, and each
+    retry used to create one more child run (a second final run could register the model
+    again) or log a metric point twice.
     """
     if step not in steps:
         steps[step] = action(*args, **kwargs)
@@ -320,7 +321,8 @@ class PipelineRecorder:
         self._dataset: dict[str, str] = {}
         self._registered_model: str | None = None
         self._open_children: list[str] = []
-        self._final_steps: dict[str, Any] = {}  # what log_final has done (see _once)
+        # What each recorded call has done so far, by call (see _once).
+        self._done: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._finished = False
         self._warm_up: threading.Thread | None = None
         if urllib.parse.urlsplit(self.tracking_uri).scheme in ("http", "https"):
@@ -401,7 +403,7 @@ class PipelineRecorder:
             raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
         self.parent_run_id = run.info.run_id
         self._finished = False
-        self._final_steps = {}
+        self._done = {}
         self._dataset = {"dataset.name": dataset_name, "dataset.fingerprint": dataset_fingerprint}
         self._registered_model = self.tracking_config.registered_model_for(dataset_name)
 
@@ -460,8 +462,11 @@ class PipelineRecorder:
         tags = {"stage": "cv"}
         if result.diverged:
             tags.update({"diverged": "true", "diverged_message": result.message[:5000]})
-        run_id = self._child(f"cv lambda={result.l2_lambda:g} fold={result.fold}", tags)
-        now = _now_ms()
+        steps = self._steps("fold", result.l2_lambda, result.fold)  # a retry resumes
+        run_id = _once(
+            steps, "run", self._child, f"cv lambda={result.l2_lambda:g} fold={result.fold}", tags
+        )
+        now = _once(steps, "time", _now_ms)
         summary = {
             "fold_val_accuracy": result.val_accuracy,
             "fold_val_loss": result.val_loss,
@@ -472,16 +477,16 @@ class PipelineRecorder:
         }
         if result.diverged:
             summary.update({k: math.nan for k in summary if k.startswith("fold_")})
-        self._log(
-            run_id,
+        _once(
+            steps, "metrics", self._log, run_id,
             metrics=_epoch_metrics(result.history, now) + _metrics(summary, now),
             params=[
                 Param("l2_lambda", _stringify(result.l2_lambda)),
                 Param("fold", str(result.fold)),
                 Param("seed", str(result.seed)),
             ],
-        )
-        self._end(run_id, "FINISHED", None)
+        )  # fmt: skip
+        _once(steps, "ended", self._end, run_id, "FINISHED", None)
         return run_id
 
     def log_cv_summary(self, table: pd.DataFrame, best_lambda: float) -> None:
@@ -489,13 +494,9 @@ class PipelineRecorder:
         self._warmed_up()
         best = table.loc[table["l2_lambda"] == best_lambda, "mean_val_accuracy"]
         best_accuracy = float(best.iloc[0]) if len(best) else math.nan
-        self._log(
-            self._parent(),
-            metrics=_metrics(
-                {"best_l2_lambda": best_lambda, "cv_best_mean_val_accuracy": best_accuracy},
-                _now_ms(),
-            ),
-        )
+        summary = {"best_l2_lambda": best_lambda, "cv_best_mean_val_accuracy": best_accuracy}
+        steps = self._steps("cv summary")  # a retry does not log the metrics twice
+        _once(steps, "metrics", self._log, self._parent(), metrics=_metrics(summary, _now_ms()))
         with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
             csv = Path(tmp) / "cv_results.csv"
             table.to_csv(csv, index=False)
@@ -542,7 +543,7 @@ class PipelineRecorder:
 
         self._warmed_up()
         parent = self._parent()
-        steps = self._final_steps  # a retried call resumes where it failed
+        steps = self._steps("final")  # a retried call resumes where it failed
         run_id = _once(steps, "run", self._child, f"final lambda={l2_lambda:g}", {"stage": "final"})
         now = _once(steps, "time", _now_ms)
         test = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
@@ -605,30 +606,26 @@ class PipelineRecorder:
                 self.client.log_artifact(parent, str(figure))
 
     def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images):
-        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
-            return self._log_model_from(Path(tmp), run_id, model, normalizer, test_images)
-
-    def _log_model_from(self, folder: Path, run_id: str, model: Any, normalizer: Any, test_images):
         import mlflow
 
-        weights = model.save(folder / "weights.npz")
-        normalizer_path = folder / "normalizer.json"
-        normalizer_path.write_text(json.dumps(normalizer.to_dict()), encoding="utf-8")
-        example = np.asarray(test_images[:5], dtype=np.float32)
         requirements = [f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
         version = _package_version()
         requirements.append(PACKAGE_NAME if version == "unknown" else f"{PACKAGE_NAME}=={version}")
         # The fluent API is used only here and only on this thread, resuming the run by id.
         nested = mlflow.active_run() is not None
         with (
+            tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp,
             _fluent_tracking_uri(self.tracking_uri),
             mlflow.start_run(run_id=run_id, nested=nested),
         ):
+            weights = model.save(Path(tmp) / "weights.npz")
+            normalizer_path = Path(tmp) / "normalizer.json"
+            normalizer_path.write_text(json.dumps(normalizer.to_dict()), encoding="utf-8")
             return mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(MODEL_CODE_PATH),
                 artifacts={"weights": str(weights), "normalizer": str(normalizer_path)},
-                input_example=example,
+                input_example=np.asarray(test_images[:5], dtype=np.float32),
                 pip_requirements=requirements,
             )
 
@@ -718,6 +715,10 @@ class PipelineRecorder:
 
     def _process_tags(self) -> dict[str, str]:
         return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+    def _steps(self, *call: Any) -> dict[str, Any]:
+        """The steps an earlier attempt of ``call`` (its name and identity) has done."""
+        return self._done.setdefault(call, {})
 
     def _child(self, run_name: str, tags: Mapping[str, str]) -> str:
         parent = self._parent()

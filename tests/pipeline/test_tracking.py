@@ -332,6 +332,22 @@ def _log_final(config, trained, accuracy: float, ds):
         )  # fmt: skip
 
 
+def _fail_once(recorder: ResilientRecorder, method: str) -> list:
+    """Make the store fail the next ``method`` call once, then answer again; returns the calls."""
+    client = recorder.recorder.client
+    real = getattr(client, method)
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException(f"transient failure in {method}")
+        return real(*args, **kwargs)
+
+    setattr(client, method, fail_once)
+    return calls
+
+
 @pytest.mark.parametrize(
     "failing",
     [
@@ -350,16 +366,7 @@ def test_a_retried_final_record_resumes_where_it_failed(
     evaluation = trained.evaluation
     with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
         recorder.start(config, "mnist", "f" * 16)
-        real = getattr(recorder.recorder.client, failing)
-        calls = []
-
-        def fail_once(*args, **kwargs):  # a store that drops one request, then answers again
-            calls.append(args)
-            if len(calls) == 1:
-                raise MlflowException(f"transient failure in {failing}")
-            return real(*args, **kwargs)
-
-        setattr(recorder.recorder.client, failing, fail_once)
+        calls = _fail_once(recorder, failing)
         final = recorder.log_final(
             trained.net, trained.normalizer, trained.history, evaluation,
             trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
@@ -380,6 +387,43 @@ def test_a_retried_final_record_resumes_where_it_failed(
     assert champion.tags["test_accuracy"] == repr(evaluation.accuracy)
     reliability_log(
         f"MLflow failing once in the final record ({failing})", survived=True, results_lost=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "failing"),
+    [("log_fold", "log_batch"), ("log_fold", "set_terminated"), ("log_cv_summary", "log_artifact")],
+)
+def test_a_retried_cv_record_resumes_where_it_failed(
+    store_uri, client, trained, call, failing, reliability_log
+):
+    """The same for a fold's run and for the CV summary: nothing recorded twice."""
+    experiment_name = f"resume-{call}-{failing}"
+    config = _config(store_uri, experiment_name)
+    folds = _fold_results(trained.history)
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        parent = recorder.start(config, "mnist", "f" * 16)
+        calls = _fail_once(recorder, failing) if call == "log_fold" else []
+        for fold in folds:
+            recorder.log_fold(fold)
+        table = cv_table(folds)
+        if call == "log_cv_summary":
+            calls = _fail_once(recorder, failing)
+        recorder.log_cv_summary(table, select_lambda(table))
+        assert len(calls) >= 2, "the step failed once and was done again"
+    assert not recorder.offline
+
+    experiment = client.get_experiment_by_name(experiment_name)
+    children = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'")
+    assert len(children) == len(folds), "one run per fold"
+    assert {run.info.status for run in children} == {"FINISHED"}
+    for run in children:
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == EPOCHS
+    assert len(client.get_metric_history(parent, "best_l2_lambda")) == 1, "logged once"
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"cv_results.csv", "cv_lambda.png"} <= artifacts, artifacts
+    reliability_log(
+        f"MLflow failing once in the CV record ({call}: {failing})", survived=True, results_lost=0
     )
 
 
