@@ -3,11 +3,11 @@
 MLflow builds a new SQLite store by creating its first schema and then running every alembic
 migration since (dozens of steps, each rewriting tables): 2.1 s here (a copy: 0.14 s), every
 time a folder gets its first store (a project's first run, each test, each benchmark round),
-and before any training can start. The result does not depend on the folder: the template is exactly that
-result, made by MLflow's own function (``mlflow.store.db.utils._initialize_tables``, the one
-its ``SqlAlchemyStore`` calls on an empty database), kept in the user's cache and copied.
-MLflow then opens the copy as it would a store it had just built: it checks the schema is at
-its current revision and adds its ``Default`` experiment, with this store's own paths.
+and before any training can start. The result does not depend on the folder: the template is
+exactly that result, made by MLflow's own function (``mlflow.store.db.utils._initialize_tables``,
+the one its ``SqlAlchemyStore`` calls on an empty database), kept in the user's cache and
+copied. MLflow then opens the copy as it would a store it had just built: it checks the schema
+is at its current revision and adds its ``Default`` experiment, with this store's own paths.
 
 Everything here is best effort: whatever fails (no cache folder, a read-only disk, an MLflow
 without that function, a damaged template), MLflow builds the store itself, as before.
