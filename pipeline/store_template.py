@@ -43,7 +43,7 @@ def seed_sqlite_store(database: Path) -> bool:
     Returns True when the store was created here, False when it already existed or anything
     failed (MLflow then builds it, as it always did). Never replaces an existing file: a store
     another process created meanwhile is kept. Call it holding the store's lock
-(``pipeline.tracking._store_lock``), as MLflow's own first use of a store needs too.
+    (``pipeline.tracking._store_lock``), as MLflow's own first use of a store needs too.
     """
     # The folder is the caller's to make (``check_tracking_uri`` does for the pipeline).
     if database.exists() or not database.parent.is_dir():
