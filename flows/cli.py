@@ -137,8 +137,10 @@ def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
     loaded, so its workers fork ready to train (:class:`flows.runners.EagerProcessPoolTaskRunner`);
     the MLflow store is opened after the fork, so no worker inherits its connections.
     """
+    from pipeline.cache import check_cache_dir
     from pipeline.training import load_data_checked
 
+    check_cache_dir(cfg.execution.cache_dir)
     load_data_checked(cfg)
     if cfg.execution.runner == "dask" and cfg.execution.dask_address:
         from flows.runners import check_scheduler_reachable

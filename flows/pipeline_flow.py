@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 
 from flows.runners import task_runner
 from flows.tasks import configured_fold_task, step
+from pipeline.cache import check_cache_dir
 from pipeline.config import PipelineConfig
 from pipeline.data import Dataset
 from pipeline.errors import PipelineError
@@ -161,6 +162,7 @@ def _summary(
 def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
     """Cross-validate every lambda and record the CV table (no final model)."""
     started = time.perf_counter()
+    check_cache_dir(config.execution.cache_dir)
     dataset = load_data(config)
     with _recorder(config) as recorder:
         parent, sweep, table, best = _cross_validate(config, dataset, recorder, "cv")
@@ -173,6 +175,7 @@ def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noq
 def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
     """The whole workflow: cross-validated lambda, final model, test evaluation, MLflow record."""
     started = time.perf_counter()
+    check_cache_dir(config.execution.cache_dir)
     dataset = load_data(config)
     with _recorder(config) as recorder:
         parent, sweep, table, best = _cross_validate(config, dataset, recorder, "mlp-pipeline")

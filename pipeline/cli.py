@@ -9,8 +9,12 @@ Exit codes: 0 success, 2 bad input / config / data (one ``error:`` line, no trac
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,12 +114,16 @@ def _overrides(**flags: Any) -> dict[str, Any]:
 
 
 def _number_list(flag: str, text: str) -> list[float]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        setting = {"hidden": "model.hidden_sizes", "lambdas": "cv.lambdas"}[flag]
+        raise PipelineError(f"--{flag} ({setting}) has an empty item: {text!r}")
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in parts]
     except ValueError:
         raise PipelineError(f"--{flag} expects comma-separated numbers, got {text!r}") from None
     if flag == "hidden":
-        if any(v != int(v) for v in values):
+        if not all(math.isfinite(v) and v == int(v) for v in values):
             raise PipelineError(f"--hidden expects whole numbers, got {text!r}")
         return [int(v) for v in values]
     return values
@@ -161,8 +169,7 @@ def train(
     no_progress: NoProgress = False,
 ) -> None:
     """Train one network on all training data with a given lambda and report test accuracy."""
-    from pipeline.progress import epoch_bar
-    from pipeline.training import load_configured_dataset, predict_test, train_final
+    from pipeline.training import load_configured_dataset
 
     cfg = config_from_options(
         preset, config, set_, dataset=dataset, data_dir=data_dir, hidden=hidden,
@@ -171,6 +178,34 @@ def train(
         tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
     data = load_configured_dataset(cfg.data)
+    if no_track:
+        _train_and_evaluate(cfg, data, l2, no_progress)
+        return
+    from pipeline.tracking import PipelineRecorder
+
+    # The parent run opens first (an unusable store fails before any training) and spans the
+    # training, so its duration and an interruption's KILLED status are the training's.
+    with sigterm_as_interrupt(), PipelineRecorder(cfg.tracking) as recorder:
+        run_id = recorder.start(
+            cfg, data.name, data.fingerprint, tags={"flow": "train"}, params={"l2_lambda": l2}
+        )
+        final, evaluation, predicted = _train_and_evaluate(cfg, data, l2, no_progress)
+        record = recorder.log_final(
+            final.network, final.normalizer, final.history, evaluation,
+            data.X_test, data.y_test, predicted, l2_lambda=l2,
+        )  # fmt: skip
+    print_registration(
+        record.registered_model, record.registered_version, record.champion, record.champion_note
+    )
+    out.print(f"MLflow run {run_id}")
+    out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}", markup=False)
+
+
+def _train_and_evaluate(cfg: PipelineConfig, data: Any, l2: float, no_progress: bool) -> Any:
+    """Train the final model with ``l2`` on all training data; print and return its test score."""
+    from pipeline.progress import epoch_bar
+    from pipeline.training import predict_test, train_final
+
     epochs_total = cfg.training.resolved_final_epochs
     with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_epoch:
         final = train_final(cfg, data, l2, callback=on_epoch)
@@ -179,21 +214,25 @@ def train(
         f"test accuracy {evaluation.accuracy:.4f}  test loss {evaluation.loss:.4f}  "
         f"({data.name}, {evaluation.n_samples} test images, {final.seconds:.1f} s training)"
     )
-    if not no_track:
-        from pipeline.tracking import PipelineRecorder
+    return final, evaluation, predicted
 
-        with PipelineRecorder(cfg.tracking) as recorder:
-            run_id = recorder.start(cfg, data.name, data.fingerprint, tags={"flow": "train"})
-            record = recorder.log_final(
-                final.network, final.normalizer, final.history, evaluation,
-                data.X_test, data.y_test, predicted, l2_lambda=l2,
-            )  # fmt: skip
-        print_registration(
-            record.registered_model, record.registered_version, record.champion,
-            record.champion_note,
-        )  # fmt: skip
-        out.print(f"MLflow run {run_id}")
-        out.print(f"open the MLflow UI: {ui_command(recorder.tracking_uri)}", markup=False)
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, as Ctrl-C does.
+
+    So a ``kill`` ends the MLflow runs KILLED (the recorder's exit handles the interrupt)
+    instead of leaving them RUNNING, as Python's default (die at once) would.
+    """
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_registration(
@@ -211,38 +250,59 @@ def print_registration(
 
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
-    from pipeline.tracking_uri import redact_uri
+    import shlex
+
+    from pipeline.tracking_uri import redact_uri, sqlite_database
 
     if tracking_uri.startswith(("http://", "https://")):
         return redact_uri(tracking_uri)
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_absolute() and "?" not in tracking_uri:
+        # Relative to this working directory: absolute, so it works from anywhere.
+        tracking_uri = f"sqlite:///{database.resolve()}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"
 
 
 @app.command()
 def evaluate(
     model: Annotated[
-        str, typer.Option("--model", help="MLflow model URI: runs:/ID/model, models:/NAME@ALIAS")
+        str,
+        typer.Option(
+            "--model",
+            help="MLflow model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model "
+            "(ID: the run id a command printed)",
+        ),
     ],
-    dataset: Dataset = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", help="mnist, fashion-mnist or mnist-sample (default: the model's own)"
+        ),
+    ] = None,
     data_dir: DataDir = None,
     limit_test: LimitTest = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Test accuracy of a logged or registered model."""
+    """Test accuracy of a logged or registered model (reads only the test files)."""
     import numpy as np
 
+    from pipeline.data import load_test_set
     from pipeline.tracking import load_model_for_eval
-    from pipeline.training import load_configured_dataset
 
     cfg = config_from_options(
         None, None, None, dataset=dataset, data_dir=data_dir, limit_test=limit_test
     )
     pyfunc = load_model_for_eval(model, tracking_uri=tracking_uri)
-    data = load_configured_dataset(cfg.data)
-    predicted = np.asarray(pyfunc.predict(data.X_test.astype(np.float32)))
-    accuracy = float(np.mean(predicted == data.y_test))
+    if dataset is None and pyfunc.trained_on and pyfunc.trained_on != cfg.data.dataset:
+        cfg = cfg.replace({"data.dataset": pyfunc.trained_on})
+    X_test, y_test = load_test_set(
+        cfg.data.dataset, cfg.data.data_dir, cfg.data.download, limit_test=cfg.data.limit_test
+    )
+    predicted = np.asarray(pyfunc.predict(X_test.astype(np.float32)))
+    accuracy = float(np.mean(predicted == y_test))
     out.print(
-        f"test accuracy {accuracy:.4f} ({data.name}, {data.y_test.size} test images, {model})"
+        f"test accuracy {accuracy:.4f} ({cfg.data.dataset}, {y_test.size} test images, {model})",
+        markup=False,
     )
 
 

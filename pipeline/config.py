@@ -32,6 +32,14 @@ from pipeline.errors import ConfigError
 DatasetName = Literal["mnist", "fashion-mnist", "mnist-sample"]
 RunnerName = Literal["sequential", "thread", "process", "dask"]
 
+# Upper bounds on counts. Python ints are unbounded, NumPy's are not: a value past these would
+# pass validation and fail later, inside a training, with a NumPy overflow error.
+MAX_COUNT = 10**9  # samples, batch size, folds
+MAX_EPOCHS = 10**6
+MAX_UNITS = 10**6  # units of one hidden layer
+MAX_WORKERS = 1024  # workers and BLAS threads: every process worker is started up front
+MAX_SEED = 2**32 - 1  # the range scikit-learn and NumPy's legacy seeding accept
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -70,10 +78,10 @@ class DataConfig(_Section):
         "standardize-pixel: per-pixel z-score",
     )
     limit_train: int | None = Field(
-        None, gt=0, description="Use a stratified subset of the training set"
+        None, gt=0, le=MAX_COUNT, description="Use a stratified subset of the training set"
     )
     limit_test: int | None = Field(
-        None, gt=0, description="Use a stratified subset of the test set"
+        None, gt=0, le=MAX_COUNT, description="Use a stratified subset of the test set"
     )
     download: bool = Field(True, description="Download missing files from the public mirrors")
 
@@ -93,6 +101,8 @@ class ModelConfig(_Section):
     def _positive_layers(cls, sizes: list[int]) -> list[int]:
         if any(size < 1 for size in sizes):
             raise ValueError(f"every hidden layer needs at least 1 unit (got {sizes})")
+        if any(size > MAX_UNITS for size in sizes):
+            raise ValueError(f"a hidden layer has at most {MAX_UNITS:,} units (got {sizes})")
         return sizes
 
 
@@ -103,16 +113,25 @@ class TrainingConfig(_Section):
     lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="Base learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="For momentum and nesterov")
     schedule: Literal["constant", "step", "cosine"] = "cosine"
-    step_size: int = Field(10, gt=0, description="Epochs between decays (step schedule)")
+    step_size: int = Field(
+        10, gt=0, le=MAX_EPOCHS, description="Epochs between decays (step schedule)"
+    )
     gamma: float = Field(0.5, gt=0, le=1, description="Decay factor (step schedule)")
-    batch_size: int | None = Field(128, gt=0, description="Mini-batch size; null = full-batch GD")
-    epochs: int = Field(10, gt=0, description="Epochs of each cross-validation training")
+    batch_size: int | None = Field(
+        128, gt=0, le=MAX_COUNT, description="Mini-batch size; null = full-batch GD"
+    )
+    epochs: int = Field(
+        10, gt=0, le=MAX_EPOCHS, description="Epochs of each cross-validation training"
+    )
     final_epochs: int | None = Field(
-        None, gt=0, description="Epochs of the final model (default: same as epochs)"
+        None, gt=0, le=MAX_EPOCHS, description="Epochs of the final model (default: same as epochs)"
     )
     dropout: float = Field(0.0, ge=0, lt=1)
     early_stopping: int | None = Field(
-        None, gt=0, description="Patience in epochs on the validation fold (CV trainings only)"
+        None,
+        gt=0,
+        le=MAX_EPOCHS,
+        description="Patience in epochs on the validation fold (CV trainings only)",
     )
 
     @property
@@ -129,10 +148,12 @@ class CVConfig(_Section):
         min_length=1,
         description="L2 strengths to compare",
     )
-    folds: int = Field(4, ge=2)
+    folds: int = Field(4, ge=2, le=MAX_COUNT)
     shuffle: bool = Field(True, description="Shuffle before splitting (false: contiguous folds)")
     stratify: bool = Field(True, description="Keep class proportions in every fold")
-    seed: int = Field(0, ge=0, description="Seeds folds, initializations and batch order")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seeds folds, initializations and batch order"
+    )
 
     @field_validator("lambdas")
     @classmethod
@@ -149,17 +170,25 @@ class ExecutionConfig(_Section):
     """Where and how the (lambda, fold) trainings run."""
 
     runner: RunnerName = Field("process", description="sequential, thread, process or dask")
-    workers: int | None = Field(None, gt=0, description="Parallel workers (default: CPU cores)")
+    workers: int | None = Field(
+        None, gt=0, le=MAX_WORKERS, description="Parallel workers (default: CPU cores)"
+    )
     blas_threads: int | None = Field(
-        None, gt=0, description="BLAS threads per worker (default: cores // workers, at least 1)"
+        None,
+        gt=0,
+        le=MAX_WORKERS,
+        description="BLAS threads per worker (default: cores // workers, at least 1)",
     )
     final_blas_threads: int | None = Field(
-        None, gt=0, description="BLAS threads of the final model (default: every core)"
+        None,
+        gt=0,
+        le=MAX_WORKERS,
+        description="BLAS threads of the final model (default: every core)",
     )
     dask_address: str | None = Field(
         None, description="tcp://host:port of an existing Dask scheduler"
     )
-    retries: int = Field(2, ge=0, description="Retries of a training whose worker died")
+    retries: int = Field(2, ge=0, le=100, description="Retries of a training whose worker died")
     resume: bool = Field(True, description="Reuse fold results already computed by an earlier run")
     cache_dir: str = Field(
         ".mlp-pipeline/cache",
@@ -324,18 +353,46 @@ def resolve_config(
     """Preset, then TOML file, then dotted overrides: the precedence the CLI documents.
 
     A TOML file may name its own base with a top-level ``preset = "..."`` key; an explicit
-    ``preset_name`` wins over it.
+    ``preset_name`` wins over it. The layers are merged first and validated once, so an override
+    can complete a file that is not valid on its own (a ``dask_address`` in the file, ``--runner
+    dask`` on the command line).
     """
     file_values: dict[str, Any] = load_toml(config_file) if config_file else {}
     file_preset = file_values.pop("preset", None)
     if file_preset is not None and not isinstance(file_preset, str):
         raise ConfigError(f"config file {config_file}: preset must be a string")
-    config = preset(preset_name or file_preset or "default")
-    if file_values:
-        config = build_config(base=config, overrides=file_values, nested=True, source=config_file)
-    if overrides:
-        config = build_config(base=config, overrides=overrides)
-    return config
+    base = preset(preset_name or file_preset or "default")
+    if not file_values and not overrides:
+        return base
+    values = base.model_dump(mode="python")
+    from_file = set()
+    for dotted, value in _flatten(file_values):
+        _assign(values, dotted, value, config_file)
+        from_file.add(dotted)
+    for dotted, value in (overrides or {}).items():
+        _assign(values, dotted, value, None)
+        from_file.discard(dotted)
+    try:
+        return PipelineConfig.model_validate(values)
+    except ValidationError as exc:
+        # Name the file only when the file alone set what is wrong.
+        blamed = all(
+            any(_within(key, error["loc"]) for key in from_file)
+            and not any(_within(key, error["loc"]) for key in (overrides or {}))
+            for error in exc.errors()
+        )
+        raise ConfigError(_describe(exc, config_file if blamed else None)) from None
+
+
+def _within(dotted: str, location: tuple[Any, ...]) -> bool:
+    """Whether setting ``dotted`` touches a validation error at ``location``.
+
+    A field's error (``("training", "lr", ...)``) is touched by its own key; a section's own
+    check (``("execution",)``) by any key of the section.
+    """
+    parts = dotted.split(".")
+    loc = [str(part) for part in location]
+    return parts[: len(loc)] == loc[: len(parts)]
 
 
 def parse_set_options(items: Iterable[str]) -> dict[str, Any]:
@@ -358,7 +415,10 @@ def _parse_value(raw: str) -> Any:
     except json.JSONDecodeError:
         # Bare words (relu, mnist) and comma lists (1e-3,1e-4) as users type them in a shell.
         if "," in raw:
-            return [_parse_value(part.strip()) for part in raw.split(",") if part.strip()]
+            parts = [part.strip() for part in raw.split(",")]
+            if not all(parts):
+                raise ConfigError(f"empty item in the list {raw!r}") from None
+            return [_parse_value(part) for part in parts]
         return raw
 
 
@@ -392,7 +452,12 @@ def _assign(values: dict[str, Any], dotted: str, value: Any, source: str | Path 
     if key not in values[section]:
         known = ", ".join(type(getattr(PipelineConfig(), section)).model_fields)
         raise ConfigError(f"{where}unknown setting {dotted!r}; {section} has: {known}")
-    if isinstance(values[section][key], list) and value is not None and not isinstance(value, list):
+    if (
+        source is None  # a TOML file writes its lists as lists
+        and isinstance(values[section][key], list)
+        and value is not None
+        and not isinstance(value, list)
+    ):
         value = [value]  # --set cv.lambdas=1e-3 or model.hidden_sizes=64: a list of one
     values[section][key] = value
 

@@ -380,6 +380,7 @@ def download_dataset(
     name: str,
     data_dir: str | Path | None = None,
     *,
+    roles: Sequence[str] = ROLES,
     mirrors: Sequence[str] | None = None,
     progress: bool = True,
     timeout: float = 30.0,
@@ -395,6 +396,8 @@ def download_dataset(
     name : {"mnist", "fashion-mnist"}
     data_dir : str, Path or None
         See :func:`resolve_data_dir`.
+    roles : sequence of str
+        Which files (``ROLES``): all four by default, the test pair for an evaluation.
     mirrors : sequence of str, optional
         Base URLs; default ``$MLP_PIPELINE_MIRRORS`` or the built-in public mirrors.
     progress : bool
@@ -418,15 +421,18 @@ def download_dataset(
     spec = _spec(name)
     root = resolve_data_dir(data_dir)
     found: dict[str, Path] = {}
-    for role in ROLES:
+    for role in roles:
         hit = _find(spec, root, role)
         if hit is not None:
             found[role] = hit[0]
-    missing = [role for role in ROLES if role not in found]
+    missing = [role for role in roles if role not in found]
     if not missing:
         return found
     target = root / spec.flat_dir
-    created = not target.exists()
+    # The outermost folder this call creates: removed again if nothing could be downloaded.
+    created = next(
+        (folder for folder in (*reversed(target.parents), target) if not folder.exists()), None
+    )
     with make_progress(progress) as bar:
         for role in missing:
             fname = FILE_NAMES[role]
@@ -440,9 +446,12 @@ def download_dataset(
                     timeout=timeout,
                 )
             except DownloadFailed as exc:
-                if created:  # do not leave an empty folder behind when offline
-                    with contextlib.suppress(OSError):
-                        target.rmdir()
+                if created is not None:  # do not leave empty folders behind when offline
+                    for folder in (target, *target.parents):
+                        with contextlib.suppress(OSError):
+                            folder.rmdir()  # fails (and stops nothing) if not empty
+                        if folder == created:
+                            break
                 raise DataError(
                     f"{spec.name}: {fname} not found under {root} and {exc}\n"
                     f"{_remedies(spec, root)}"
@@ -506,9 +515,9 @@ def load_dataset(
     return _CACHE[key]
 
 
-def _require_files(spec: DatasetSpec, root: Path) -> dict[str, Path]:
+def _require_files(spec: DatasetSpec, root: Path, roles: Sequence[str] = ROLES) -> dict[str, Path]:
     paths, missing = {}, []
-    for role in ROLES:
+    for role in roles:
         hit = _find(spec, root, role)
         if hit is None:
             missing.append(FILE_NAMES[role])
@@ -561,14 +570,7 @@ def _read_verified(spec: DatasetSpec, root: Path, paths: dict[str, Path]) -> Dat
     for split in ("train", "test"):
         images, labels = _read_pair(paths[f"{split}_images"], paths[f"{split}_labels"])
         files[f"{split}_images"], files[f"{split}_labels"] = images, labels
-    for role in ROLES:
-        expected, actual = spec.sha256[role], files[role].sha256
-        if actual != expected:
-            raise DataError(
-                f"{paths[role]}: checksum mismatch for the {spec.name} file {FILE_NAMES[role]}: "
-                f"expected SHA-256 {expected} (of the decompressed content), got {actual}. "
-                "Delete the file to download it again, or replace it with the original."
-            )
+    _check_checksums(spec, paths, files)
     return Dataset(
         name=spec.name,
         X_train=_readonly(files["train_images"].array.reshape(-1, 784)),
@@ -579,6 +581,59 @@ def _read_verified(spec: DatasetSpec, root: Path, paths: dict[str, Path]) -> Dat
         data_dir=str(root),
         class_names=spec.class_names,
     )
+
+
+def _check_checksums(spec: DatasetSpec, paths: dict[str, Path], files: dict[str, Any]) -> None:
+    for role, file in files.items():
+        expected, actual = spec.sha256[role], file.sha256
+        if actual != expected:
+            raise DataError(
+                f"{paths[role]}: checksum mismatch for the {spec.name} file {FILE_NAMES[role]}: "
+                f"expected SHA-256 {expected} (of the decompressed content), got {actual}. "
+                "Delete the file to download it again, or replace it with the original."
+            )
+
+
+TEST_ROLES = ("test_images", "test_labels")
+
+
+def load_test_set(
+    name: str,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    *,
+    limit_test: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The test images and labels of a dataset, verified, without its training files.
+
+    For scoring a model that was trained elsewhere. ``limit_test`` takes the same stratified
+    subset as ``load_dataset(...).limit(None, limit_test)``, the subset a run with that limit
+    was evaluated on.
+
+    Returns
+    -------
+    X_test : np.ndarray, shape (n_test, 784), uint8
+    y_test : np.ndarray, shape (n_test,), uint8
+    """
+    if name == SAMPLE_NAME:
+        dataset = _load_sample()
+        X, y = dataset.X_test, dataset.y_test
+    else:
+        spec = _spec(name)
+        root = resolve_data_dir(data_dir)
+        if download:
+            paths = download_dataset(name, root, roles=TEST_ROLES, progress=progress)
+        else:
+            paths = _require_files(spec, root, TEST_ROLES)
+        images, labels = _read_pair(paths["test_images"], paths["test_labels"])
+        _check_checksums(spec, paths, {"test_images": images, "test_labels": labels})
+        X, y = _readonly(images.array.reshape(-1, 784)), labels.array
+    limit = _check_limit(limit_test, len(y), "limit_test")
+    if limit is None:
+        return X, y
+    kept = stratified_indices(y, limit, 0)  # Dataset.limit's default seed
+    return _readonly(X[kept]), _readonly(y[kept])
 
 
 def _fingerprint(name: str, hashes: Sequence[str]) -> str:

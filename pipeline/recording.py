@@ -107,7 +107,7 @@ class ResilientRecorder:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        if self.offline and exc is None:
+        if self.offline and exc is None and not self._store_back():
             # Nothing more can be recorded; the flow raises NotRecordedError after writing the
             # report. Leave the parent alone: the next execution marks it FAILED.
             return False
@@ -159,7 +159,7 @@ class ResilientRecorder:
                 with deferred_signals():
                     return getattr(self.recorder, name)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 -- any store failure: retry, then queue
-                self.last_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                self.last_error = _describe(exc)
                 logger.warning(
                     "MLflow %s failed (attempt %d/%d): %s", name, attempt, self.attempts, exc
                 )
@@ -181,7 +181,7 @@ class ResilientRecorder:
                 with deferred_signals():
                     getattr(self.recorder, name)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = _describe(exc)
                 self.queued = pending[position:]
                 return False
         logger.warning("MLflow store reachable again: %d queued calls replayed", len(pending))
@@ -213,6 +213,11 @@ class ResilientRecorder:
             f"the pipeline finished but MLflow at {where} stayed unreachable "
             f"({self.last_error}); results saved to {folder}"
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one short line, for the not-recorded message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
 
 
 def report_folder(cache_dir: str | Path, run_name: str | None) -> Path:

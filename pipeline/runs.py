@@ -13,7 +13,6 @@ import datetime
 import json
 import math
 import os
-import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,12 @@ from typing import Any
 import pandas as pd
 
 from pipeline.errors import TrackingError
-from pipeline.tracking_uri import DEFAULT_STORE_DIR, check_tracking_uri, redact_uri
+from pipeline.tracking_uri import (
+    DEFAULT_STORE_DIR,
+    check_tracking_uri,
+    redact_uri,
+    sqlite_database,
+)
 
 DEFAULT_EXPERIMENT = "mlp-pipeline"  # TrackingConfig.experiment's default
 PIPELINE_FILTER = "tags.stage = 'pipeline'"
@@ -62,16 +66,16 @@ def listing_tracking_uri(uri: str | None = None) -> str:
 
 def _check_store(uri: str) -> None:
     """A missing SQLite file is an error here: MLflow would silently create an empty store."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme == "sqlite":
-        path = parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/")
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise TrackingError(
-                f"no MLflow store at {path} (run `mlp-pipeline run` first, or pass "
-                f"--tracking-uri / set MLFLOW_TRACKING_URI)"
-            )
-    else:
-        check_tracking_uri(uri)  # http(s): one quick /health request before MLflow's retries
+    database = sqlite_database(uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(
+            f"no MLflow store at {database} (run `mlp-pipeline run` first, or pass "
+            f"--tracking-uri / set MLFLOW_TRACKING_URI)"
+        )
+    if database is None:
+        # http(s): one quick /health request before MLflow's retries; an in-memory SQLite
+        # store is refused there (it holds no runs).
+        check_tracking_uri(uri)
 
 
 def list_pipeline_runs(
@@ -176,6 +180,12 @@ def _row(run: Any) -> dict[str, Any]:
             row[name] = data.tags.get(key)
     for name in ("hidden_sizes", "lambdas"):
         row[name] = _json_list(row[name])
+    if row["flow"] == "train":
+        # No sweep: the one lambda it trained with, and none of the config's CV settings.
+        l2 = data.params.get("l2_lambda")
+        row["lambdas"] = None if l2 is None else [float(l2)]
+        row["best_lambda"] = math.nan if l2 is None else float(l2)
+        row["epochs"] = row["folds"] = None
     return row
 
 

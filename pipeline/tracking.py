@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from pipeline.tracking_uri import (
 
 CHAMPION_ALIAS = "champion"
 MODEL_NAME = "model"  # the logged model's name inside its run
+RECORD_KEY_TAG = "record_key"  # a child run's own key: a retried creation finds it by this
 MODEL_CODE_PATH = Path(__file__).with_name("mlflow_model.py")
 PACKAGE_NAME = "mlp-pipeline"
 # History columns recorded per epoch (step = epoch); the others (epoch, seconds) are bookkeeping.
@@ -227,20 +229,28 @@ def _package_version() -> str:
 
 
 def _git_commit() -> str | None:
-    """The commit of the code that runs (an editable checkout), not of the working directory."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
+    """The commit of the code that runs (an editable checkout), not of the working directory.
+
+    Only when this very file is tracked by that repository: an installed copy that happens to
+    sit inside someone's checkout (``project/.venv/...``) must not report their commit.
+    """
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=5, check=False,
+                cwd=here.parent,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    tracked = git("ls-files", "--error-unmatch", here.name)
+    if tracked is None or tracked.returncode != 0:
         return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None
+    result = git("rev-parse", "HEAD")
+    commit = result.stdout.strip() if result is not None and result.returncode == 0 else ""
+    return commit or None
 
 
 def _epoch_metrics(history: Mapping[str, Sequence[float]], timestamp: int) -> list:
@@ -319,6 +329,7 @@ class PipelineRecorder:
         self.parent_run_id: str | None = None
         self.stale_run_ids: list[str] = []
         self._dataset: dict[str, str] = {}
+        self._shared_tags: dict[str, str] = {}
         self._registered_model: str | None = None
         self._open_children: list[str] = []
         # What each recorded call has done so far, by call (see _once).
@@ -380,8 +391,12 @@ class PipelineRecorder:
         *,
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> str:
         """Open the parent run and log the configuration; returns the parent run id.
+
+        ``tags`` go on the parent and every child run; ``params`` join the configuration's
+        (``train`` adds the one ``l2_lambda`` it trains with).
 
         Raises :class:`TrackingError` (quickly, before any training) when the store is unusable.
         """
@@ -402,17 +417,20 @@ class PipelineRecorder:
         except Exception as exc:  # MlflowException, OSError, SQLAlchemy errors of a broken file
             raise TrackingError(f"cannot use MLflow store {where}: {_one_line(exc)}") from None
         self.parent_run_id = run.info.run_id
+        self._shared_tags = dict(tags or {})  # the Prefect flow run's id and name, on every run
         self._finished = False
         self._done = {}
         self._dataset = {"dataset.name": dataset_name, "dataset.fingerprint": dataset_fingerprint}
         self._registered_model = self.tracking_config.registered_model_for(dataset_name)
 
+        extra_params = dict(params or {})
         params = {key: _stringify(_redact(value)) for key, value in config.flat().items()}
         params.update(
             {
                 "dataset.name": dataset_name,
                 "dataset.fingerprint": dataset_fingerprint,
                 "package.version": _package_version(),
+                **{key: _stringify(value) for key, value in extra_params.items()},
             }
         )
         commit = _git_commit()
@@ -463,9 +481,7 @@ class PipelineRecorder:
         if result.diverged:
             tags.update({"diverged": "true", "diverged_message": result.message[:5000]})
         steps = self._steps("fold", result.l2_lambda, result.fold)  # a retry resumes
-        run_id = _once(
-            steps, "run", self._child, f"cv lambda={result.l2_lambda:g} fold={result.fold}", tags
-        )
+        run_id = self._child_once(steps, f"cv lambda={result.l2_lambda:g} fold={result.fold}", tags)
         now = _once(steps, "time", _now_ms)
         summary = {
             "fold_val_accuracy": result.val_accuracy,
@@ -496,7 +512,8 @@ class PipelineRecorder:
         best_accuracy = float(best.iloc[0]) if len(best) else math.nan
         summary = {"best_l2_lambda": best_lambda, "cv_best_mean_val_accuracy": best_accuracy}
         steps = self._steps("cv summary")  # a retry does not log the metrics twice
-        _once(steps, "metrics", self._log, self._parent(), metrics=_metrics(summary, _now_ms()))
+        now = _once(steps, "time", _now_ms)  # same points again: the store keeps one copy
+        _once(steps, "metrics", self._log, self._parent(), metrics=_metrics(summary, now))
         with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
             csv = Path(tmp) / "cv_results.csv"
             table.to_csv(csv, index=False)
@@ -544,7 +561,7 @@ class PipelineRecorder:
         self._warmed_up()
         parent = self._parent()
         steps = self._steps("final")  # a retried call resumes where it failed
-        run_id = _once(steps, "run", self._child, f"final lambda={l2_lambda:g}", {"stage": "final"})
+        run_id = self._child_once(steps, f"final lambda={l2_lambda:g}", {"stage": "final"})
         now = _once(steps, "time", _now_ms)
         test = {"test_accuracy": evaluation.accuracy, "test_loss": evaluation.loss}
         epochs = len(history_columns.get("train_loss", ()))
@@ -570,7 +587,11 @@ class PipelineRecorder:
             # current one, then moves the alias; two pipelines doing it at once could both
             # see no champion, or each keep the model it beat.
             with _store_lock(self.tracking_uri):
-                version = _once(steps, "version", self._create_version, name, run_id, model_info)
+                retried = steps.setdefault("version tried", False)
+                steps["version tried"] = True
+                version = _once(
+                    steps, "version", self._create_version, name, run_id, model_info, retried
+                )
                 champion, note = _once(
                     steps, "champion", self._register,
                     name, version, evaluation.accuracy, test_images, test_labels,
@@ -629,10 +650,18 @@ class PipelineRecorder:
                 pip_requirements=requirements,
             )
 
-    def _create_version(self, name: str, run_id: str, model_info: Any) -> str:
-        """Register the logged model (through the client: the fluent call prints to stderr)."""
+    def _create_version(self, name: str, run_id: str, model_info: Any, retried: bool) -> str:
+        """Register the logged model (through the client: the fluent call prints to stderr).
+
+        A retry first looks for the version an earlier attempt created: a server may have
+        created it and then lost the reply.
+        """
         from mlflow.exceptions import MlflowException
 
+        if retried:
+            for existing in self.client.search_model_versions(f"run_id = '{run_id}'"):
+                if existing.name == name:
+                    return str(existing.version)
         try:
             self.client.create_registered_model(name)
         except MlflowException as exc:
@@ -675,9 +704,13 @@ class PipelineRecorder:
             return False, "not compared: its test accuracy is not finite"
         try:
             current = self.client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-        except MlflowException:  # no champion yet
+        except MlflowException as exc:
+            if not _alias_not_found(exc):
+                raise  # a timeout or a locked store is not "no champion": retried by the caller
             self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
             return True, ""
+        if current.version == version:  # an earlier attempt moved the alias, then failed
+            return True, current.tags.get("champion_comparison", "")
         if current.tags.get("test_set") == test_set:
             current_accuracy = float(current.tags.get("test_accuracy", "nan"))
             measured = f"{current_accuracy:.4f}"
@@ -695,17 +728,21 @@ class PipelineRecorder:
                 return False, note
             measured = f"{current_accuracy:.4f} on this test set"
         if math.isnan(current_accuracy) or test_accuracy > current_accuracy:
-            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
             champion, note = True, f"beats version {current.version}, {measured}"
         else:
             champion, note = False, f"champion stays version {current.version}, {measured}"
+        # The note first, the alias last: a retry after any failure here compares again.
         self.client.set_model_version_tag(name, version, "champion_comparison", note)
+        if champion:
+            self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         return champion, note
 
     # -- summary ------------------------------------------------------------------------------
     def log_metrics_summary(self, wall_seconds: float) -> None:
         """The execution's wall-clock time, on the parent."""
-        self._log(self._parent(), metrics=_metrics({"wall_seconds": wall_seconds}, _now_ms()))
+        # A retry after a lost reply sends the same point again: the store keeps one copy.
+        now = _once(self._steps("wall seconds"), "time", _now_ms)
+        self._log(self._parent(), metrics=_metrics({"wall_seconds": wall_seconds}, now))
 
     # -- internals ----------------------------------------------------------------------------
     def _parent(self) -> str:
@@ -720,12 +757,46 @@ class PipelineRecorder:
         """The steps an earlier attempt of ``call`` (its name and identity) has done."""
         return self._done.setdefault(call, {})
 
+    def _child_once(self, steps: dict[str, Any], run_name: str, tags: Mapping[str, str]) -> str:
+        """The child run of one recorded call, created once even when a reply was lost.
+
+        The run carries a key made here; a retry looks the key up before creating another run,
+        since a server may have created the first one and then lost the reply.
+        """
+        if "run" in steps:
+            return steps["run"]
+        retried = RECORD_KEY_TAG in steps
+        key = steps.setdefault(RECORD_KEY_TAG, uuid.uuid4().hex)
+        run_id = self._find_child(key) if retried else None
+        if run_id is None:
+            run_id = self._child(run_name, {**tags, RECORD_KEY_TAG: key})
+        elif run_id not in self._open_children:
+            self._open_children.append(run_id)
+        steps["run"] = run_id
+        return run_id
+
+    def _find_child(self, key: str) -> str | None:
+        from mlflow.entities import ViewType
+
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{RECORD_KEY_TAG} = '{key}'",
+            run_view_type=ViewType.ALL,
+            max_results=1,
+        )
+        return found[0].info.run_id if found else None
+
     def _child(self, run_name: str, tags: Mapping[str, str]) -> str:
         parent = self._parent()
         run = self.client.create_run(
             self.experiment_id,
             run_name=run_name,
-            tags={"mlflow.parentRunId": parent, **self._process_tags(), **tags},
+            tags={
+                "mlflow.parentRunId": parent,
+                **self._process_tags(),
+                **self._shared_tags,
+                **tags,
+            },
         )
         self._open_children.append(run.info.run_id)
         return run.info.run_id
@@ -735,6 +806,18 @@ class PipelineRecorder:
 
         run_tags = [RunTag(key, value) for key, value in (tags or {}).items()]
         self.client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=run_tags)
+
+
+def _alias_not_found(exc: Any) -> bool:
+    """Whether an alias lookup failed because the alias (or its model) does not exist.
+
+    MLflow says so with these codes, locally and from a server; anything else (a timeout, a
+    server error, a locked database) says nothing about the champion.
+    """
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
+    )
 
 
 def _warm_up_logging(final_model: bool) -> None:
@@ -776,10 +859,14 @@ def test_set_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
 def load_model_for_eval(uri: str, tracking_uri: str | None = None) -> Any:
     """Load a logged model (``runs:/<id>/model``, ``models:/name@champion``, ``models:/name/1``).
 
+    ``runs:/<id>/model`` also takes the id of a pipeline's parent run, the id the commands
+    print: its model lives in the final child run (the parent's ``model_uri`` tag says where).
+
     Returns
     -------
-    mlflow.pyfunc.PyFuncModel
-        ``predict(images)`` with raw pixels, shape (n, 784) float32, returns int64 labels.
+    CheckedModel
+        ``predict(images)`` with raw pixels, shape (n, 784) float32, returns int64 labels;
+        ``trained_on`` names the dataset of its training when the record says so.
 
     Raises
     ------
@@ -793,9 +880,42 @@ def load_model_for_eval(uri: str, tracking_uri: str | None = None) -> Any:
     check_tracking_uri(resolved)
     try:
         with _fluent_tracking_uri(resolved):
-            return CheckedModel(mlflow.pyfunc.load_model(uri))
+            client = _client(resolved)
+            source = _pipeline_model_uri(client, uri) or uri
+            model = mlflow.pyfunc.load_model(source)
     except (MlflowException, OSError) as exc:
         raise PipelineError(f"cannot load model {uri!r}: {_one_line(exc)}") from None
+    except ImportError as exc:  # s3://, gs://... without their client library
+        raise PipelineError(
+            f"cannot load model {uri!r}: {_one_line(exc)} (install the library for that storage)"
+        ) from None
+    return CheckedModel(model, trained_on=_trained_on(client, model))
+
+
+def _pipeline_model_uri(client: Any, uri: str) -> str | None:
+    """The model of a pipeline run named by ``runs:/<parent id>/model``; None for other URIs."""
+    prefix, _, rest = uri.partition(":/")
+    run_id, _, path = rest.strip("/").partition("/")
+    if prefix != "runs" or path.strip("/") != MODEL_NAME:
+        return None
+    try:
+        tags = client.get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 -- not a run: MLflow's own load reports it
+        return None
+    if tags.get("stage") != "pipeline":
+        return None
+    return tags.get("model_uri")
+
+
+def _trained_on(client: Any, model: Any) -> str | None:
+    """The dataset a loaded model was trained on, from its pipeline run's params (best effort)."""
+    try:
+        run = client.get_run(model.metadata.run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        params = client.get_run(parent).data.params if parent else run.data.params
+        return params.get("dataset.name")
+    except Exception:  # noqa: BLE001 -- a model logged elsewhere: the caller's default
+        return None
 
 
 class CheckedModel:
@@ -805,8 +925,9 @@ class CheckedModel:
     checks run, and reports a mismatch as a multi-line ``MlflowException`` quoting the data.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, trained_on: str | None = None) -> None:
         self._model = model
+        self.trained_on = trained_on
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

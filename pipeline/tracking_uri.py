@@ -103,14 +103,19 @@ def check_tracking_uri(uri: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> No
     """
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme == "sqlite":
-        database = Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
-        if str(database) not in ("", ":memory:"):
-            try:
-                database.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise TrackingError(
-                    f"cannot create the MLflow store folder {database.parent}: {exc.strerror}"
-                ) from None
+        database = sqlite_database(uri)
+        if database is None:
+            # SQLAlchemy would open an in-memory database: every run gone when the process ends.
+            raise TrackingError(
+                f"the MLflow store {redact_uri(uri)} names no database file (an in-memory store "
+                "is lost at exit); use sqlite:///path/to/mlflow.db"
+            )
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the MLflow store folder {database.parent}: {exc.strerror}"
+            ) from None
         return
     if parts.scheme not in ("http", "https"):
         return

@@ -9,6 +9,7 @@ import pytest
 from pipeline import cache
 from pipeline.cache import fold_cache_key
 from pipeline.config import PipelineConfig, build_config
+from pipeline.errors import ConfigError
 
 FINGERPRINT = "a" * 64
 # Spelled out (not a preset) so every override below really changes a value.
@@ -155,3 +156,27 @@ def test_key_does_not_mutate_the_config():
 
     # Assert
     assert BASE.model_dump() == dumped, "computing a key changed the config"
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def test_check_cache_dir_accepts_a_folder_yet_to_be_made(tmp_path):
+    # Act
+    folder = cache.check_cache_dir(tmp_path / "a" / "cache")
+
+    # Assert
+    assert folder == (tmp_path / "a" / "cache").resolve(), folder
+    assert not (tmp_path / "a").exists(), "a check must not create anything"
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_check_cache_dir_refuses_a_file_in_the_way(tmp_path, where):
+    # Arrange
+    (tmp_path / "f").write_text("not a folder", encoding="utf-8")
+    path = tmp_path / "f" if where == "file" else tmp_path / "f" / "cache"
+
+    # Act / Assert
+    with pytest.raises(ConfigError, match="is not a folder") as info:
+        cache.check_cache_dir(path)
+    assert "\n" not in str(info.value), f"one line: {info.value!r}"

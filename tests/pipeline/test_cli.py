@@ -102,6 +102,13 @@ def test_console_script_error_has_no_traceback(tmp_path):
         (["--set", "training.epochs"], "key=value"),
         (["--set", "model.activation=gelu"], "model.activation"),
         (["--preset", "nope"], "preset"),
+        # Numbers a float holds but a layer size cannot, and ints past NumPy's.
+        (["--hidden", "nan"], "--hidden"),
+        (["--hidden", "1e400"], "--hidden"),
+        (["--hidden", "64,,32"], "empty item"),
+        (["--epochs", "99999999999999999999999"], "training.final_epochs"),
+        (["--batch-size", "99999999999999999999999"], "training.batch_size"),
+        (["--set", "cv.lambdas=1e-3,,2"], "empty item"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -285,3 +292,119 @@ def test_credentials_leave_the_config_of_every_command(monkeypatch):
     assert cfg.tracking.tracking_uri == "http://127.0.0.1:5000", cfg.tracking
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
+
+
+# ----------------------------------------------------------------------------- tracked train
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragment"),
+    [
+        ("sqlite:///", "no database file"),
+        ("http://127.0.0.1:9", "not reachable"),
+    ],
+)
+def test_train_checks_the_store_before_training(cli, uri, fragment):
+    # Act
+    code, out, err = cli(["train", "--preset", "quick", "--no-progress", "--tracking-uri", uri])
+
+    # Assert
+    _assert_one_error_line(code, err, fragment)
+    assert "test accuracy" not in out, f"it trained before checking the store:\n{out}"
+
+
+def test_ui_command_quotes_the_store_and_makes_it_absolute(tmp_path):
+    import shlex
+
+    from pipeline.cli import ui_command
+
+    # Act: a relative store whose folder has a space, as a user may pass it.
+    command = ui_command("sqlite:///my store/mlflow.db")
+
+    # Assert: a shell splits it back into the right, absolute URI.
+    words = shlex.split(command)
+    uri = words[words.index("--backend-store-uri") + 1]
+    assert uri == f"sqlite:///{tmp_path / 'my store' / 'mlflow.db'}", command
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def trained_sample_model(tmp_path_factory):
+    """A model trained by `mlp-pipeline train` on the sample, recorded in a fresh store."""
+    folder = tmp_path_factory.mktemp("evaluate")
+    store = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    env = {**_clean_env(folder), "MLFLOW_TRACKING_URI": store}
+    proc = subprocess.run(
+        [str(CLI), "train", "--preset", "quick", "--epochs", "2", "--no-progress"],
+        capture_output=True, text=True, cwd=folder, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"train failed:\n{proc.stdout}\n{proc.stderr}"
+    accuracy = re.search(r"test accuracy (\d\.\d+)", proc.stdout)
+    run_id = re.search(r"MLflow run (\w+)", proc.stdout)
+    assert accuracy and run_id, f"unexpected output:\n{proc.stdout}"
+    return {"store": store, "accuracy": accuracy.group(1), "run_id": run_id.group(1)}
+
+
+def _evaluated(cli, model_uri: str, store: str, *extra: str) -> tuple[str, str]:
+    code, out, err = cli(["evaluate", "--model", model_uri, "--tracking-uri", store, *extra])
+    assert code == 0, f"evaluate {model_uri} exited {code}: {err}"
+    match = re.search(r"test accuracy (\d\.\d+) \((.+?), (\d+) test images", out)
+    assert match, f"unexpected output: {out!r}"
+    return match.group(1), f"{match.group(2)}/{match.group(3)}"
+
+
+@pytest.mark.parametrize(
+    "model_uri",
+    ["models:/mlp-mnist-sample@champion", "models:/mlp-mnist-sample/1", "runs:/{run_id}/model"],
+    ids=["alias", "version", "printed-run-id"],
+)
+def test_evaluate_scores_the_model_as_train_did(cli, trained_sample_model, model_uri):
+    # Arrange: the run id `train` printed is the pipeline's parent run, not the final child's.
+    uri = model_uri.format(run_id=trained_sample_model["run_id"])
+
+    # Act: no --dataset: the model's own (the sample) is used.
+    accuracy, scored_on = _evaluated(cli, uri, trained_sample_model["store"])
+
+    # Assert
+    assert accuracy == trained_sample_model["accuracy"], (
+        f"evaluate {uri} gave {accuracy}, train printed {trained_sample_model['accuracy']}"
+    )
+    assert scored_on == "mnist-sample/1000", f"scored on {scored_on}, not the model's dataset"
+
+
+def test_evaluate_reads_only_the_test_files(cli, trained_sample_model, shared_data_dir, tmp_path):
+    import shutil
+
+    import mlflow
+    import numpy as np
+
+    from pipeline.data import load_dataset
+
+    # Arrange: a data folder with MNIST's two test files only (no download is possible here).
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(shared_data_dir / "mnist" / name, tmp_path / "data" / "mnist" / name)
+    uri = "models:/mlp-mnist-sample@champion"
+
+    # Act
+    accuracy, scored_on = _evaluated(
+        cli, uri, trained_sample_model["store"],
+        "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--limit-test", "2000",
+    )  # fmt: skip
+
+    # Assert: the same figure as scoring the full dataset's limited test set directly.
+    test = load_dataset("mnist", shared_data_dir, download=False).limit(None, 2000)
+    store = trained_sample_model["store"]
+    client = mlflow.MlflowClient(store, registry_uri=store)
+    source = client.get_model_version_by_alias("mlp-mnist-sample", "champion").source
+    folder = client.get_logged_model(source.rpartition("/")[2]).artifact_location
+    predicted = mlflow.pyfunc.load_model(folder).predict(test.X_test.astype(np.float32))
+    expected = float(np.mean(np.asarray(predicted) == test.y_test))
+    assert scored_on == "mnist/2000", scored_on
+    assert accuracy == f"{expected:.4f}", f"evaluate printed {accuracy}, direct scoring {expected}"
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ], "evaluate fetched or wrote files it does not need"

@@ -261,6 +261,15 @@ def test_parse_set_options_values(item, key, value):
     assert type(parsed[key]) is type(value), f"{item!r}: type {type(parsed[key]).__name__}"
 
 
+@pytest.mark.parametrize(
+    "item", ["cv.lambdas=1e-3,,2", "cv.lambdas=1e-3,", "model.hidden_sizes=,64"]
+)
+def test_parse_set_options_rejects_an_empty_list_item(item):
+    # A typo must not quietly become a different grid.
+    with pytest.raises(ConfigError, match="empty item"):
+        parse_set_options([item])
+
+
 @pytest.mark.parametrize("item", ["training.epochs", "=3", ""])
 def test_parse_set_options_without_key_value_is_rejected(item):
     # Act / Assert
@@ -291,6 +300,45 @@ def test_precedence_preset_then_file_then_overrides(tmp_path):
     assert cfg.model.hidden_sizes == preset("quick").model.hidden_sizes, "preset value lost"
     assert cfg.cv.folds == 3, f"file should win over preset: folds {cfg.cv.folds}"
     assert cfg.training.epochs == 12, f"override should win over file: {cfg.training.epochs}"
+
+
+def test_a_flag_can_complete_a_file_that_is_incomplete_alone(tmp_path):
+    # Arrange: the file names a Dask scheduler; the runner comes from the command line.
+    path = _write(tmp_path, '[execution]\ndask_address = "tcp://127.0.0.1:8786"\n')
+
+    # Act
+    cfg = resolve_config("quick", path, {"execution.runner": "dask"})
+
+    # Assert: the layers are validated once, merged.
+    assert cfg.execution.runner == "dask", cfg.execution
+    assert cfg.execution.dask_address == "tcp://127.0.0.1:8786", cfg.execution
+
+
+def test_an_error_names_the_file_only_when_the_file_caused_it(tmp_path):
+    # Arrange
+    path = _write(tmp_path, "[training]\nlr = -1.0\n")
+
+    # Act: the file alone is wrong; then an override sets the same field wrong again.
+    with pytest.raises(ConfigError) as from_file:
+        resolve_config("quick", path, {"training.epochs": 3})
+    with pytest.raises(ConfigError) as from_override:
+        resolve_config("quick", path, {"training.lr": -2.0})
+
+    # Assert
+    assert str(path) in str(from_file.value), f"should name the file: {from_file.value}"
+    assert str(path) not in str(from_override.value), (
+        f"the override set the bad value, not the file: {from_override.value}"
+    )
+    assert "training.lr" in str(from_override.value), from_override.value
+
+
+def test_a_toml_list_setting_needs_a_list(tmp_path):
+    # Arrange: `--set model.hidden_sizes=64` means [64]; in a TOML file a string is a typo.
+    path = _write(tmp_path, '[model]\nhidden_sizes = "64"\n')
+
+    # Act / Assert
+    with pytest.raises(ConfigError, match="model.hidden_sizes"):
+        resolve_config(config_file=path)
 
 
 def test_replace_validates_and_returns_new_object():
@@ -341,6 +389,15 @@ def test_replace_validates_and_returns_new_object():
         ({"data.limit_train": 0}, "data.limit_train"),
         ({"execution.dask_address": "tcp://127.0.0.1:8786"}, "dask_address"),
         ({"execution.runner": "gpu"}, "execution.runner"),
+        # Past NumPy's integers: rejected here, not as an overflow inside a training.
+        ({"training.epochs": 10**23}, "training.epochs"),
+        ({"training.final_epochs": 10**23}, "training.final_epochs"),
+        ({"training.batch_size": 2**70}, "training.batch_size"),
+        ({"model.hidden_sizes": [64, 2**70]}, "model.hidden_sizes"),
+        ({"data.limit_train": 2**70}, "data.limit_train"),
+        ({"cv.folds": 2**70}, "cv.folds"),
+        ({"cv.seed": 2**32}, "cv.seed"),
+        ({"execution.workers": 10**6}, "execution.workers"),
     ],
     ids=lambda v: json.dumps(v, default=str) if isinstance(v, dict) else str(v),
 )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.errors import TrackingError
 from pipeline.tracking_uri import (
+    check_tracking_uri,
     default_artifact_location,
     redact_uri,
     resolve_tracking_uri,
@@ -57,3 +59,18 @@ def test_redact_uri(uri, expected):
 def test_sqlite_database(uri, expected):
     found = sqlite_database(uri)
     assert (None if found is None else str(found)) == expected
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_store_is_refused(uri):
+    # Its runs, registry and champion would vanish when the command exits.
+    with pytest.raises(TrackingError, match="names no database file"):
+        check_tracking_uri(uri)
+
+
+def test_a_sqlite_store_gets_its_folder(tmp_path):
+    # Act
+    check_tracking_uri(f"sqlite:///{tmp_path / 'a' / 'b' / 'mlflow.db'}")
+
+    # Assert
+    assert (tmp_path / "a" / "b").is_dir(), "the store's folder should be created"
