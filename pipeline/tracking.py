@@ -709,7 +709,7 @@ class PipelineRecorder:
                 raise  # a timeout or a locked store is not "no champion": retried by the caller
             self.client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
             return True, ""
-        if current.version == version:  # an earlier attempt moved the alias, then failed
+        if str(current.version) == str(version):  # an earlier try moved the alias, then failed
             return True, current.tags.get("champion_comparison", "")
         if current.tags.get("test_set") == test_set:
             current_accuracy = float(current.tags.get("test_accuracy", "nan"))

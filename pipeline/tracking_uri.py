@@ -63,9 +63,24 @@ def credentials_to_environment(uri: str | None) -> str | None:
     if not uri or "@" not in urllib.parse.urlsplit(uri).netloc:
         return uri
     parts = urllib.parse.urlsplit(uri)
-    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
-    return redact_uri(uri)
+    user = urllib.parse.unquote(parts.username or "")
+    # MLflow sends basic auth only with both halves. A password kept out of the URI, in the
+    # environment, is the usual way to pair with a user named in it.
+    password = urllib.parse.unquote(parts.password or "") or os.environ.get(
+        "MLFLOW_TRACKING_PASSWORD", ""
+    )
+    safe = redact_uri(uri)
+    if not user:
+        raise TrackingError(f"the tracking URI {safe} has a password but no user name")
+    if not password:
+        raise TrackingError(
+            # The user is not named: a token passed in its place would be printed.
+            f"the tracking URI {safe} names a user but no password: put it in the URI "
+            "(http://user:password@host) or in MLFLOW_TRACKING_PASSWORD"
+        )
+    os.environ["MLFLOW_TRACKING_USERNAME"] = user
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return safe
 
 
 def default_artifact_location(uri: str) -> str | None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 
 # Before anything imports Prefect: a private Prefect home, no telemetry (offline machines).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mlp-pipeline-prefect-"))
+# A private cache, always (not setdefault): every new SQLite store is a copy of a template kept
+# in $XDG_CACHE_HOME/mlp-pipeline (pipeline/store_template.py), so the user's ~/.cache would let
+# a stale or damaged template from another run change outcomes. Subprocesses inherit it; it is
+# removed at the end of the session (pytest_unconfigure).
+SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="mlp-pipeline-cache-")
+os.environ["XDG_CACHE_HOME"] = SESSION_CACHE_HOME
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -16,6 +23,10 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,15 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """One BLAS thread: these small matrices gain nothing from two, and on a shared 2-core
-    machine a descheduled OpenBLAS worker thread makes every step wait (10x slower runs)."""
+    machine a descheduled OpenBLAS worker thread makes every step wait (10x slower runs).
+
+    Module scope, undone at teardown: the limit stays inside tests/mlp. (A ``package`` scope
+    would not: tests/mlp has no ``__init__.py``, and pytest then keeps such a fixture until the
+    end of the session, so tests/pipeline would run with this limit in a full run only.)
+    """
     with threadpool_limits(limits=1):
         yield
 

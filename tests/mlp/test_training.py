@@ -154,6 +154,41 @@ def test_early_stopping_stops_and_restores_the_best_weights(mnist_small):
     assert net.loss(Xv, yv).data == pytest.approx(min(val), rel=1e-5)
 
 
+def test_early_stopping_without_restore_best_keeps_the_last_weights(mnist_small):
+    X, y, Xv, yv = mnist_small
+    # The overfitting setup of the test above, trained twice: restore_best False, then True.
+
+    def train(restore_best: bool):
+        net = _net(hidden_sizes=[64])
+        snapshots = {}
+
+        def remember(record):
+            snapshots[record["epoch"]] = [p.copy() for p in net.params]
+
+        history = fit(
+            net, X[:200], y[:200], epochs=60, lr=0.3, X_val=Xv, y_val=yv,
+            early_stopping=3, restore_best=restore_best, callback=remember,
+        )  # fmt: skip
+        return net, history, snapshots
+
+    net, history, snapshots = train(restore_best=False)
+    restored, restored_history, _ = train(restore_best=True)
+
+    val = history.as_columns()["val_loss"]
+    last, best = history.stopped_epoch, history.best_epoch
+    assert last is not None and last == len(val) < 60, f"stopped {last} after {len(val)} epochs"
+    assert last == best + 3 and val[best - 1] == min(val), f"best {best}, last {last}: {val}"
+    assert val[last - 1] > val[best - 1], f"the last epoch is as good as the best: {val}"
+    for i, param in enumerate(net.params):
+        np.testing.assert_array_equal(param, snapshots[last][i], err_msg=f"param {i}: not last")
+    assert not np.array_equal(net.weights[0], snapshots[best][0]), "the best epoch was restored"
+    assert net.loss(Xv, yv).data == pytest.approx(val[last - 1], rel=1e-5)
+    # The same seeds give the same training: only the weights handed back differ.
+    assert restored_history.as_columns()["val_loss"] == val, "the two trainings differ"
+    for i, param in enumerate(restored.params):
+        np.testing.assert_array_equal(param, snapshots[best][i], err_msg=f"param {i}: not best")
+
+
 def test_huge_learning_rate_raises_divergence_error(mnist_small):
     X, y, _, _ = mnist_small
     with pytest.raises(DivergenceError, match="epoch 1.*smaller learning rate") as info:

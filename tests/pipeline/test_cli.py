@@ -5,6 +5,7 @@ No Prefect and no MLflow here: ``train`` runs with ``--no-track``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -408,3 +409,47 @@ def test_evaluate_reads_only_the_test_files(cli, trained_sample_model, shared_da
         "t10k-images-idx3-ubyte.gz",
         "t10k-labels-idx1-ubyte.gz",
     ], "evaluate fetched or wrote files it does not need"
+
+
+def test_sigterm_during_a_tracked_train_ends_its_runs_killed(tmp_path):
+    import signal
+    import sqlite3
+    import time
+
+    # Arrange: a training long enough to be stopped while it runs.
+    store = tmp_path / "mlruns" / "mlflow.db"
+    env = {**_clean_env(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    argv = [str(CLI), "train", "--preset", "quick", "--epochs", "2000", "--no-progress"]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def statuses() -> list[str]:
+        if not store.is_file():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            try:
+                return [row[0] for row in db.execute("select status from runs")]
+            except sqlite3.OperationalError:  # the schema is still being made
+                return []
+
+    try:
+        deadline = time.monotonic() + 120
+        while "RUNNING" not in statuses():
+            assert proc.poll() is None, f"train ended early: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the parent run never opened"
+            time.sleep(0.2)
+
+        # Act
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # Assert
+    assert proc.returncode == 130, f"exit {proc.returncode}; stderr {err!r}"
+    assert "error: interrupted" in err, err
+    assert statuses() and set(statuses()) == {"KILLED"}, f"runs left as {statuses()}"

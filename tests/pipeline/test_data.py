@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import http.server
 import importlib.util
 import json
@@ -36,6 +37,8 @@ REPO = Path(__file__).resolve().parents[2]
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 GZ_NAMES = [f"{n}.gz" for n in data.FILE_NAMES.values()]
+# sha256("mnist\n" + the four decompressed files' SHA-256, one a line): see the fingerprint test.
+MNIST_FINGERPRINT = "58054e851a8a9cb117b511f694b74f402d6231d8719073c6776bc682be981968"
 
 
 @pytest.fixture(autouse=True)
@@ -101,10 +104,30 @@ def test_loads_are_memoized(mnist, shared_data_dir):
     assert again is mnist, "a second load in the same process must reuse the cached dataset"
 
 
-def test_fingerprint_is_stable_and_cheap(mnist):
-    hashes = [data.SPECS["mnist"].sha256[r] for r in data.ROLES]
-    assert mnist.fingerprint == data._fingerprint("mnist", hashes)
-    assert len(mnist.fingerprint) == 64
+def test_fingerprint_is_the_hash_of_the_name_and_the_file_hashes(mnist, shared_data_dir):
+    # Independent reference: SHA-256 of each decompressed file, checked against the data
+    # folder's SHA256SUMS.decompressed; then SHA-256 of the name and those four hashes, one a
+    # line, in the order train images, train labels, test images, test labels.
+    listed = {}
+    for line in (shared_data_dir / "SHA256SUMS.decompressed").read_text().splitlines():
+        if line.strip():
+            digest, name = line.split()
+            listed[name] = digest
+    hashes = []
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        with gzip.open(shared_data_dir / "mnist" / f"{name}.gz") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        assert digest == listed[f"mnist/{name}"], f"{name}: {digest} is not the listed hash"
+        hashes.append(digest)
+    expected = hashlib.sha256("\n".join(["mnist", *hashes]).encode()).hexdigest()
+
+    assert mnist.fingerprint == expected, f"fingerprint {mnist.fingerprint}, expected {expected}"
+    assert mnist.fingerprint == MNIST_FINGERPRINT, "the MNIST fingerprint changed"
 
 
 def test_torchvision_layout_with_raw_files(mnist, shared_data_dir, tmp_path):
@@ -165,7 +188,7 @@ def test_verify_dataset_reports_mismatch_without_raising(tmp_path, shared_data_d
     assert [r["ok"] for r in rows] == [False] * 4
     assert rows[0]["expected"] == data.SPECS["mnist"].sha256["train_images"]
     good = verify_dataset("mnist", shared_data_dir)
-    assert all(r["ok"] for r in good), good
+    assert len(good) == 4 and all(r["ok"] for r in good), good
 
 
 def test_count_mismatch(tmp_path):
@@ -305,7 +328,8 @@ def test_bad_and_unreachable_mirrors_fall_through(
     mirrors = [closed_port_url, bad_mirror, good_mirror]
     paths = download_dataset("mnist", mnist_copy, mirrors=mirrors, progress=False)
     assert paths["test_labels"] == missing and missing.is_file()
-    assert all(r["ok"] for r in verify_dataset("mnist", mnist_copy))
+    verified = verify_dataset("mnist", mnist_copy)
+    assert len(verified) == 4 and all(r["ok"] for r in verified), verified
 
 
 def test_only_bad_mirrors_give_one_error_and_leave_nothing(
@@ -459,7 +483,8 @@ def test_dataset_names_and_status(shared_data_dir, tmp_path):
     assert [r["role"] for r in mnist_rows] == list(data.ROLES)
     assert all(r["layout"] == "flat" and r["compressed"] for r in mnist_rows), mnist_rows
     empty = [r for r in dataset_status(tmp_path) if r["dataset"] != "mnist-sample"]
-    assert all(r["path"] is None for r in empty)
+    assert len(empty) == 2 * len(data.ROLES), empty  # mnist and fashion-mnist
+    assert all(r["path"] is None for r in empty), empty
 
 
 # ----------------------------------------------------------------------- normalizer
@@ -535,3 +560,60 @@ def test_normalizer_roundtrip_and_errors():
     with pytest.raises(DataError, match="fitted on 6 features"):
         norm.transform(X[:, :5])
     assert X[0, 1] == 1, "input not modified"
+
+
+# --------------------------------------------------------------------------- the test set alone
+
+
+def test_load_test_set_needs_only_the_test_files(mnist, shared_data_dir, tmp_path):
+    # Arrange: a folder holding MNIST's test pair only.
+    (tmp_path / "d" / "mnist").mkdir(parents=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(shared_data_dir / "mnist" / name, tmp_path / "d" / "mnist" / name)
+
+    # Act
+    X, y = data.load_test_set("mnist", tmp_path / "d", download=False)
+    X_sub, y_sub = data.load_test_set("mnist", tmp_path / "d", download=False, limit_test=500)
+
+    # Assert: the same arrays, and the same subset, as the whole dataset gives.
+    np.testing.assert_array_equal(X, mnist.X_test)
+    np.testing.assert_array_equal(y, mnist.y_test)
+    subset = mnist.limit(None, 500)
+    np.testing.assert_array_equal(X_sub, subset.X_test)
+    np.testing.assert_array_equal(y_sub, subset.y_test)
+    assert not X.flags.writeable and not X_sub.flags.writeable, "arrays should be read-only"
+
+
+def test_load_test_set_checks_the_checksum(shared_data_dir, tmp_path):
+    # Arrange: valid IDX labels with one label changed.
+    (tmp_path / "mnist").mkdir()
+    shutil.copy(shared_data_dir / "mnist" / "t10k-images-idx3-ubyte.gz", tmp_path / "mnist")
+    labels = gzip.decompress((shared_data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    tampered = labels[:8] + bytes([(labels[8] + 1) % 10]) + labels[9:]
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(tampered))
+
+    # Act / Assert
+    with pytest.raises(DataError, match="checksum mismatch"):
+        data.load_test_set("mnist", tmp_path, download=False)
+
+
+def test_load_test_set_downloads_only_the_test_files(good_mirror, tmp_path, monkeypatch):
+    # Arrange
+    monkeypatch.setenv(data.MIRRORS_ENV, good_mirror)
+
+    # Act
+    X, y = data.load_test_set("mnist", tmp_path / "data", progress=False)
+
+    # Assert
+    assert len(y) == 10_000 and X.shape == (10_000, 784), X.shape
+    fetched = sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir())
+    assert fetched == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"], fetched
+
+
+def test_a_failed_download_leaves_no_folder_it_made(closed_port_url, tmp_path):
+    # Act: a data dir two levels below anything that exists, and no mirror answers.
+    with pytest.raises(DataError):
+        download_dataset("mnist", tmp_path / "a" / "b", mirrors=[closed_port_url], progress=False)
+
+    # Assert
+    assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.rglob('*'))}"

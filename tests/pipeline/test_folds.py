@@ -219,8 +219,65 @@ def test_fold_seed_is_a_pure_function():
     assert isinstance(first, int) and 0 <= first < 2**32, f"seed {first!r} is not a uint32 int"
 
 
+# (seed, lambda, fold) -> fold_seed, computed once with numpy 2.x's SeedSequence (see
+# _reference_seed). Pinned so a change of derivation (which would silently change every trained
+# network and every fold-cache key) fails here, not only in a comparison with itself.
+PINNED_SEEDS = [
+    ((0, 1e-3, 2), 332021465),
+    ((3, 1e-4, 1), 207671051),
+    ((3, 0.0, -1), 1576890651),
+    ((42, 0.1, 0), 1670660138),
+    ((7, 1.0, 4), 1593584025),
+]
+
+
+def _reference_seed(seed: int, l2_lambda: float, fold: int) -> int:
+    """The documented derivation, written independently of ``pipeline.folds``.
+
+    SeedSequence entropy: the seed, fold + 1 (so the final model's -1 becomes 0), then the
+    IEEE-754 bits of lambda as a float64, low 32-bit word first; the first uint32 it generates.
+    """
+    bits = int(np.array(float(l2_lambda), dtype=np.float64).view(np.uint64))
+    entropy = [seed, fold + 1, bits & 0xFFFFFFFF, bits >> 32]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+
+
+@pytest.mark.parametrize(("args", "expected"), PINNED_SEEDS, ids=[str(a) for a, _ in PINNED_SEEDS])
+def test_fold_seed_pinned_values(args, expected):
+    # Act
+    got = fold_seed(*args)
+
+    # Assert
+    assert got == expected, f"fold_seed{args} = {got}, expected the pinned {expected}"
+    assert _reference_seed(*args) == expected, (
+        f"the reference derivation gives {_reference_seed(*args)} for {args}, not {expected}: "
+        "numpy's SeedSequence changed?"
+    )
+
+
+def test_fold_seed_follows_the_seed_sequence_derivation():
+    # Arrange: lambdas whose float64 bits fill both 32-bit words, seeds beyond 32 bits.
+    cases = [
+        (seed, lam, fold)
+        for seed in (0, 1, 12345, 2**40 + 7)
+        for lam in (0.0, 1e-5, 3e-4, 0.1, 2.5)
+        for fold in (-1, 0, 1, 9)
+    ]
+
+    # Act
+    mismatches = [
+        (case, fold_seed(*case), _reference_seed(*case))
+        for case in cases
+        if fold_seed(*case) != _reference_seed(*case)
+    ]
+
+    # Assert
+    assert not mismatches, f"{len(mismatches)} of {len(cases)} seeds differ: {mismatches[:5]}"
+
+
 def test_fold_seed_does_not_depend_on_the_process():
-    # Arrange: a fresh interpreter with another hash seed (a hash()-based seed would differ).
+    # Arrange: a fresh interpreter with another hash seed. hash() of ints and floats is never
+    # randomized, so this only catches str/bytes hashing; the pinned values catch hash() itself.
     code = (
         "from pipeline.folds import fold_seed; print(fold_seed(3, 1e-4, 1), fold_seed(3, 0.0, -1))"
     )

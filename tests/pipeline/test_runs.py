@@ -11,13 +11,14 @@ import io
 import json
 import math
 import socket
-import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import pipeline.runs
 from pipeline.config import preset
 from pipeline.errors import TrackingError
 from pipeline.results import FoldResult
@@ -196,11 +197,39 @@ def test_default_store_is_not_created(tmp_path, monkeypatch):
     assert not (tmp_path / "mlruns").exists(), "listing must not create ./mlruns"
 
 
-def test_unreachable_server_fails_fast():
-    started = time.monotonic()
-    with pytest.raises(TrackingError, match="not reachable"):
-        list_pipeline_runs(tracking_uri=f"http://127.0.0.1:{_free_port()}")
-    assert time.monotonic() - started < 15, "no long retry loop against a dead server"
+def test_unreachable_server_fails_fast(monkeypatch):
+    # "Fast" as behaviour, not as a clock: one /health request with a short timeout, and MLflow's
+    # client (whose HTTP retries back off for minutes) never used.
+    health_requests = []
+    real_urlopen = urllib.request.urlopen
+
+    def counting_urlopen(url, data=None, timeout=None, **kwargs):
+        full_url = url.full_url if isinstance(url, urllib.request.Request) else url
+        health_requests.append((full_url, timeout))
+        return real_urlopen(url, data, timeout, **kwargs)
+
+    searches = []
+
+    def refusing_search(*args, **kwargs):
+        # Raises rather than reaching MLflow: a regression fails here instead of retrying.
+        searches.append(args)
+        raise AssertionError("MLflow queried after a failed health check")
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+    monkeypatch.setattr(pipeline.runs, "_search", refusing_search)
+    # Bound but not listening: connections are refused, and no other process can take the port
+    # while the test runs.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        with pytest.raises(TrackingError, match="not reachable") as info:
+            list_pipeline_runs(tracking_uri=f"http://127.0.0.1:{port}")
+    assert len(health_requests) == 1, f"expected one health request, got {health_requests}"
+    url, timeout = health_requests[0]
+    assert url == f"http://127.0.0.1:{port}/health", f"health check went to {url}"
+    assert timeout is not None and 0 < timeout <= 5, f"health check timeout {timeout!r} s"
+    assert searches == [], f"MLflow was queried after a failed health check: {searches}"
+    assert "\n" not in str(info.value), f"not one line: {info.value}"
 
 
 def test_not_a_store_is_a_tracking_error(tmp_path):
@@ -310,7 +339,8 @@ def test_cli_prints_bracketed_paths_and_names_as_they_are(tmp_path, cli, monkeyp
     where = ["--tracking-uri", f"sqlite:///{store}/mlflow.db", "--experiment", "[exp]"]
     code, out, err = cli(["train", "--preset", "quick", "--no-progress", *where])
     assert code == 0, err
-    assert f"--backend-store-uri sqlite:///{store}/mlflow.db " in out, out
+    # Shell-quoted: brackets are glob characters to a shell.
+    assert f"--backend-store-uri 'sqlite:///{store}/mlflow.db' " in out, out
     code, out, err = cli(["runs", *where])
     assert code == 0, err
     assert "pipeline runs in '[exp]'" in out, out

@@ -14,7 +14,9 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,7 @@ from pipeline.results import Evaluation, FoldResult
 from pipeline.selection import cv_table, select_lambda
 from pipeline.tracking import PipelineRecorder, load_model_for_eval, mark_stale_runs_failed
 from pipeline.tracking_uri import default_artifact_location
+from pipeline.training import FinalModel
 
 EPOCHS = 3
 
@@ -184,21 +187,45 @@ def recorded(store_uri, client, trained):
 
 
 # ------------------------------------------------------------------------- unusable stores
-def test_unreachable_server_raises_tracking_error_fast():
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = _config(f"http://user:hunter2@127.0.0.1:{port}", "never")
-    recorder = PipelineRecorder(config.tracking)
-    started = time.perf_counter()
-    with pytest.raises(TrackingError) as info:
-        recorder.start(config, "mnist", "0" * 16)
-    elapsed = time.perf_counter() - started
+def test_unreachable_server_raises_tracking_error_fast(monkeypatch):
+    # "Fast" as behaviour, not as a clock: one /health request with a short timeout, and MLflow's
+    # client (whose HTTP retries back off for minutes) never used.
+    health_requests = []
+    real_urlopen = urllib.request.urlopen
+
+    def counting_urlopen(url, data=None, timeout=None, **kwargs):
+        full_url = url.full_url if isinstance(url, urllib.request.Request) else url
+        health_requests.append((full_url, timeout))
+        return real_urlopen(url, data, timeout, **kwargs)
+
+    opened = []
+
+    def refusing_open_store(*args, **kwargs):
+        # Raises rather than reaching MLflow: a regression fails here instead of retrying.
+        opened.append(args)
+        raise AssertionError("MLflow's client used after a failed health check")
+
+    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+    monkeypatch.setattr(pipeline.tracking, "_open_store", refusing_open_store)
+    # Bound but not listening: connections are refused, and no other process can take the port
+    # while the test runs.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        config = _config(f"http://user:hunter2@127.0.0.1:{port}", "never")
+        recorder = PipelineRecorder(config.tracking)
+        with pytest.raises(TrackingError) as info:
+            recorder.start(config, "mnist", "0" * 16)
     message = str(info.value)
-    assert elapsed < 6, f"took {elapsed:.1f} s"
+    assert len(health_requests) == 1, f"expected one health request, got {health_requests}"
+    url, timeout = health_requests[0]
+    assert url == f"http://127.0.0.1:{port}/health", f"health check went to {url}"
+    assert timeout is not None and 0 < timeout <= 5, f"health check timeout {timeout!r} s"
+    assert opened == [], f"the MLflow client was used after a failed health check: {opened}"
+    assert recorder.client is None, "no MLflow client may be created for an unreachable server"
     assert "not reachable" in message and "\n" not in message, message
     assert "hunter2" not in message, f"credentials leaked: {message}"
-    assert recorder.parent_run_id is None
+    assert recorder.parent_run_id is None, "no parent run without a store"
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -427,6 +454,153 @@ def test_a_retried_cv_record_resumes_where_it_failed(
     )
 
 
+# Every client method the recorder writes with: an unreachable store fails them all.
+EVERY_WRITE = ("create_run", "log_batch", "log_artifact", "set_tag", "set_terminated")
+
+
+class _Outage:
+    """While ``down``, the recorder's MLflow client fails ``methods`` (the store is away)."""
+
+    def __init__(self, recorder: ResilientRecorder, methods: tuple[str, ...]) -> None:
+        self.down = False
+        self.failures = 0
+        client = recorder.recorder.client
+        for name in methods:
+            setattr(client, name, self._guarded(name, getattr(client, name)))
+
+    def _guarded(self, name, real):
+        def guarded(*args, **kwargs):
+            if self.down:
+                self.failures += 1
+                raise MlflowException(f"store unreachable ({name})")
+            return real(*args, **kwargs)
+
+        return guarded
+
+
+@pytest.mark.parametrize("back", ["next-call", "exit"])
+@pytest.mark.parametrize("failing", ["every-write", "log_batch"])
+def test_queued_calls_are_replayed_once_the_store_is_back(
+    store_uri, client, trained, caplog, failing, back
+):
+    """Calls queued while the store is away are replayed when it answers again: at the next
+    recorded call, or when the recorder ends; each one recorded exactly once (with only
+    log_batch failing, a fold's run exists before its call is queued)."""
+    experiment_name = f"replay-{failing}-{back}"
+    config = _config(store_uri, experiment_name)
+    folds = _fold_results(trained.history)
+    table = cv_table(folds)
+    sleeps = []
+    caplog.set_level("WARNING", logger="pipeline.recording")
+    with ResilientRecorder(
+        PipelineRecorder(config.tracking), attempts=2, sleep=sleeps.append
+    ) as recorder:
+        parent = recorder.start(config, "mnist", "f" * 16)
+        outage = _Outage(recorder, EVERY_WRITE if failing == "every-write" else (failing,))
+        outage.down = True
+        returned = [recorder.log_fold(fold) for fold in folds[:2]]
+        assert returned == [None, None], f"calls while the store is away: {returned}"
+        assert [name for name, _, _ in recorder.queued] == ["log_fold", "log_fold"]
+        if back == "next-call":
+            outage.down = False
+            returned = [recorder.log_fold(fold) for fold in folds[2:]]
+            assert None not in returned, f"calls once the store is back: {returned}"
+            assert not recorder.offline, f"still queued: {recorder.queued}"
+            recorder.log_cv_summary(table, select_lambda(table))
+        else:
+            for fold in folds[2:]:
+                recorder.log_fold(fold)
+            recorder.log_cv_summary(table, select_lambda(table))
+            assert len(recorder.queued) == 5, f"queued: {recorder.queued}"
+            outage.down = False  # back before the end: ending the recorder replays
+    replayed = 2 if back == "next-call" else 5
+
+    assert outage.failures > 0, "the outage was never hit"
+    assert sleeps == [1.0], f"only the first failed call is retried (backoff {sleeps})"
+    assert not recorder.offline, f"still queued after the store came back: {recorder.queued}"
+    assert f"{replayed} queued calls replayed" in caplog.text, caplog.text
+    experiment = client.get_experiment_by_name(experiment_name)
+    children = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'")
+    names = sorted(run.info.run_name for run in children)
+    assert len(children) == len(folds), f"{len(children)} cv runs for {len(folds)} folds: {names}"
+    pairs = sorted(
+        (float(r.data.params["l2_lambda"]), int(r.data.params["fold"])) for r in children
+    )
+    assert pairs == sorted((f.l2_lambda, f.fold) for f in folds), f"one run per fold: {pairs}"
+    for run in children:
+        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert len(history) == EPOCHS, f"{run.info.run_name}: {len(history)} train_loss points"
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED", parent_run.info.status
+    assert len(client.get_metric_history(parent, "best_l2_lambda")) == 1, "summary logged once"
+    assert "cv_results.csv" in {a.path for a in client.list_artifacts(parent)}
+
+
+def test_an_unrecorded_execution_reports_its_final_model(store_uri, client, trained, tmp_path):
+    """The store stays away to the end: the report folder holds the summary, the folds, the
+    CV table and the final model (weights and normalizer), all readable again."""
+    config = _config(store_uri, "report-final")
+    folds = _fold_results(trained.history)
+    table = cv_table(folds)
+    best = select_lambda(table)
+    final = FinalModel(trained.net, trained.normalizer, trained.history, best, 2.5)
+    with ResilientRecorder(
+        PipelineRecorder(config.tracking), attempts=1, sleep=lambda _: None
+    ) as recorder:
+        parent = recorder.start(config, "mnist", "f" * 16)
+        _Outage(recorder, EVERY_WRITE).down = True
+        for fold in folds:
+            recorder.log_fold(fold)
+        recorder.log_cv_summary(table, best)
+        recorder.log_final(
+            trained.net, trained.normalizer, trained.history, trained.evaluation,
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=best,
+        )  # fmt: skip
+    assert recorder.offline, "the store never came back: the calls stay queued"
+    summary = {
+        "mlflow_run_id": parent,
+        "best_l2_lambda": np.float64(best),
+        "cv_table": table.to_dict(orient="records"),
+        "test_accuracy": np.float64(trained.evaluation.accuracy),
+        "test_loss": math.nan,
+        "wall_seconds": 12.5,
+    }
+
+    folder = recorder.write_report(tmp_path / "report", summary, final)
+
+    assert folder == tmp_path / "report", folder
+    written = sorted(path.name for path in folder.iterdir())
+    expected_files = ["cv_results.csv", "folds.json", "normalizer.json", "summary.json"]
+    assert written == sorted([*expected_files, "weights.npz"]), written
+    loaded = MLP.load(folder / "weights.npz")
+    assert loaded.architecture == trained.net.architecture, loaded.architecture
+    for i, (got, want) in enumerate(zip(loaded.params, trained.net.params, strict=True)):
+        np.testing.assert_array_equal(got, want, err_msg=f"parameter {i} of the saved model")
+    normalizer = json.loads((folder / "normalizer.json").read_text(encoding="utf-8"))
+    np.testing.assert_array_equal(normalizer["mean"], trained.normalizer.mean_)
+    np.testing.assert_array_equal(normalizer["std"], trained.normalizer.std_)
+    X = Normalizer.from_dict(normalizer).transform(trained.ds.X_test)
+    np.testing.assert_array_equal(
+        loaded.predict(X), trained.predictions, err_msg="the reported model predicts otherwise"
+    )
+    saved = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert saved["best_l2_lambda"] == best and saved["test_loss"] is None, saved
+    assert saved["test_accuracy"] == trained.evaluation.accuracy, saved
+    assert len(saved["cv_table"]) == len(table), saved["cv_table"]
+    reported_folds = json.loads((folder / "folds.json").read_text(encoding="utf-8"))
+    assert [(f["l2_lambda"], f["fold"]) for f in reported_folds] == [
+        (f.l2_lambda, f.fold) for f in folds
+    ], reported_folds
+    assert reported_folds[0]["history"]["train_loss"] == folds[0].history["train_loss"]
+    csv = pd.read_csv(folder / "cv_results.csv")
+    np.testing.assert_allclose(csv["l2_lambda"], table["l2_lambda"], err_msg="cv_results.csv")
+    np.testing.assert_allclose(csv["mean_val_accuracy"], table["mean_val_accuracy"])
+    message = str(recorder.not_recorded(folder))
+    assert str(folder) in message and "store unreachable" in message, message
+    assert client.get_run(parent).info.status == "RUNNING", "the parent is left for the next run"
+
+
 def test_champion_moves_only_on_improvement(store_uri, client, trained):
     config = _config(store_uri, "champion", "mlp-champion")
     outcomes = []
@@ -488,6 +662,120 @@ def test_a_champion_that_cannot_be_scored_again_stays_and_says_why(
         "champion stays version 1: it could not be scored on this test set ("
     ), second.champion_note
     assert str(client.get_model_version_by_alias("mlp-unscorable", "champion").version) == "1"
+
+
+def _lose_reply_once(recorder: ResilientRecorder, method: str) -> list:
+    """The store does ``method`` but its reply is lost once (a timeout after the commit)."""
+    client = recorder.recorder.client
+    real = getattr(client, method)
+    calls = []
+
+    def lose_reply_once(*args, **kwargs):
+        calls.append(args)
+        result = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise MlflowException(f"timeout waiting for the reply to {method}")
+        return result
+
+    setattr(client, method, lose_reply_once)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["create_run", "create_model_version"])
+def test_a_lost_reply_creates_nothing_twice(store_uri, client, trained, method):
+    """Creating a run or a version is not idempotent: a retry looks for the first one."""
+    name = f"lost-reply-{method}"
+    config = _config(store_uri, name, f"mlp-{name}")
+    folds = _fold_results(trained.history)
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        recorder.start(config, "mnist", "f" * 16, tags={"prefect.flow_run_id": "flow-1"})
+        calls = _lose_reply_once(recorder, method)
+        for fold in folds:
+            recorder.log_fold(fold)
+        final = recorder.log_final(
+            trained.net, trained.normalizer, trained.history, trained.evaluation,
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
+        )  # fmt: skip
+        assert calls, f"{method} was never called"
+        assert "timeout waiting for the reply" in (recorder.last_error or ""), "no reply lost"
+
+    experiment = client.get_experiment_by_name(name)
+    children = client.search_runs([experiment.experiment_id], "tags.stage != 'pipeline'")
+    stages = sorted(run.data.tags["stage"] for run in children)
+    assert stages == ["cv"] * len(folds) + ["final"], f"duplicated runs: {stages}"
+    assert {run.info.status for run in children} == {"FINISHED"}, "a run was left open"
+    versions = client.search_model_versions(f"name = 'mlp-{name}'")
+    assert [str(v.version) for v in versions] == ["1"], "registered once"
+    assert final.registered_version == "1" and final.champion, final
+    assert {run.data.tags.get("prefect.flow_run_id") for run in children} == {"flow-1"}, (
+        "every child run carries the flow run's tags"
+    )
+
+
+def test_a_failed_alias_read_does_not_crown_a_worse_model(store_uri, client, trained):
+    """Only a missing alias means "no champion": a timeout must not move it to a worse model."""
+    config = _config(store_uri, "alias-read", "mlp-alias-read")
+    _log_final(config, trained, 0.95, trained.ds)
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        calls = _fail_once(recorder, "get_model_version_by_alias")
+        worse = recorder.log_final(
+            trained.net, trained.normalizer, trained.history,
+            Evaluation(0.10, 3.0, len(trained.ds.y_test), trained.evaluation.confusion),
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
+        )  # fmt: skip
+
+    assert len(calls) >= 2, "the failed read was retried"
+    assert not worse.champion, worse
+    assert worse.champion_note == "champion stays version 1, 0.9500", worse.champion_note
+    assert str(client.get_model_version_by_alias("mlp-alias-read", "champion").version) == "1"
+
+
+def test_a_retry_after_the_alias_moved_reports_the_new_champion(store_uri, client, trained):
+    """The alias moved, then the store failed: the retry must not compare the version with
+    itself and call it "not the champion"."""
+    config = _config(store_uri, "alias-moved", "mlp-alias-moved")
+    _log_final(config, trained, 0.5, trained.ds)
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        calls = _lose_reply_once(recorder, "set_registered_model_alias")
+        better = recorder.log_final(
+            trained.net, trained.normalizer, trained.history,
+            Evaluation(0.9, 0.3, len(trained.ds.y_test), trained.evaluation.confusion),
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
+        )  # fmt: skip
+
+    assert len(calls) >= 1, "the alias was moved"
+    assert better.champion, better
+    assert better.champion_note == "beats version 1, 0.5000", better.champion_note
+    assert str(client.get_model_version_by_alias("mlp-alias-moved", "champion").version) == "2"
+    parent = client.get_run(better.run_id).data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent).data.tags["champion"] == "true"
+
+
+def test_git_commit_only_from_a_checkout_that_tracks_the_code(tmp_path):
+    """A copy installed inside someone's repository must not log that repository's commit."""
+    # Arrange: a repository with one commit, and the package copied inside it, untracked.
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(
+        [*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "x"], check=True
+    )
+    site = tmp_path / ".venv" / "site"
+    shutil.copytree(Path(pipeline.tracking.__file__).parent, site / "pipeline")
+    shutil.copytree(Path(pipeline.tracking.__file__).parents[1] / "mlp", site / "mlp")
+    code = "import pipeline.tracking as t; print(t.__file__); print(t._git_commit())"
+
+    # Act
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
+    )  # fmt: skip
+
+    # Assert
+    where, commit = result.stdout.split()
+    assert where.startswith(str(site)), f"imported the wrong copy: {where}"
+    assert commit == "None", f"logged the surrounding repository's commit {commit}"
 
 
 def test_no_registration_without_a_registered_model(store_uri, client, trained):
@@ -609,18 +897,65 @@ def test_warm_up_loads_what_the_final_logging_needs(tmp_path, final_model):
     assert after == [final_model, final_model, True]
 
 
-def test_ending_the_recorder_waits_for_its_warm_up(store_uri, monkeypatch):
-    # A run that fails at once must not leave the warm-up importing at interpreter exit.
-    finished = []
+def test_ending_the_recorder_waits_for_its_warm_up(store_uri, client, monkeypatch):
+    # A run that fails at once must not leave the warm-up importing at interpreter exit. The
+    # fake warm-up blocks until the test releases it, so nothing depends on how long the
+    # recorder's writes take: ending the recorder must be seen waiting for that thread.
+    warm_up_threads, finished = [], []
+    warm_up_running, release = threading.Event(), threading.Event()
 
-    def slow_warm_up(final_model: bool) -> None:
-        time.sleep(0.5)
+    def blocked_warm_up(final_model: bool) -> None:
+        warm_up_threads.append(threading.current_thread())
+        warm_up_running.set()
+        release.wait(timeout=600)  # hang guard only: the test releases it
         finished.append(final_model)
 
-    monkeypatch.setattr(pipeline.tracking, "_warm_up_logging", slow_warm_up)
+    joiners = []
+    waiting_for_warm_up = threading.Event()
+    real_join = threading.Thread.join
+
+    def observed_join(self, timeout=None):
+        if warm_up_threads and self is warm_up_threads[0]:
+            joiners.append(threading.current_thread())
+            waiting_for_warm_up.set()
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(pipeline.tracking, "_warm_up_logging", blocked_warm_up)
+    monkeypatch.setattr(threading.Thread, "join", observed_join)
     config = _config(store_uri, "warm-up-exit")
-    with pytest.raises(RuntimeError), PipelineRecorder(config.tracking) as recorder:
-        recorder.start(config, "mnist", "f" * 16)
-        recorder.warm_up(final_model=True)
-        raise RuntimeError("the sweep failed at once")
-    assert finished == [True]
+    recorder = PipelineRecorder(config.tracking)
+    raised = []
+
+    def failing_execution() -> None:
+        try:
+            with recorder:
+                recorder.start(config, "mnist", "f" * 16)
+                recorder.warm_up(final_model=True)
+                warm_up_running.wait(timeout=600)
+                raise RuntimeError("the sweep failed at once")
+        except BaseException as exc:  # noqa: BLE001 -- checked below, in the test's thread
+            raised.append(exc)
+
+    execution = threading.Thread(target=failing_execution, name="failing-execution")
+    execution.start()
+    try:
+        # Until the execution waits for the warm-up, or ends without doing so.
+        while execution.is_alive() and not waiting_for_warm_up.wait(timeout=0.05):
+            pass
+        assert waiting_for_warm_up.is_set(), f"the recorder ended without waiting: {raised}"
+        assert joiners == [execution], f"waited for by {joiners}, not by the ending execution"
+        assert execution.is_alive(), "the execution ended while its warm-up was still running"
+        assert warm_up_threads[0].is_alive() and finished == [], "the warm-up was not held"
+    finally:
+        release.set()
+        execution.join(timeout=600)
+
+    assert not execution.is_alive(), "the execution did not end once the warm-up finished"
+    assert not warm_up_threads[0].is_alive(), "the warm-up thread outlived the recorder"
+    assert finished == [True], f"the warm-up did not finish: {finished}"
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError), f"raised: {raised!r}"
+    parent = client.get_run(recorder.parent_run_id)
+    assert parent.info.status == "FAILED", f"parent run {parent.info.status}"
+    assert parent.data.tags.get("error") == "RuntimeError: the sweep failed at once", (
+        parent.data.tags
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.errors import TrackingError
 from pipeline.tracking_uri import (
     check_tracking_uri,
+    credentials_to_environment,
     default_artifact_location,
     redact_uri,
     resolve_tracking_uri,
@@ -74,3 +77,55 @@ def test_a_sqlite_store_gets_its_folder(tmp_path):
 
     # Assert
     assert (tmp_path / "a" / "b").is_dir(), "the store's folder should be created"
+
+
+@pytest.mark.parametrize(
+    ("uri", "fragment"),
+    [
+        ("http://bob@127.0.0.1:5000", "no password"),
+        ("https://tok%2Fen@mlflow.example/api", "no password"),
+        ("http://bob:@127.0.0.1:5000", "no password"),
+        ("http://:s3cret@127.0.0.1:5000", "no user"),
+    ],
+    ids=["user-only", "token-only", "empty-password", "password-only"],
+)
+def test_half_credentials_are_refused(monkeypatch, uri, fragment):
+    # Arrange: MLflow sends basic auth only with both halves; nothing to pair with here.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+
+    # Act / Assert
+    with pytest.raises(TrackingError, match=fragment) as info:
+        credentials_to_environment(uri)
+    message = str(info.value)
+    assert "s3cret" not in message and "tok" not in message, f"a secret leaked: {message}"
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ, "nothing should be set on refusal"
+
+
+def test_a_user_in_the_uri_pairs_with_the_password_in_the_environment(monkeypatch):
+    # Arrange: the password kept out of the URI, as MLflow's docs advise.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "earlier-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+
+    # Act
+    returned = credentials_to_environment("http://bob@127.0.0.1:5000")
+
+    # Assert
+    assert returned == "http://127.0.0.1:5000", returned
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob", os.environ["MLFLOW_TRACKING_USERNAME"]
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-env", "the password was replaced"
+
+
+@pytest.mark.parametrize("uri", [None, "", "http://127.0.0.1:5000", "sqlite:////tmp/a@b/mlflow.db"])
+def test_a_uri_without_credentials_leaves_the_environment_alone(monkeypatch, uri):
+    # Arrange
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "earlier-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "earlier-password")
+
+    # Act
+    returned = credentials_to_environment(uri)
+
+    # Assert
+    assert returned == uri, f"{uri!r} changed to {returned!r}"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "earlier-user"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "earlier-password"
