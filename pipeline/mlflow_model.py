@@ -2,7 +2,8 @@
 
 MLflow copies this file into the logged model and executes it when the model is loaded, so it
 must stay importable on its own: it needs only numpy, mlflow and this project's ``mlp`` engine
-and ``pipeline.normalize`` (installed with ``mlp-pipeline``). The weights (``MLP.save`` ``.npz``)
+and ``pipeline.normalize``, which are logged with the model (its ``code/`` folder), so serving
+it needs no install of this project. The weights (``MLP.save`` ``.npz``)
 and the normalizer (``Normalizer.to_dict()`` JSON) come in as the model's artifacts.
 """
 

@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -627,11 +628,14 @@ class PipelineRecorder:
                 self.client.log_artifact(parent, str(figure))
 
     def _log_model(self, run_id: str, model: Any, normalizer: Any, test_images):
+        """Log the pyfunc model with the code it runs, so it needs only numpy and mlflow.
+
+        The package is on no index: a model that required it could not be served by
+        ``mlflow models serve`` in the environment MLflow builds from the requirements.
+        """
         import mlflow
 
         requirements = [f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
-        version = _package_version()
-        requirements.append(PACKAGE_NAME if version == "unknown" else f"{PACKAGE_NAME}=={version}")
         # The fluent API is used only here and only on this thread, resuming the run by id.
         nested = mlflow.active_run() is not None
         with (
@@ -648,6 +652,7 @@ class PipelineRecorder:
                 artifacts={"weights": str(weights), "normalizer": str(normalizer_path)},
                 input_example=np.asarray(test_images[:5], dtype=np.float32),
                 pip_requirements=requirements,
+                code_paths=_model_code(Path(tmp) / "code"),
             )
 
     def _create_version(self, name: str, run_id: str, model_info: Any, retried: bool) -> str:
@@ -806,6 +811,29 @@ class PipelineRecorder:
 
         run_tags = [RunTag(key, value) for key, value in (tags or {}).items()]
         self.client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=run_tags)
+
+
+# What the logged model imports (pipeline/mlflow_model.py): the engine, and of the pipeline
+# only the normalizer and the errors it raises.
+_MODEL_PIPELINE_MODULES = ("__init__.py", "errors.py", "normalize.py")
+
+
+def _model_code(folder: Path) -> list[str]:
+    """Copy the code the logged model runs into ``folder``; its packages, for ``code_paths``.
+
+    MLflow puts them in the model's ``code/`` folder and on ``sys.path`` when it loads it.
+    """
+    import mlp
+
+    engine = Path(mlp.__file__).parent
+    packages = {"mlp": sorted(engine.glob("*.py"))}
+    here = Path(__file__).parent
+    packages["pipeline"] = [here / name for name in _MODEL_PIPELINE_MODULES]
+    for package, files in packages.items():
+        (folder / package).mkdir(parents=True)
+        for file in files:
+            shutil.copy2(file, folder / package / file.name)
+    return [str(folder / package) for package in packages]
 
 
 def _alias_not_found(exc: Any) -> bool:

@@ -341,6 +341,53 @@ def test_final_run_and_model(recorded, client, trained):
         np.testing.assert_array_equal(labels, expected, err_msg=uri)
 
 
+def test_the_logged_model_carries_its_code_and_needs_no_project_install(
+    recorded, client, trained, tmp_path
+):
+    """The package is on no index: the model must load with numpy and mlflow alone."""
+    model_id = recorded.final.model_uri.removeprefix("models:/")
+    model_dir = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    requirements = (model_dir / "requirements.txt").read_text(encoding="utf-8").split()
+    np.save(tmp_path / "images.npy", trained.ds.X_test.astype(np.float32))
+    # A fresh interpreter where `mlp` and `pipeline` may come only from an MLflow model's code/
+    # folder: the installed project (editable or not) is out of reach.
+    script = textwrap.dedent(
+        f"""
+        import importlib.machinery, json, sys
+        from pathlib import Path
+
+        class OnlyModelCode:
+            def find_spec(self, name, path, target=None):
+                if name.partition(".")[0] not in ("mlp", "pipeline"):
+                    return None
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                origin = Path(spec.origin) if spec and spec.origin else None
+                if origin is None or not (origin.parents[2] / "MLmodel").is_file():
+                    raise ModuleNotFoundError(f"{{name}} outside the model: {{origin}}")
+                return spec
+
+        sys.meta_path.insert(0, OnlyModelCode())
+        import mlflow, numpy as np
+
+        model = mlflow.pyfunc.load_model({str(model_dir)!r})
+        labels = model.predict(np.load({str(tmp_path / "images.npy")!r}))
+        print(json.dumps({{"labels": labels.tolist(), "mlp": sys.modules["mlp"].__file__}}))
+        """
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, f"the model did not load on its own:\n{done.stderr[-3000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = trained.net.predict(trained.normalizer.transform(trained.ds.X_test))
+    assert result["labels"] == expected.tolist(), "the model's own code predicts differently"
+    assert Path(result["mlp"]).is_relative_to(model_dir), result["mlp"]
+    assert sorted(r.split("==")[0] for r in requirements) == ["mlflow", "numpy"], requirements
+
+
 def test_load_model_for_eval_unknown_uri(recorded):
     tracking_uri = recorded.config.tracking.tracking_uri
     for uri in ("models:/no-such-model@champion", "runs:/0123456789abcdef/model"):
