@@ -29,6 +29,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(SESSION_CACHE_HOME, ignore_errors=True)
 
 
+class RefusedServer:
+    """An http URL where connections are refused, and the urllib requests made meanwhile."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.requests: list[tuple[str, float | None]] = []  # (url, timeout), still sent
+
+    def assert_one_short_health_request(self) -> None:
+        """Exactly one request, to ``/health``, with a timeout of at most 5 s."""
+        assert len(self.requests) == 1, f"expected one health request, got {self.requests}"
+        url, timeout = self.requests[0]
+        assert url == f"{self.url}/health", f"health check went to {url}"
+        assert timeout is not None and 0 < timeout <= 5, f"health check timeout {timeout!r} s"
+
+
+@pytest.fixture
+def refused_server(monkeypatch):
+    """A :class:`RefusedServer`: for "fails fast" as behaviour, not as a clock.
+
+    Its port stays bound (not listening) during the test, so no other process can take it.
+    """
+    import urllib.request
+
+    real_urlopen = urllib.request.urlopen
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        server = RefusedServer(f"http://127.0.0.1:{closed.getsockname()[1]}")
+
+        def counting_urlopen(url, data=None, timeout=None, **kwargs):
+            full_url = url.full_url if isinstance(url, urllib.request.Request) else url
+            server.requests.append((full_url, timeout))
+            return real_urlopen(url, data, timeout, **kwargs)
+
+        monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+        yield server
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The read-only folder holding real MNIST and Fashion-MNIST (``../shared/data``)."""

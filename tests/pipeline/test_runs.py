@@ -11,7 +11,6 @@ import io
 import json
 import math
 import socket
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -197,17 +196,10 @@ def test_default_store_is_not_created(tmp_path, monkeypatch):
     assert not (tmp_path / "mlruns").exists(), "listing must not create ./mlruns"
 
 
-def test_unreachable_server_fails_fast(monkeypatch):
-    # "Fast" as behaviour, not as a clock: one /health request with a short timeout, and MLflow's
-    # client (whose HTTP retries back off for minutes) never used.
-    health_requests = []
-    real_urlopen = urllib.request.urlopen
-
-    def counting_urlopen(url, data=None, timeout=None, **kwargs):
-        full_url = url.full_url if isinstance(url, urllib.request.Request) else url
-        health_requests.append((full_url, timeout))
-        return real_urlopen(url, data, timeout, **kwargs)
-
+def test_unreachable_server_fails_fast(monkeypatch, refused_server):
+    # "Fast" as behaviour: one short /health request, and MLflow's client (whose HTTP retries
+    # back off for minutes) never used.
+    base_url = refused_server.url
     searches = []
 
     def refusing_search(*args, **kwargs):
@@ -215,19 +207,10 @@ def test_unreachable_server_fails_fast(monkeypatch):
         searches.append(args)
         raise AssertionError("MLflow queried after a failed health check")
 
-    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
     monkeypatch.setattr(pipeline.runs, "_search", refusing_search)
-    # Bound but not listening: connections are refused, and no other process can take the port
-    # while the test runs.
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-        with pytest.raises(TrackingError, match="not reachable") as info:
-            list_pipeline_runs(tracking_uri=f"http://127.0.0.1:{port}")
-    assert len(health_requests) == 1, f"expected one health request, got {health_requests}"
-    url, timeout = health_requests[0]
-    assert url == f"http://127.0.0.1:{port}/health", f"health check went to {url}"
-    assert timeout is not None and 0 < timeout <= 5, f"health check timeout {timeout!r} s"
+    with pytest.raises(TrackingError, match="not reachable") as info:
+        list_pipeline_runs(tracking_uri=base_url)
+    refused_server.assert_one_short_health_request()
     assert searches == [], f"MLflow was queried after a failed health check: {searches}"
     assert "\n" not in str(info.value), f"not one line: {info.value}"
 

@@ -16,7 +16,6 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,17 +186,10 @@ def recorded(store_uri, client, trained):
 
 
 # ------------------------------------------------------------------------- unusable stores
-def test_unreachable_server_raises_tracking_error_fast(monkeypatch):
-    # "Fast" as behaviour, not as a clock: one /health request with a short timeout, and MLflow's
-    # client (whose HTTP retries back off for minutes) never used.
-    health_requests = []
-    real_urlopen = urllib.request.urlopen
-
-    def counting_urlopen(url, data=None, timeout=None, **kwargs):
-        full_url = url.full_url if isinstance(url, urllib.request.Request) else url
-        health_requests.append((full_url, timeout))
-        return real_urlopen(url, data, timeout, **kwargs)
-
+def test_unreachable_server_raises_tracking_error_fast(monkeypatch, refused_server):
+    # "Fast" as behaviour: one short /health request, and MLflow's client (whose HTTP retries
+    # back off for minutes) never used.
+    base_url = refused_server.url
     opened = []
 
     def refusing_open_store(*args, **kwargs):
@@ -205,22 +197,13 @@ def test_unreachable_server_raises_tracking_error_fast(monkeypatch):
         opened.append(args)
         raise AssertionError("MLflow's client used after a failed health check")
 
-    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
     monkeypatch.setattr(pipeline.tracking, "_open_store", refusing_open_store)
-    # Bound but not listening: connections are refused, and no other process can take the port
-    # while the test runs.
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-        config = _config(f"http://user:hunter2@127.0.0.1:{port}", "never")
-        recorder = PipelineRecorder(config.tracking)
-        with pytest.raises(TrackingError) as info:
-            recorder.start(config, "mnist", "0" * 16)
+    config = _config(base_url.replace("http://", "http://user:hunter2@"), "never")
+    recorder = PipelineRecorder(config.tracking)
+    with pytest.raises(TrackingError) as info:
+        recorder.start(config, "mnist", "0" * 16)
     message = str(info.value)
-    assert len(health_requests) == 1, f"expected one health request, got {health_requests}"
-    url, timeout = health_requests[0]
-    assert url == f"http://127.0.0.1:{port}/health", f"health check went to {url}"
-    assert timeout is not None and 0 < timeout <= 5, f"health check timeout {timeout!r} s"
+    refused_server.assert_one_short_health_request()
     assert opened == [], f"the MLflow client was used after a failed health check: {opened}"
     assert recorder.client is None, "no MLflow client may be created for an unreachable server"
     assert "not reachable" in message and "\n" not in message, message
@@ -406,17 +389,21 @@ def _log_final(config, trained, accuracy: float, ds):
         )  # fmt: skip
 
 
-def _fail_once(recorder: ResilientRecorder, method: str) -> list:
-    """Make the store fail the next ``method`` call once, then answer again; returns the calls."""
+def _fail_once(recorder: ResilientRecorder, method: str, *, after_the_call: bool = False) -> list:
+    """Make the store fail the next ``method`` call once, then answer again; returns the calls.
+
+    ``after_the_call``: the store does the call, then its reply is lost.
+    """
     client = recorder.recorder.client
     real = getattr(client, method)
     calls = []
 
     def fail_once(*args, **kwargs):
         calls.append(args)
+        result = real(*args, **kwargs) if after_the_call else None
         if len(calls) == 1:
-            raise MlflowException(f"transient failure in {method}")
-        return real(*args, **kwargs)
+            raise MlflowException(f"transient failure in {method} (timeout waiting for the reply)")
+        return result if after_the_call else real(*args, **kwargs)
 
     setattr(client, method, fail_once)
     return calls
@@ -713,19 +700,7 @@ def test_a_champion_that_cannot_be_scored_again_stays_and_says_why(
 
 def _lose_reply_once(recorder: ResilientRecorder, method: str) -> list:
     """The store does ``method`` but its reply is lost once (a timeout after the commit)."""
-    client = recorder.recorder.client
-    real = getattr(client, method)
-    calls = []
-
-    def lose_reply_once(*args, **kwargs):
-        calls.append(args)
-        result = real(*args, **kwargs)
-        if len(calls) == 1:
-            raise MlflowException(f"timeout waiting for the reply to {method}")
-        return result
-
-    setattr(client, method, lose_reply_once)
-    return calls
+    return _fail_once(recorder, method, after_the_call=True)
 
 
 @pytest.mark.parametrize("method", ["create_run", "create_model_version"])
@@ -759,18 +734,27 @@ def test_a_lost_reply_creates_nothing_twice(store_uri, client, trained, method):
     )
 
 
+def _log_final_with_fault(config, trained, accuracy: float, fault, method: str):
+    """A final record claiming ``accuracy``, with ``fault`` (e.g. ``_fail_once``) on ``method``
+    of the store, retried by ``ResilientRecorder``; returns the record and the method's calls."""
+    evaluation = Evaluation(accuracy, 0.3, len(trained.ds.y_test), trained.evaluation.confusion)
+    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
+        recorder.start(config, "mnist", "f" * 16)
+        calls = fault(recorder, method)
+        record = recorder.log_final(
+            trained.net, trained.normalizer, trained.history, evaluation,
+            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
+        )  # fmt: skip
+    return record, calls
+
+
 def test_a_failed_alias_read_does_not_crown_a_worse_model(store_uri, client, trained):
     """Only a missing alias means "no champion": a timeout must not move it to a worse model."""
     config = _config(store_uri, "alias-read", "mlp-alias-read")
     _log_final(config, trained, 0.95, trained.ds)
-    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
-        recorder.start(config, "mnist", "f" * 16)
-        calls = _fail_once(recorder, "get_model_version_by_alias")
-        worse = recorder.log_final(
-            trained.net, trained.normalizer, trained.history,
-            Evaluation(0.10, 3.0, len(trained.ds.y_test), trained.evaluation.confusion),
-            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
-        )  # fmt: skip
+    worse, calls = _log_final_with_fault(
+        config, trained, 0.10, _fail_once, "get_model_version_by_alias"
+    )
 
     assert len(calls) >= 2, "the failed read was retried"
     assert not worse.champion, worse
@@ -783,14 +767,9 @@ def test_a_retry_after_the_alias_moved_reports_the_new_champion(store_uri, clien
     itself and call it "not the champion"."""
     config = _config(store_uri, "alias-moved", "mlp-alias-moved")
     _log_final(config, trained, 0.5, trained.ds)
-    with ResilientRecorder(PipelineRecorder(config.tracking), sleep=lambda _: None) as recorder:
-        recorder.start(config, "mnist", "f" * 16)
-        calls = _lose_reply_once(recorder, "set_registered_model_alias")
-        better = recorder.log_final(
-            trained.net, trained.normalizer, trained.history,
-            Evaluation(0.9, 0.3, len(trained.ds.y_test), trained.evaluation.confusion),
-            trained.ds.X_test, trained.ds.y_test, trained.predictions, l2_lambda=1e-3,
-        )  # fmt: skip
+    better, calls = _log_final_with_fault(
+        config, trained, 0.9, _lose_reply_once, "set_registered_model_alias"
+    )
 
     assert len(calls) >= 1, "the alias was moved"
     assert better.champion, better
