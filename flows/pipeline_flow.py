@@ -92,7 +92,7 @@ def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: ResilientRecor
             restarts += 1
             if restarts > config.execution.retries:
                 raise PipelineError(
-                    f"a worker process died {restarts} times ({exc}); "
+                    f"a worker process died {restarts} time{'s' if restarts > 1 else ''} ({exc}); "
                     f"{len(pending)} trainings unfinished"
                 ) from None
             logger.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -81,35 +82,51 @@ def _finished_cv_runs(client: MlflowClient) -> int:
     return sum(run.info.status == "FINISHED" for run in runs)
 
 
-def test_worker_killed_mid_sweep_is_retried(
-    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers, reliability_log
-):
-    args = [
-        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "30000",
-        "--hidden", "64", "--epochs", "3", "--lambdas", "1e-4,1e-3,1e-2", "--folds", "2",
+def _process_sweep_args(data_dir: Path, tmp_path: Path, tracking_uri: str, epochs: int):
+    """`mlp-pipeline cv` of 6 trainings (3 lambdas x 2 folds, 15,000 images) in 2 pool workers."""
+    return [
+        "cv", "--dataset", "mnist", "--data-dir", str(data_dir), "--limit-train", "30000",
+        "--hidden", "64", "--epochs", str(epochs), "--lambdas", "1e-4,1e-3,1e-2", "--folds", "2",
         "--runner", "process", "--workers", "2", "--tracking-uri", tracking_uri,
         "--experiment", "faults", "--no-progress",
         "--set", f"execution.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
-    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
-    pipeline = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+
+
+def _start_and_kill_a_worker(args, env, tmp_path, ready, pool_workers, reaped):
+    """Start ``mlp-pipeline ARGS``; once ``ready()``, SIGKILL one of its pool workers."""
+    pipeline = reaped(
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     )
-    # Wait until the sweep is under way (a first fold recorded), then SIGKILL a pool worker.
-    client = MlflowClient(tracking_uri=tracking_uri)
     deadline = time.monotonic() + 180
-    while not _finished_cv_runs(client):
+    while not ready(pipeline):
         assert pipeline.poll() is None, pipeline.communicate()
-        assert time.monotonic() < deadline, "no fold finished in time"
+        assert time.monotonic() < deadline, "the sweep did not get under way in time"
         time.sleep(0.2)
     workers = pool_workers(pipeline.pid)
     assert workers, "no worker processes found"
     os.kill(workers[0], signal.SIGKILL)
+    return pipeline
+
+
+def test_worker_killed_mid_sweep_is_retried(
+    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers, reliability_log, reaped
+):
+    args = _process_sweep_args(shared_data_dir, tmp_path, tracking_uri, epochs=3)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    # Wait until the sweep is under way (a first fold recorded), then SIGKILL a pool worker.
+    client = MlflowClient(tracking_uri=tracking_uri)
+    pipeline = _start_and_kill_a_worker(
+        args, env, tmp_path, lambda _: _finished_cv_runs(client) > 0, pool_workers, reaped
+    )
     stdout, stderr = pipeline.communicate(timeout=600)
 
     assert pipeline.returncode == 0, stderr[-3000:]
@@ -134,3 +151,46 @@ def test_worker_killed_mid_sweep_is_retried(
         artifact = client.download_artifacts(run.info.run_id, "cv_results.csv", str(tmp_path))
         table_of[run.data.params["execution.runner"]] = pd.read_csv(artifact)
     pd.testing.assert_frame_equal(table_of["process"], table_of["thread"])
+
+
+def test_worker_deaths_beyond_the_retries_fail_in_one_line(
+    prefect_api_url,
+    tmp_path,
+    tracking_uri,
+    shared_data_dir,
+    pool_workers,
+    reliability_log,
+    reaped,
+    cpu_seconds,
+):
+    # No restart allowed. Trainings of 600 epochs (over 30 CPU-s each): a worker dies mid-training.
+    args = [
+        *_process_sweep_args(shared_data_dir, tmp_path, tracking_uri, epochs=600),
+        "--set", "execution.retries=0",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+
+    def training(pipeline) -> bool:  # both workers a CPU-second into their trainings
+        busy = 0
+        for worker in pool_workers(pipeline.pid):
+            with contextlib.suppress(OSError):
+                busy += cpu_seconds(worker) >= 1.0
+        return busy == 2
+
+    pipeline = _start_and_kill_a_worker(args, env, tmp_path, training, pool_workers, reaped)
+    stdout, stderr = pipeline.communicate(timeout=300)
+
+    assert pipeline.returncode == 2, f"exit {pipeline.returncode}: {stderr[-3000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {stderr[-3000:]}"
+    assert lines[0].startswith("error: a worker process died 1 time ("), lines[0]
+    # Killed a CPU-second into trainings of over 30: none had finished.
+    assert lines[0].endswith("); 6 trainings unfinished"), lines[0]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("faults")
+    runs = client.search_runs([experiment.experiment_id], max_results=50)
+    assert "RUNNING" not in {run.info.status for run in runs}, [r.info for r in runs]
+    parent = [run for run in runs if run.data.tags.get("stage") == "pipeline"]
+    assert len(parent) == 1 and parent[0].info.status == "FAILED", [r.info for r in parent]
+    assert "a worker process died" in parent[0].data.tags.get("error", ""), parent[0].data.tags
+    reliability_log("worker process SIGKILL with no retries left: clean failure", survived=True)

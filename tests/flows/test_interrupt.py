@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +18,11 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "interrupt-test"
+# Epochs of the resumed sweeps (4,000 training images a fold): over a CPU-second of training
+# each, so the 6 trainings left after the second finished fold outlast the wait for it by far
+# and the signal lands mid-sweep. With 3 epochs (0.06 CPU-s) the sweep could finish first.
+RESUMED_EPOCHS = 60
+TRAININGS = re.compile(r"trainings: (\d+) run, (\d+) reused from cache")
 
 
 def _wait_for(process: subprocess.Popen, ready, what: str) -> None:
@@ -45,19 +52,66 @@ def _sweep_args(
     ]  # fmt: skip
 
 
-def _cli(
-    args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False
-) -> subprocess.Popen:
-    """``mlp-pipeline ARGS``; with ``new_session``, its own process group, like a terminal job."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=new_session,
+def _cli(args: list[str], cwd: Path, env: dict[str, str], reaped) -> subprocess.Popen:
+    """``mlp-pipeline ARGS`` in its own session and process group, like a terminal job.
+
+    A Ctrl-C reaches the whole group; the test's end kills the group (``reaped``).
+    """
+    return reaped(
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     )
+
+
+def _trainings(stdout: str) -> tuple[int, int]:
+    """(trained, reused) from the summary line ``trainings: N run, M reused from cache``."""
+    found = TRAININGS.search(stdout)
+    assert found, f"no 'trainings: N run, M reused from cache' line in the output:\n{stdout}"
+    return int(found.group(1)), int(found.group(2))
+
+
+def _wait_for_training(
+    process: subprocess.Popen, cpu_seconds, units, count: int, seconds: float = 2.0
+) -> None:
+    """Block until ``count`` of ``units()`` ((pid, thread or None) pairs) have each used
+    ``seconds`` more CPU time than when this was called: trainings well into their epochs.
+
+    An epoch of 10,000 images takes about 0.05 CPU-s here: 2 CPU-s are dozens of epochs, and
+    more than anything else in the run uses in one thread or pool worker meanwhile.
+    """
+
+    def used() -> dict:
+        found = {}
+        with contextlib.suppress(OSError):  # the process ended: _wait_for reports it
+            for unit in units():
+                with contextlib.suppress(OSError):
+                    found[unit] = cpu_seconds(*unit)
+        return found
+
+    start = used()
+
+    def busy() -> int:
+        # A unit seen for the first time started after the wait began: all its time counts.
+        return sum(cpu - start.get(unit, 0.0) >= seconds for unit, cpu in used().items())
+
+    _wait_for(process, lambda: busy() >= count, f"{count} trainings {seconds} CPU-s in")
+
+
+def _threads(pid: int) -> list[tuple[int, int]]:
+    """(pid, thread id) of every thread of a process: the thread runner trains in them."""
+    return [(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def _processes(pids: list[int]) -> list[tuple[int, None]]:
+    """(pid, None) of pool workers: each trains in its own process."""
+    return [(pid, None) for pid in pids]
 
 
 def _finished_cv_runs(client: MlflowClient) -> int:
@@ -91,7 +145,16 @@ def _train_fold_runs(client: MlflowClient) -> list:
 
 @pytest.mark.parametrize(("runner", "workers"), [("process", 2), ("thread", 1)])
 def test_interrupt_stops_running_trainings_at_their_next_epoch(
-    runner, workers, shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
+    runner,
+    workers,
+    shared_data_dir,
+    prefect_api_url,
+    tmp_path,
+    tracking_uri,
+    reliability_log,
+    reaped,
+    cpu_seconds,
+    pool_workers,
 ):
     # Trainings of about a minute each (600 epochs on 10,000 images): without the stop flag,
     # closing the runner would wait for them, and they would end Completed (and be cached).
@@ -101,13 +164,19 @@ def test_interrupt_stops_running_trainings_at_their_next_epoch(
     )
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = _cli(args, tmp_path, env)
-    deadline = time.monotonic() + 240
-    while sum(run.state_name == "Running" for run in _train_fold_runs(client)) < workers:
-        assert pipeline.poll() is None, f"ended before the interruption: {pipeline.communicate()}"
-        assert time.monotonic() < deadline, "no training started in time"
-        time.sleep(0.2)
-    time.sleep(1.0)  # a few epochs in
+    pipeline = _cli(args, tmp_path, env, reaped)
+    _wait_for(
+        pipeline,
+        lambda: sum(run.state_name == "Running" for run in _train_fold_runs(client)) >= workers,
+        f"{workers} trainings running",
+    )
+
+    def units() -> list:  # where the trainings run: pool workers, or the pipeline's threads
+        if runner == "process":
+            return _processes(pool_workers(pipeline.pid))
+        return _threads(pipeline.pid)
+
+    _wait_for_training(pipeline, cpu_seconds, units, count=workers)  # dozens of epochs in
 
     pipeline.send_signal(signal.SIGTERM)
     _, stderr = pipeline.communicate(timeout=120)
@@ -123,6 +192,9 @@ def test_interrupt_stops_running_trainings_at_their_next_epoch(
     assert "Completed" not in states, states
     stopped = [run for run in runs if "training stopped" in (run.state.message or "")]
     assert len(stopped) >= workers, [(run.state_name, run.state.message) for run in runs]
+    # The running ones stopped between two epochs, mid-training.
+    mid_training = [run for run in stopped if "training stopped after epoch" in run.state.message]
+    assert len(mid_training) >= workers, [(run.state_name, run.state.message) for run in runs]
     statuses = _statuses(client)
     assert "RUNNING" not in statuses, statuses
     reliability_log(
@@ -133,13 +205,13 @@ def test_interrupt_stops_running_trainings_at_their_next_epoch(
 
 
 def test_sigterm_ends_runs_killed_and_rerun_resumes(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log, reaped
 ):
-    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache")
+    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache", epochs=RESUMED_EPOCHS)
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
 
-    first = _cli(args, tmp_path, env)
+    first = _cli(args, tmp_path, env, reaped)
     _wait_for_folds(first, client, 2)
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
@@ -155,12 +227,11 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
     assert parent.info.status == "KILLED", parent.info
     assert 2 <= finished_before < 8, finished_before
 
-    second = _cli(args, tmp_path, env)
+    second = _cli(args, tmp_path, env, reaped)
     stdout, stderr = second.communicate(timeout=600)
     assert second.returncode == 0, stderr[-2000:]
     # Every fold that finished before the interruption is reused, not retrained.
-    reused = int(stdout.split(" reused from cache")[0].rsplit(",", 1)[-1].strip().split()[0])
-    trained = int(stdout.split("trainings: ")[1].split(" run")[0])
+    trained, reused = _trainings(stdout)
     assert reused >= finished_before, (reused, finished_before, stdout)
     assert trained + reused == 8, stdout
     reliability_log(
@@ -172,13 +243,13 @@ def test_sigterm_ends_runs_killed_and_rerun_resumes(
 
 
 def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log
+    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, reliability_log, reaped
 ):
-    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache")
+    args = _sweep_args(shared_data_dir, tracking_uri, tmp_path / "cache", epochs=RESUMED_EPOCHS)
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
 
-    first = _cli(args, tmp_path, env)
+    first = _cli(args, tmp_path, env, reaped)
     _wait_for_folds(first, client, 2)
     first.kill()  # SIGKILL: no handler runs, the MLflow runs stay RUNNING
     first.communicate(timeout=60)
@@ -187,12 +258,11 @@ def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
     dead_parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
     assert dead_parent.info.status == "RUNNING", dead_parent.info
 
-    second = _cli(args, tmp_path, env)
+    second = _cli(args, tmp_path, env, reaped)
     stdout, stderr = second.communicate(timeout=600)
 
     assert second.returncode == 0, stderr[-2000:]
-    trained = int(stdout.split("trainings: ")[1].split(" run")[0])
-    reused = int(stdout.split(" reused from cache")[0].rsplit(",", 1)[-1].strip().split()[0])
+    trained, reused = _trainings(stdout)
     assert trained + reused == 8, stdout
     assert trained <= 8 - finished_before, (trained, finished_before, stdout)
     assert client.get_run(dead_parent.info.run_id).info.status == "FAILED", (
@@ -207,7 +277,7 @@ def test_sigkill_then_rerun_resumes_and_marks_the_dead_run_failed(
 
 
 def test_two_pipelines_at_once_share_one_store(
-    prefect_api_url, tmp_path, tracking_uri, reliability_log
+    prefect_api_url, tmp_path, tracking_uri, reliability_log, reaped
 ):
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     runs = [
@@ -228,6 +298,7 @@ def test_two_pipelines_at_once_share_one_store(
             ],  # fmt: skip
             tmp_path,
             env,
+            reaped,
         )
         for seed, name in enumerate(("a", "b"))
     ]
@@ -262,17 +333,26 @@ def test_two_pipelines_at_once_share_one_store(
 
 
 def test_sigterm_stops_process_workers_too(
-    shared_data_dir, prefect_api_url, tmp_path, tracking_uri, pool_workers, reliability_log
+    shared_data_dir,
+    prefect_api_url,
+    tmp_path,
+    tracking_uri,
+    pool_workers,
+    reliability_log,
+    reaped,
+    cpu_seconds,
 ):
+    # Trainings of about a minute (as above): the signal lands while the workers train.
     args = _sweep_args(
-        shared_data_dir, tracking_uri, tmp_path / "cache", runner="process", workers=2, n=20000
-    )
+        shared_data_dir, tracking_uri, tmp_path / "cache", runner="process", workers=2,
+        n=20000, epochs=600,
+    )  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = _cli(args, tmp_path, env)
-    _wait_for_folds(pipeline, client, 1)
+    pipeline = _cli(args, tmp_path, env, reaped)
+    _wait_for_training(pipeline, cpu_seconds, lambda: _processes(pool_workers(pipeline.pid)), 2)
     workers = pool_workers(pipeline.pid)
-    assert workers, "no pool workers found"
+    assert len(workers) == 2, f"pool workers of the pipeline: {workers}"
 
     pipeline.send_signal(signal.SIGTERM)
     _, stderr = pipeline.communicate(timeout=120)
@@ -317,7 +397,14 @@ def _without_api() -> dict[str, str]:
 
 
 def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
-    shared_data_dir, tmp_path, tracking_uri, reliability_log, child_processes
+    shared_data_dir,
+    tmp_path,
+    tracking_uri,
+    reliability_log,
+    child_processes,
+    pool_workers,
+    reaped,
+    cpu_seconds,
 ):
     # A terminal's Ctrl-C sends SIGINT to the whole foreground process group. The temporary
     # server must not die with it under the run: the run ends its Prefect and MLflow runs
@@ -327,10 +414,11 @@ def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
         n=20000, epochs=600,
     )  # fmt: skip
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = _cli(args, tmp_path, _without_api(), new_session=True)
+    pipeline = _cli(args, tmp_path, _without_api(), reaped)
     _wait_for_parent_run(pipeline, client)
     server = _temporary_server_of(pipeline.pid, child_processes)
-    time.sleep(1.0)
+    # Mid-training: both pool workers have trained a while.
+    _wait_for_training(pipeline, cpu_seconds, lambda: _processes(pool_workers(pipeline.pid)), 2)
 
     os.killpg(pipeline.pid, signal.SIGINT)
     _, stderr = pipeline.communicate(timeout=90)  # dropping nothing, it took minutes
@@ -345,14 +433,14 @@ def test_ctrl_c_in_a_terminal_ends_the_run_cleanly_on_its_temporary_server(
 
 
 def test_a_temporary_server_lost_mid_run_is_one_line_and_no_hang(
-    shared_data_dir, tmp_path, tracking_uri, reliability_log, child_processes
+    shared_data_dir, tmp_path, tracking_uri, reliability_log, child_processes, reaped
 ):
     args = _sweep_args(
         shared_data_dir, tracking_uri, tmp_path / "cache", runner="thread", workers=1,
         n=8000, epochs=40,
     )  # fmt: skip
     client = MlflowClient(tracking_uri=tracking_uri)
-    pipeline = _cli(args, tmp_path, _without_api())
+    pipeline = _cli(args, tmp_path, _without_api(), reaped)
     _wait_for_parent_run(pipeline, client)
     os.kill(_temporary_server_of(pipeline.pid, child_processes), signal.SIGKILL)  # OOM, say
 

@@ -62,11 +62,13 @@ def test_a_different_config_gets_a_fresh_runner(pool_workers):
     execution = ExecutionConfig(runner="process", workers=2)
     data = DataConfig(dataset="mnist-sample")
     with prestarted_task_runner(execution, data):
+        assert _wait_for(lambda: len(pool_workers(os.getpid())) == 2), pool_workers(os.getpid())
+        prestarted = set(pool_workers(os.getpid()))
         other = ExecutionConfig(runner="thread", workers=2)
         with task_runner(other, data) as runner:
-            assert not isinstance(runner, EagerProcessPoolTaskRunner)
-        # The prestarted pool is still waiting for its own sweep.
-        assert len(pool_workers(os.getpid())) == 2
+            assert not isinstance(runner, EagerProcessPoolTaskRunner), runner
+        # The prestarted pool is still waiting for its own sweep: the same workers, not closed.
+        assert set(pool_workers(os.getpid())) == prestarted, (pool_workers(os.getpid()), prestarted)
 
 
 def test_thread_runners_are_not_prestarted(pool_workers):
