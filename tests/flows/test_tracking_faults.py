@@ -110,7 +110,9 @@ def test_unreachable_server_at_start_fails_before_training(
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), (
         "no training may happen before the store is known to work"
     )
-    reliability_log("MLflow server unreachable at start: clean error, no training", survived=True)
+    reliability_log(
+        f"MLflow server unreachable at start ({kind}): clean error, no training", survived=True
+    )
 
 
 def test_server_lost_mid_sweep_keeps_results_in_a_local_report(
