@@ -5,14 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# History column: when each epoch ended (``time.time()`` seconds), for MLflow's wall-time axis.
+WALL_TIME = "wall_time"
+
 
 @dataclass(frozen=True)
 class FoldResult:
     """The outcome of training one network on one (lambda, fold) of the cross-validation.
 
     ``history`` maps column names (``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
-    ``val_accuracy``, ``lr``, ``seconds``...) to one value per epoch. A diverged training keeps
-    its partial history; its summary metrics are NaN and it is left out of the selection.
+    ``val_accuracy``, ``lr``, ``seconds``, ``wall_time``...) to one value per epoch. A diverged
+    training keeps its partial history; its summary metrics are NaN and it is left out of the
+    selection.
     """
 
     l2_lambda: float

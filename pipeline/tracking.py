@@ -40,7 +40,7 @@ import pandas as pd
 from pipeline import plots
 from pipeline.data import array_sha256
 from pipeline.errors import DataError, PipelineError, TrackingError
-from pipeline.results import Evaluation, FoldResult
+from pipeline.results import WALL_TIME, Evaluation, FoldResult
 from pipeline.store_template import seed_sqlite_store
 from pipeline.tracking_uri import (
     check_tracking_uri,
@@ -255,19 +255,27 @@ def _git_commit() -> str | None:
 
 
 def _epoch_metrics(history: Mapping[str, Sequence[float]], timestamp: int) -> list:
-    """One ``Metric`` per (column, epoch) of a history, step = the epoch number (1-based)."""
+    """One ``Metric`` per (column, epoch) of a history, step = the epoch number (1-based).
+
+    Each point gets its epoch's end time when the history has it (``wall_time``), so MLflow's
+    wall-time axis shows the training as it ran; else ``timestamp`` (milliseconds).
+    """
     from mlflow.entities import Metric
 
     n_epochs = max((len(v) for k, v in history.items() if k in EPOCH_METRICS), default=0)
     epochs = [int(e) for e in history.get("epoch", range(1, n_epochs + 1))]
+    ended = [
+        timestamp if _is_nan(t) else int(t * 1000)
+        for t in history.get(WALL_TIME, [math.nan] * len(epochs))
+    ]
     metrics = []
     for key in EPOCH_METRICS:
         values = history.get(key)
         if values is None or all(_is_nan(v) for v in values):
             continue  # e.g. val_* of a model trained without validation data
-        for epoch, value in zip(epochs, values, strict=False):
+        for epoch, at, value in zip(epochs, ended, values, strict=False):
             if value is not None:
-                metrics.append(Metric(key, float(value), timestamp, epoch))
+                metrics.append(Metric(key, float(value), at, epoch))
     return metrics
 
 

@@ -20,7 +20,7 @@ from pipeline.config import DataConfig, PipelineConfig
 from pipeline.data import Dataset, DatasetRef, Normalizer, load_dataset
 from pipeline.errors import DataError
 from pipeline.folds import fold_seed, make_folds, train_indices
-from pipeline.results import Evaluation, FoldResult
+from pipeline.results import WALL_TIME, Evaluation, FoldResult
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -100,7 +100,8 @@ def _fit_network(
     records: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
-        records.append(dict(record))
+        # When the epoch ended, for MLflow's wall-time axis (recorded later, in one batch).
+        records.append({**record, WALL_TIME: time.time()})
         if callback is not None:
             callback(record)
 

@@ -267,6 +267,23 @@ def test_fold_runs_are_nested_with_epoch_histories(recorded, client):
         assert run.data.metrics["epochs_run"] == EPOCHS
 
 
+def test_epoch_points_carry_the_time_each_epoch_ended():
+    # Arrange: two epochs that ended 1.5 s apart, and a history from before the column existed.
+    timed = {"epoch": [1, 2], "train_loss": [0.5, 0.4], "wall_time": [1000.0, 1001.5]}
+    untimed = {"epoch": [1, 2], "train_loss": [0.5, 0.4]}
+
+    # Act
+    points = pipeline.tracking._epoch_metrics(timed, 7)
+    fallback = pipeline.tracking._epoch_metrics(untimed, 7)
+
+    # Assert: milliseconds, as MLflow stores them.
+    assert [(m.key, m.step, m.timestamp) for m in points] == [
+        ("train_loss", 1, 1_000_000),
+        ("train_loss", 2, 1_001_500),
+    ], points
+    assert {m.timestamp for m in fallback} == {7}, fallback
+
+
 def test_diverged_fold_is_tagged_with_nan_metrics(recorded, client):
     run = client.get_run(recorded.diverged_run)
     assert run.info.status == "FINISHED"

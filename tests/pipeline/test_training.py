@@ -183,6 +183,27 @@ def test_train_fold_history_has_one_row_per_epoch(sample):
     assert result.train_loss == result.history["train_loss"][-1], "train_loss is the last epoch's"
 
 
+def test_train_fold_history_records_when_each_epoch_ended(sample):
+    import time
+
+    # Arrange
+    cfg = _config(**{"training.epochs": 3})
+    started = time.time()
+
+    # Act
+    result = train_fold(cfg, sample, 1e-4, 0)
+    ended = time.time()
+
+    # Assert: wall-clock times, in order, inside the call, at least an epoch's training apart.
+    times = result.history["wall_time"]
+    assert len(times) == 3, times
+    assert started <= times[0] <= times[1] <= times[2] <= ended, (started, times, ended)
+    for earlier, later, seconds in zip(
+        times, times[1:], result.history["seconds"][1:], strict=False
+    ):
+        assert later - earlier >= seconds, f"epochs {times} closer than their training {seconds}"
+
+
 @pytest.mark.parametrize("method", ["standardize", "standardize-pixel"])
 def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkeypatch, method):
     # Arrange: record what Normalizer.fit sees inside train_fold.
