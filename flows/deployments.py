@@ -43,8 +43,11 @@ _FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 
 
 def require_api_url() -> str:
-    """The URL in ``PREFECT_API_URL``; a one-line :class:`PipelineError` when it is not set."""
-    url = os.environ.get("PREFECT_API_URL", "").strip()
+    """Prefect's API URL (the environment, or the active profile as ``prefect config set``
+    leaves it); a one-line :class:`PipelineError` when none is set."""
+    from prefect.settings import get_current_settings
+
+    url = (get_current_settings().api.url or "").strip()
     if not url:
         raise PipelineError(f"PREFECT_API_URL is not set: deployments need a running server; "
                             f"{START_SERVER_HINT}")  # fmt: skip
@@ -230,6 +233,14 @@ def deployment_config(deployment: Any, overrides: dict[str, Any]) -> PipelineCon
         ) from None
     if not overrides:
         return base
+    uri = overrides.get("tracking.tracking_uri")
+    if isinstance(uri, str) and "@" in urllib.parse.urlsplit(uri).netloc:
+        # Flow-run parameters are stored and shown by Prefect: no secrets in them.
+        raise ConfigError(
+            "a triggered run's tracking URI cannot carry credentials (Prefect stores its "
+            "parameters); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD where "
+            "`mlp-pipeline serve` runs"
+        )
     # Only the paths given now are relative to this working directory; the stored ones are kept.
     given = [key for key in PATH_KEYS if key in overrides]
     return absolute_paths(build_config(base=base, overrides=overrides), given)

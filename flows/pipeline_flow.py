@@ -32,6 +32,12 @@ from pipeline.tracking import PipelineRecorder
 from pipeline.training import load_data_checked, predict_test, train_final
 
 
+class WorkersLost(PipelineError):
+    """Worker processes kept dying past ``execution.retries`` (exit code 1: not bad input)."""
+
+    exit_code = 1
+
+
 @dataclass
 class Sweep:
     """Every (lambda, fold) result, and how many were trained now vs. reused from the cache."""
@@ -91,7 +97,7 @@ def run_sweep(config: PipelineConfig, dataset: Dataset, recorder: ResilientRecor
             pending = [key for key in pending if key not in done]
             restarts += 1
             if restarts > config.execution.retries:
-                raise PipelineError(
+                raise WorkersLost(
                     f"a worker process died {restarts} time{'s' if restarts > 1 else ''} ({exc}); "
                     f"{len(pending)} trainings unfinished"
                 ) from None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -134,6 +136,7 @@ def warm_worker(blas_threads: int, data: DataConfig | None = None, stop: Any = N
         # thread, leaving the workers waiting for work forever and the CLI hung at exit.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_blas_threads(blas_threads)
+    _exit_with_parent()
     try:
         import flows.tasks  # Prefect's task engine and the training code
         from flows.console import hide_known_failures_on_console
@@ -149,6 +152,26 @@ def warm_worker(blas_threads: int, data: DataConfig | None = None, stop: Any = N
             load_configured_dataset(data)
     except Exception:  # noqa: BLE001, S110 -- the first task raises it again, with context
         pass
+
+
+def _exit_with_parent(every_seconds: float = 1.0) -> None:
+    """End this pool worker when the process that started it is gone.
+
+    A parent killed outright (SIGKILL, the OOM killer) closes nothing: its workers would wait
+    for work forever, each holding a copy of the dataset. A thread checks the parent's pid;
+    Linux's parent-death signal is no substitute, as it fires when the creating *thread* ends.
+    """
+    if multiprocessing.parent_process() is None:
+        return  # not a pool worker (a test calling the initializer in its own process)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def prime_prefect() -> None:
@@ -210,6 +233,8 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
         found = next((e for e in _prestarted if e[0] == execution and e[1] == data), None)
         if found is not None:
             _prestarted.remove(found)
+    if found is None and execution.runner in {"process", "dask"}:
+        _share_the_flows_api()
     runner = found[2] if found is not None else make_task_runner(execution, data).__enter__()
     try:
         yield runner
@@ -219,6 +244,26 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
         raise
     finally:
         runner.__exit__(*sys.exc_info())  # the exception leaving the sweep, if any
+
+
+def _share_the_flows_api() -> None:
+    """Export the API this flow run reports to, for worker processes started from here.
+
+    The CLI always sets ``PREFECT_API_URL``; a flow called from Python without it runs on a
+    temporary server Prefect started in this process, which workers cannot know of: each would
+    start one of its own (2 more servers here, 26 s instead of 10 for the quick preset) and
+    report its task runs there.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    url = str(getattr(getattr(context, "client", None), "api_url", "") or "").rstrip("/")
+    if url:
+        from flows.server import _export_api_url
+
+        _export_api_url(url)
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:

@@ -196,7 +196,9 @@ def prefect_api(
     instead of adding to it. The URL is exported before it runs, so workers started meanwhile
     inherit it.
     """
-    if os.environ.get("PREFECT_API_URL"):
+    configured = configured_api_url()
+    if configured:
+        os.environ["PREFECT_API_URL"] = configured  # a profile's: for the workers too
         if while_starting is not None:
             while_starting()
         yield None
@@ -230,6 +232,41 @@ def prefect_api(
         _drain_prefect_clients(server_alive=server.exit_code is None)
         _export_api_url(None)
         server.stop()
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API URL the user configured: ``PREFECT_API_URL``, or Prefect's settings.
+
+    Prefect reads it from the environment, a ``.env`` or ``prefect.toml`` here, ``pyproject.toml``
+    or the active profile (``prefect config set PREFECT_API_URL=...``). Its settings take about
+    1 s to import, so they are asked only when one of those files could name an API.
+    """
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if url:
+        return url
+    if not _settings_files_may_name_an_api():
+        return None
+    from prefect.settings import get_current_settings
+
+    return (get_current_settings().api.url or "").strip() or None
+
+
+def _settings_files_may_name_an_api() -> bool:
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    candidates = (
+        (profiles.expanduser(), "PREFECT_API_URL"),
+        (Path(".env"), "PREFECT_API_URL"),
+        (Path("prefect.toml"), "url"),
+        (Path("pyproject.toml"), "tool.prefect"),
+    )
+    for path, marker in candidates:
+        try:
+            if marker in path.read_text(encoding="utf-8", errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _export_api_url(url: str | None) -> None:

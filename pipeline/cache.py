@@ -30,6 +30,7 @@ def fold_cache_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, f
     """
     settings = config.model_dump(mode="json", exclude=set(_IRRELEVANT_SECTIONS))
     settings["cv"].pop("lambdas")
+    settings["training"].pop("final_epochs")  # the final model's only; it is not cached
     # The fingerprint identifies the data; where the files live and how they came don't matter.
     settings["data"].pop("data_dir")
     settings["data"].pop("download")

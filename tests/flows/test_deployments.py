@@ -564,3 +564,19 @@ def test_prefect_yaml_deploys_to_a_process_pool(
     run = _run_of_flow_run(tracking_store, flow_run_id.group(0))
     assert run.info.status == "FINISHED", run.info
     assert run.data.params["execution.cache_dir"] == str(workdir / "worker-cache"), run.data.params
+
+
+def test_a_triggered_run_takes_no_credentials_in_its_tracking_uri():
+    """Prefect stores and shows flow-run parameters: a password there would be in its UI."""
+    from types import SimpleNamespace
+
+    from flows.deployments import deployment_config
+    from pipeline.errors import ConfigError
+
+    deployment = SimpleNamespace(name="on-demand", parameters={})
+    with pytest.raises(ConfigError, match="cannot carry credentials") as info:
+        deployment_config(deployment, {"tracking.tracking_uri": "http://alice:s3cret@h:5000"})
+    assert "s3cret" not in str(info.value) and "alice" not in str(info.value), info.value
+    # Without credentials the same override is taken.
+    config = deployment_config(deployment, {"tracking.tracking_uri": "http://h:5000"})
+    assert config.tracking.tracking_uri == "http://h:5000", config.tracking

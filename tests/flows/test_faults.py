@@ -180,7 +180,8 @@ def test_worker_deaths_beyond_the_retries_fail_in_one_line(
     pipeline = _start_and_kill_a_worker(args, env, tmp_path, training, pool_workers, reaped)
     stdout, stderr = pipeline.communicate(timeout=300)
 
-    assert pipeline.returncode == 2, f"exit {pipeline.returncode}: {stderr[-3000:]}"
+    # 1, not 2: a dying worker is no bad input.
+    assert pipeline.returncode == 1, f"exit {pipeline.returncode}: {stderr[-3000:]}"
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one error line, got: {stderr[-3000:]}"
     assert lines[0].startswith("error: a worker process died 1 time ("), lines[0]
@@ -194,3 +195,40 @@ def test_worker_deaths_beyond_the_retries_fail_in_one_line(
     assert len(parent) == 1 and parent[0].info.status == "FAILED", [r.info for r in parent]
     assert "a worker process died" in parent[0].data.tags.get("error", ""), parent[0].data.tags
     reliability_log("worker process SIGKILL with no retries left: clean failure", survived=True)
+
+
+def test_pool_workers_end_when_the_pipeline_is_killed_outright(
+    prefect_api_url, tmp_path, tracking_uri, shared_data_dir, pool_workers, reaped
+):
+    """SIGKILL (the OOM killer) runs no cleanup: the workers must notice and end themselves."""
+    args = _process_sweep_args(shared_data_dir, tmp_path, tracking_uri, epochs=300)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    pipeline = reaped(
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args], cwd=tmp_path, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(workers := pool_workers(pipeline.pid)) < 2:
+        assert pipeline.poll() is None, "the pipeline ended before its pool started"
+        assert time.monotonic() < deadline, "the pool never started"
+        time.sleep(0.2)
+
+    # Act
+    pipeline.kill()
+    pipeline.wait(timeout=30)
+
+    # Assert: the orphaned workers are gone within a few seconds (they check every second).
+    deadline = time.monotonic() + 20
+    while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists() and _running(pid)]:
+        assert time.monotonic() < deadline, f"workers {alive} outlived their pipeline"
+        time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

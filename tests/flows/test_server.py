@@ -208,3 +208,97 @@ def test_flow_heartbeats_are_off_only_on_a_temporary_server(
     assert (seen["api"] != prefect_api_url) is temporary, seen
     assert seen["heartbeat"] == (None if temporary else 180), seen
     assert get_current_settings().flows.heartbeat_frequency == 180, "restored after the run"
+
+
+@pytest.mark.parametrize(
+    ("where", "text", "expected"),
+    [
+        (
+            "profiles.toml",
+            'active = "p"\n[profiles.p]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n',
+            "http://127.0.0.1:9/api",
+        ),
+        ("prefect.toml", '[api]\nurl = "http://127.0.0.1:8/api"\n', "http://127.0.0.1:8/api"),
+        ("profiles.toml", 'active = "p"\n[profiles.p]\n', "None"),
+    ],
+    ids=["profile", "prefect.toml", "nothing-set"],
+)
+def test_an_api_url_from_prefect_settings_files_is_used(tmp_path, where, text, expected):
+    """`prefect config set PREFECT_API_URL=...` (a profile) counts as a configured server."""
+    # Arrange: a Prefect home and a working folder of their own, nothing in the environment.
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "profiles.toml" if where == "profiles.toml" else work / where).write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"))
+    code = "from flows.server import configured_api_url; print(configured_api_url())"
+
+    # Act
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env,
+        timeout=120, check=False,
+    )  # fmt: skip
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == expected, f"{where}: {done.stdout!r}"
+
+
+def test_a_flow_called_from_python_shares_its_server_with_process_workers(tmp_path):
+    """Without PREFECT_API_URL, Prefect starts a temporary server for the flow; the workers must
+    report to it, not each start a server of their own."""
+    script = textwrap.dedent(
+        """
+        import os, threading, time
+        from pathlib import Path
+
+        def servers_below(root):
+            found = set()
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
+                    pid, parent = int(entry.name), None
+                    while pid > 1:
+                        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                        pid = int(stat[1])
+                        if pid == os.getpid():
+                            parent = pid
+                            break
+                except (OSError, ValueError):
+                    continue
+                if parent and "uvicorn" in cmdline:
+                    found.add(int(entry.name))
+            return found
+
+        if __name__ == "__main__":
+            seen, done = set(), threading.Event()
+            def watch():
+                while not done.is_set():
+                    seen.update(servers_below(os.getpid()))
+                    time.sleep(0.2)
+            threading.Thread(target=watch, daemon=True).start()
+            from flows.pipeline_flow import cv_flow
+            from pipeline.config import preset
+            config = preset("quick").replace(
+                {"execution.runner": "process", "execution.workers": 2}
+            )
+            result = cv_flow(config)
+            done.set()
+            print("SERVERS", len(seen), "TRAINED", result["trained_folds"])
+        """
+    )
+    (tmp_path / "go.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+
+    done = subprocess.run(
+        [sys.executable, "go.py"], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=600, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == "SERVERS 1 TRAINED 4", f"one temporary server for flow and workers: {last}"

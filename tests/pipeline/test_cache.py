@@ -108,6 +108,7 @@ def test_key_changes_with_result_relevant_settings(override):
         {"data.data_dir": "/some/where/else"},
         {"data.download": False},
         {"cv.lambdas": [1e-3]},
+        {"training.final_epochs": 30},
         {"cv.lambdas": [1e-3, 1e-4, 1e-2, 1e-1, 0.0]},
     ],
     ids=lambda o: "+".join(o),
