@@ -45,9 +45,9 @@ _FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 def require_api_url() -> str:
     """Prefect's API URL (the environment, or the active profile as ``prefect config set``
     leaves it); a one-line :class:`PipelineError` when none is set."""
-    from prefect.settings import get_current_settings
+    from flows.server import configured_api_url
 
-    url = (get_current_settings().api.url or "").strip()
+    url = configured_api_url() or ""
     if not url:
         raise PipelineError(f"PREFECT_API_URL is not set: deployments need a running server; "
                             f"{START_SERVER_HINT}")  # fmt: skip
