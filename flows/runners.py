@@ -251,8 +251,7 @@ def _share_the_flows_api() -> None:
 
     The CLI always sets ``PREFECT_API_URL``; a flow called from Python without it runs on a
     temporary server Prefect started in this process, which workers cannot know of: each would
-    start one of its own (2 more servers here, 26 s instead of 10 for the quick preset) and
-    report its task runs there.
+    start one of its own (3 servers in all for 2 workers) and report its task runs there.
     """
     if os.environ.get("PREFECT_API_URL"):
         return
