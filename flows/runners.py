@@ -233,7 +233,7 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
         found = next((e for e in _prestarted if e[0] == execution and e[1] == data), None)
         if found is not None:
             _prestarted.remove(found)
-    if found is None and execution.runner in {"process", "dask"}:
+    if found is None and execution.runner == "process":
         _share_the_flows_api()
     runner = found[2] if found is not None else make_task_runner(execution, data).__enter__()
     try:

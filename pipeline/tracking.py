@@ -165,6 +165,14 @@ def _once(steps: dict[str, Any], step: str, action: Callable[..., Any], *args, *
     return steps[step]
 
 
+def _tried_before(steps: dict[str, Any], step: str) -> bool:
+    """Whether an earlier attempt started ``step`` (it may have failed, or its reply was lost);
+    marks it started. For the steps that create something a retry must look up, not repeat."""
+    tried = steps.get(f"{step} tried", False)
+    steps[f"{step} tried"] = True
+    return tried
+
+
 def get_or_create_experiment(client, name: str, artifact_location: str | None) -> str:
     """The id of experiment ``name``, created (with ``artifact_location``) or restored if needed."""
     experiment = client.get_experiment_by_name(name)
@@ -596,8 +604,7 @@ class PipelineRecorder:
             # current one, then moves the alias; two pipelines doing it at once could both
             # see no champion, or each keep the model it beat.
             with _store_lock(self.tracking_uri):
-                retried = steps.setdefault("version tried", False)
-                steps["version tried"] = True
+                retried = _tried_before(steps, "version")
                 version = _once(
                     steps, "version", self._create_version, name, run_id, model_info, retried
                 )
@@ -778,7 +785,7 @@ class PipelineRecorder:
         """
         if "run" in steps:
             return steps["run"]
-        retried = RECORD_KEY_TAG in steps
+        retried = _tried_before(steps, "run")
         key = steps.setdefault(RECORD_KEY_TAG, uuid.uuid4().hex)
         run_id = self._find_child(key) if retried else None
         if run_id is None:
