@@ -25,6 +25,7 @@ from mlp.activations import get_activation
 from mlp.errors import MLPError
 from mlp.init import INITS, init_layer
 from mlp.losses import log_softmax, softmax
+from mlp.serialization import load_state, model_file_error, save_state
 from mlp.validation import check_dtype, check_number, check_X, check_y
 from mlp.workspace import Workspace, train_step
 
@@ -272,19 +273,7 @@ class MLP:
         init : str
             Recorded only (saved in model files).
         """
-        if len(weights) == 0 or len(weights) != len(biases):
-            raise MLPError(
-                f"need as many weight matrices as bias vectors (>= 1), got "
-                f"{len(weights)} and {len(biases)}"
-            )
-        shapes = [np.shape(W) for W in weights]
-        for layer, (s, b) in enumerate(zip(shapes, biases, strict=True)):
-            if len(s) != 2 or np.shape(b) != (s[1],):
-                raise MLPError(f"layer {layer}: W shape {s} and b shape {np.shape(b)} disagree")
-            if layer and shapes[layer - 1][1] != s[0]:
-                raise MLPError(
-                    f"layer {layer}: fan_in {s[0]} != previous fan_out {shapes[layer - 1][1]}"
-                )
+        _check_layer_shapes(weights, biases)
         dt = check_dtype(dtype if dtype is not None else np.asarray(weights[0]).dtype)
         net = cls.__new__(cls)
         net._act = get_activation(activation)
@@ -303,14 +292,55 @@ class MLP:
         return MLP.from_state(self.get_state())
 
     def save(self, path: str | Path) -> Path:
-        """Write the network to one ``.npz`` file (see :mod:`mlp.serialization`)."""
-        from mlp.serialization import save
+        """Write the network to one ``.npz`` file (see :mod:`mlp.serialization`).
 
-        return save(self, path)
+        Returns
+        -------
+        Path
+            The file written (exactly ``path``; written atomically).
+        """
+        return save_state(self.get_state(), path)
 
     @classmethod
     def load(cls, path: str | Path, expected_architecture: dict | None = None) -> MLP:
-        """Read a network written by :meth:`save`; problems raise ModelFileError."""
-        from mlp.serialization import load
+        """Read a network written by :meth:`save`; problems raise ModelFileError.
 
-        return load(path, expected_architecture=expected_architecture)
+        Parameters
+        ----------
+        path : str or Path
+        expected_architecture : dict, optional
+            If given, every key in it must equal the file's architecture (``hidden_sizes``
+            compared as lists).
+        """
+        state = load_state(path, expected_architecture=expected_architecture)
+        try:
+            return cls.from_state(state)
+        except MLPError as exc:  # e.g. an unknown activation: the file is still the problem
+            raise model_file_error(path, str(exc)) from None
+
+
+def _check_layer_shapes(weights: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> None:
+    """>= 1 layer, each ``W`` 2-d with a matching ``b``, each fan_in the previous fan_out."""
+    if len(weights) == 0 or len(weights) != len(biases):
+        raise MLPError(
+            f"need as many weight matrices as bias vectors (>= 1), got "
+            f"{len(weights)} and {len(biases)}"
+        )
+    shapes = [np.shape(W) for W in weights]
+    for layer, (s, b) in enumerate(zip(shapes, biases, strict=True)):
+        if len(s) != 2 or np.shape(b) != (s[1],):
+            raise MLPError(f"layer {layer}: W shape {s} and b shape {np.shape(b)} disagree")
+        if layer and shapes[layer - 1][1] != s[0]:
+            raise MLPError(
+                f"layer {layer}: fan_in {s[0]} != previous fan_out {shapes[layer - 1][1]}"
+            )
+
+
+def save(net: MLP, path: str | Path) -> Path:
+    """Write ``net`` to ``path`` as one ``.npz`` file; same as ``net.save(path)``."""
+    return net.save(path)
+
+
+def load(path: str | Path, expected_architecture: dict | None = None) -> MLP:
+    """Read a network written by :func:`save`; same as :meth:`MLP.load`."""
+    return MLP.load(path, expected_architecture=expected_architecture)

@@ -53,13 +53,21 @@ def make_schedule(name: str, base_lr: float, epochs: int, **kwargs) -> Schedule:
     if name == "constant":
         return lambda epoch: base_lr
     if name == "step":
-        step_size = kwargs.get("step_size", max(1, epochs // 3))
-        gamma = float(kwargs.get("gamma", 0.1))
-        if not (isinstance(step_size, int) and step_size >= 1):
-            raise MLPError(f"step_size must be an integer >= 1, got {step_size!r}")
-        if not 0 < gamma <= 1:
-            raise MLPError(f"gamma must be in (0, 1], got {gamma}")
-        return lambda epoch: base_lr * gamma ** ((epoch - 1) // step_size)
+        return _step_schedule(base_lr, epochs, **kwargs)
+    return _cosine_schedule(base_lr, epochs, **kwargs)
+
+
+def _step_schedule(base_lr: float, epochs: int, **kwargs) -> Schedule:
+    step_size = kwargs.get("step_size", max(1, epochs // 3))
+    gamma = float(kwargs.get("gamma", 0.1))
+    if not (isinstance(step_size, int) and step_size >= 1):
+        raise MLPError(f"step_size must be an integer >= 1, got {step_size!r}")
+    if not 0 < gamma <= 1:
+        raise MLPError(f"gamma must be in (0, 1], got {gamma}")
+    return lambda epoch: base_lr * gamma ** ((epoch - 1) // step_size)
+
+
+def _cosine_schedule(base_lr: float, epochs: int, **kwargs) -> Schedule:
     min_lr = float(kwargs.get("min_lr", 0.0))
     if not 0 <= min_lr <= base_lr:
         raise MLPError(f"min_lr must be in [0, base_lr={base_lr}], got {min_lr}")

@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mlp.errors import DivergenceError, MLPError
+from mlp.losses import log_softmax
 from mlp.network import MLP
 from mlp.optimizers import Optimizer, make_optimizer
 from mlp.schedules import make_schedule
@@ -142,141 +143,251 @@ def fit(
     DivergenceError
         The training loss of an epoch is not finite (raised at the end of that epoch).
     """
+    _check_arguments(
+        net,
+        X_val,
+        y_val,
+        callback,
+        epochs=epochs,
+        lr=lr,
+        l2=l2,
+        dropout=dropout,
+        batch_size=batch_size,
+        early_stopping=early_stopping,
+    )
+    X = check_X(X, net.n_features, net.dtype, finite=True)
+    y = check_y(y, X.shape[0], net.n_classes)
+    if X_val is not None:
+        X_val = check_X(X_val, net.n_features, net.dtype, name="X_val", finite=True)
+        y_val = check_y(y_val, X_val.shape[0], net.n_classes, name="y_val")
+    opt = _make_optimizer(optimizer, lr, momentum)
+    lr_at = _make_lr_schedule(schedule, lr, epochs, schedule_kwargs)
+    loop = _TrainingLoop(net, opt, X, y, batch_size, l2, dropout, shuffle, seed)
+
+    history = History()
+    best = _BestEpoch(keep_params=restore_best)
+    for epoch in range(1, epochs + 1):
+        record = _train_epoch(loop, epoch, lr_at(epoch))
+        if X_val is not None:
+            record["val_loss"], record["val_accuracy"] = _validate_epoch(net, X_val, y_val)
+            if best.update(epoch, record["val_loss"], net.params):
+                history.best_epoch = epoch
+        history.records.append(record)
+        if callback is not None:
+            callback(dict(record))
+        if early_stopping is not None and best.bad_epochs >= early_stopping:
+            history.stopped_epoch = epoch
+            break
+    best.restore(net.params)
+    return history
+
+
+# ============================================================================ arguments
+
+# Bounds of fit's numeric arguments, checked once, in this order, by ``check_number`` (whose
+# keyword arguments they are); ``None`` is accepted where ``none_ok`` is set.
+_PARAMETER_CONSTRAINTS: dict[str, dict] = {
+    "epochs": {"low": 1, "integer": True},
+    "lr": {"low": 0, "low_open": True},
+    "l2": {"low": 0},
+    "dropout": {"low": 0, "high": 1, "high_open": True},
+    "batch_size": {"low": 1, "integer": True, "none_ok": True},
+    "early_stopping": {"low": 1, "integer": True, "none_ok": True},
+}
+
+
+def _check_arguments(net, X_val, y_val, callback, **values) -> None:
+    """Raise MLPError for the first invalid argument of :func:`fit` (data arrays aside)."""
     if not isinstance(net, MLP):
         raise MLPError(f"net must be an mlp.MLP, got {type(net).__name__}")
-    check_number("epochs", epochs, low=1, integer=True)
-    check_number("lr", lr, low=0, low_open=True)
-    check_number("l2", l2, low=0)
-    check_number("dropout", dropout, low=0, high=1, high_open=True)
-    if batch_size is not None:
-        check_number("batch_size", batch_size, low=1, integer=True)
-    if early_stopping is not None:
-        check_number("early_stopping", early_stopping, low=1, integer=True)
-        if X_val is None:
-            raise MLPError("early_stopping needs validation data (X_val, y_val)")
+    for name, constraint in _PARAMETER_CONSTRAINTS.items():
+        bounds = dict(constraint)
+        if not (bounds.pop("none_ok", False) and values[name] is None):
+            check_number(name, values[name], **bounds)
+    if values["early_stopping"] is not None and X_val is None:
+        raise MLPError("early_stopping needs validation data (X_val, y_val)")
     if (X_val is None) != (y_val is None):
         raise MLPError("pass both X_val and y_val, or neither")
     if callback is not None and not callable(callback):
         raise MLPError(f"callback must be callable, got {callback!r}")
 
-    X = check_X(X, net.n_features, net.dtype, finite=True)
-    y = check_y(y, X.shape[0], net.n_classes)
-    n = X.shape[0]
-    has_val = X_val is not None
-    if has_val:
-        X_val = check_X(X_val, net.n_features, net.dtype, name="X_val", finite=True)
-        y_val = check_y(y_val, X_val.shape[0], net.n_classes, name="y_val")
 
+def _make_optimizer(optimizer: str | Optimizer, lr: float, momentum: float) -> Optimizer:
     if isinstance(optimizer, Optimizer):
-        opt = optimizer
-    elif isinstance(optimizer, str):
+        return optimizer
+    if isinstance(optimizer, str):
         kwargs = {"momentum": momentum} if optimizer in ("momentum", "nesterov") else {}
-        opt = make_optimizer(optimizer, lr=lr, **kwargs)
-    else:
-        raise MLPError(f"optimizer must be a name or an Optimizer, got {optimizer!r}")
+        return make_optimizer(optimizer, lr=lr, **kwargs)
+    raise MLPError(f"optimizer must be a name or an Optimizer, got {optimizer!r}")
+
+
+def _make_lr_schedule(
+    schedule: str | Callable[[int], float], lr: float, epochs: int, schedule_kwargs: dict | None
+) -> Callable[[int], float]:
     if callable(schedule) and not isinstance(schedule, str):
-        lr_at = schedule
-    else:
-        lr_at = make_schedule(schedule, lr, epochs, **(schedule_kwargs or {}))
-    if opt.full_batch or batch_size is None or batch_size >= n:
-        batch_size = n
+        return schedule
+    return make_schedule(schedule, lr, epochs, **(schedule_kwargs or {}))
 
-    shuffle_rng, dropout_rng = np.random.default_rng(seed).spawn(2)
-    workspaces: dict[int, Workspace] = {}
 
-    def workspace(rows: int) -> Workspace:
-        if rows not in workspaces:
-            workspaces[rows] = Workspace(net, rows, dropout, gather=rows < n)
-        return workspaces[rows]
+# ============================================================================ one epoch
 
-    params = net.params
-    l2 = float(l2)
-    fold = opt.folds_lr  # gradients come out already multiplied by the learning rate
-    history = History()
-    best_loss, best_params, bad_epochs = math.inf, None, 0
 
-    for epoch in range(1, epochs + 1):
-        step_lr = lr_at(epoch)
-        if not (isinstance(step_lr, numbers.Real) and math.isfinite(step_lr) and step_lr > 0):
-            raise MLPError(f"schedule gave learning rate {step_lr!r} at epoch {epoch}; need > 0")
-        step_lr = float(step_lr)
-        start = time.perf_counter()
+class _TrainingLoop:
+    """The training steps of one :func:`fit` call: batches, buffers, random streams.
+
+    ``X`` and ``y`` are already checked (``X`` in the network's dtype). Full-batch training
+    (``batch_size`` None or >= n, or an optimizer with ``full_batch``) steps on ``X`` itself;
+    mini-batches are gathered into per-batch-size buffers from a per-epoch permutation.
+    """
+
+    def __init__(
+        self,
+        net: MLP,
+        opt: Optimizer,
+        X: np.ndarray,
+        y: np.ndarray,
+        batch_size: int | None,
+        l2: float,
+        dropout: float,
+        shuffle: bool,
+        seed: int,
+    ) -> None:
+        self.net, self.opt, self.X, self.y = net, opt, X, y
+        self.n = n = X.shape[0]
+        if opt.full_batch or batch_size is None or batch_size >= n:
+            batch_size = n
+        self.batch_size = batch_size
+        self.l2 = float(l2)
+        self.dropout = dropout
+        self.shuffle = shuffle
+        self.shuffle_rng, self.dropout_rng = np.random.default_rng(seed).spawn(2)
+        self.params = net.params
+        self._workspaces: dict[int, Workspace] = {}
+
+    def _workspace(self, rows: int) -> Workspace:
+        if rows not in self._workspaces:
+            self._workspaces[rows] = Workspace(self.net, rows, self.dropout, gather=rows < self.n)
+        return self._workspaces[rows]
+
+    def _batches(self) -> Iterator[np.ndarray | None]:
+        """Row indices of each batch of the epoch; a single None for full-batch training."""
+        if self.batch_size == self.n:
+            yield None
+            return
+        order = self.shuffle_rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        for lo in range(0, self.n, self.batch_size):
+            yield order[lo : lo + self.batch_size]
+
+    def _batch(self, idx: np.ndarray | None) -> tuple[Workspace, np.ndarray, np.ndarray]:
+        """The workspace for a batch, and the batch's inputs and labels (gathered into it)."""
+        if idx is None:
+            return self._workspace(self.n), self.X, self.y
+        ws = self._workspace(idx.shape[0])
+        # mode="clip" skips numpy's bounds-check buffering (idx is valid).
+        np.take(self.X, idx, axis=0, out=ws.X, mode="clip")
+        np.take(self.y, idx, out=ws.y, mode="clip")
+        return ws, ws.X, ws.y
+
+    def run_epoch(self, step_lr: float) -> tuple[float, float, int]:
+        """One pass over the data, one optimizer update per batch.
+
+        Returns
+        -------
+        loss_sum : float
+            Sum of the per-sample cross-entropies of the epoch's forward passes.
+        objective_sum : float
+            The same plus each batch's ``rows * penalty`` (0.0 without L2).
+        n_correct : int
+            Correct predictions of those forward passes.
+        """
+        net, opt, l2 = self.net, self.opt, self.l2
+        fold = opt.folds_lr  # gradients come out already multiplied by the learning rate
         loss_sum, objective_sum, n_correct = 0.0, 0.0, 0
         # NaN/inf only matter at the epoch's end, where they raise DivergenceError.
         with np.errstate(over="ignore", invalid="ignore"):
-            if batch_size == n:
-                ws = workspace(n)
-                batch_loss, n_correct = train_step(
-                    net, ws, X, y, l2, dropout_rng, step_lr if fold else 1.0
+            for idx in self._batches():
+                ws, Xb, yb = self._batch(idx)
+                batch_loss, batch_correct = train_step(
+                    net, ws, Xb, yb, l2, self.dropout_rng, step_lr if fold else 1.0
                 )
-                loss_sum = batch_loss
-                objective_sum = batch_loss + n * net.penalty(l2)
-                opt.update(params, ws.grads, step_lr, lr_folded=fold)
-            else:
-                order = shuffle_rng.permutation(n) if shuffle else np.arange(n)
-                for lo in range(0, n, batch_size):
-                    idx = order[lo : lo + batch_size]
-                    ws = workspace(idx.shape[0])
-                    # mode="clip" skips numpy's bounds-check buffering (idx is valid).
-                    np.take(X, idx, axis=0, out=ws.X, mode="clip")
-                    np.take(y, idx, out=ws.y, mode="clip")
-                    batch_loss, batch_correct = train_step(
-                        net, ws, ws.X, ws.y, l2, dropout_rng, step_lr if fold else 1.0
-                    )
-                    loss_sum += batch_loss
-                    n_correct += batch_correct
-                    if l2:
-                        objective_sum += batch_loss + ws.n * net.penalty(l2)
-                    opt.update(params, ws.grads, step_lr, lr_folded=fold)
-        seconds = time.perf_counter() - start
-        train_loss = loss_sum / n
-        train_objective = objective_sum / n if l2 else train_loss
-        finite_params = all(np.isfinite(p).all() for p in params)
-        if not (math.isfinite(train_loss) and math.isfinite(train_objective) and finite_params):
-            what = f"train loss is {train_loss}" if finite_params else "weights are not finite"
-            raise DivergenceError(
-                f"training diverged at epoch {epoch}: {what}; "
-                f"try a smaller learning rate (lr was {step_lr:g})",
-                epoch=epoch,
-            )
-        record = {
-            "epoch": epoch,
-            "lr": step_lr,
-            "train_loss": train_loss,
-            "train_objective": train_objective,
-            "train_accuracy": n_correct / n,
-            "val_loss": math.nan,
-            "val_accuracy": math.nan,
-            "seconds": seconds,
-        }
-        if has_val:
-            # Huge (still finite) weights can overflow here; the next epoch's check catches it.
-            with np.errstate(over="ignore", invalid="ignore"):
-                logits = net.forward(X_val)
-                picked = _log_softmax_picked(logits, y_val)
-            record["val_loss"] = float(-picked.mean(dtype=np.float64))
-            record["val_accuracy"] = float(np.mean(logits.argmax(axis=1) == y_val))
-            if record["val_loss"] < best_loss:
-                best_loss, bad_epochs = record["val_loss"], 0
-                history.best_epoch = epoch
-                if restore_best:
-                    best_params = [p.copy() for p in params]
-            else:
-                bad_epochs += 1
-        history.records.append(record)
-        if callback is not None:
-            callback(dict(record))
-        if early_stopping is not None and bad_epochs >= early_stopping:
-            history.stopped_epoch = epoch
-            break
-
-    if restore_best and best_params is not None:
-        for p, best in zip(params, best_params, strict=True):
-            p[...] = best  # in place: the optimizer and caller keep valid references
-    return history
+                loss_sum += batch_loss
+                n_correct += batch_correct
+                if l2:
+                    objective_sum += batch_loss + ws.n * net.penalty(l2)
+                opt.update(self.params, ws.grads, step_lr, lr_folded=fold)
+        return loss_sum, objective_sum, n_correct
 
 
-def _log_softmax_picked(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    from mlp.losses import log_softmax
+def _train_epoch(loop: _TrainingLoop, epoch: int, step_lr: float) -> dict:
+    """Run one epoch at the schedule's ``step_lr``; its record, validation fields NaN."""
+    if not (isinstance(step_lr, numbers.Real) and math.isfinite(step_lr) and step_lr > 0):
+        raise MLPError(f"schedule gave learning rate {step_lr!r} at epoch {epoch}; need > 0")
+    step_lr = float(step_lr)
+    start = time.perf_counter()
+    loss_sum, objective_sum, n_correct = loop.run_epoch(step_lr)
+    seconds = time.perf_counter() - start
+    train_loss = loss_sum / loop.n
+    train_objective = objective_sum / loop.n if loop.l2 else train_loss
+    _check_divergence(epoch, step_lr, train_loss, train_objective, loop.params)
+    return {
+        "epoch": epoch,
+        "lr": step_lr,
+        "train_loss": train_loss,
+        "train_objective": train_objective,
+        "train_accuracy": n_correct / loop.n,
+        "val_loss": math.nan,
+        "val_accuracy": math.nan,
+        "seconds": seconds,
+    }
 
-    return log_softmax(logits)[np.arange(y.shape[0]), y]
+
+def _check_divergence(
+    epoch: int, step_lr: float, train_loss: float, train_objective: float, params: list
+) -> None:
+    finite_params = all(np.isfinite(p).all() for p in params)
+    if math.isfinite(train_loss) and math.isfinite(train_objective) and finite_params:
+        return
+    what = f"train loss is {train_loss}" if finite_params else "weights are not finite"
+    raise DivergenceError(
+        f"training diverged at epoch {epoch}: {what}; "
+        f"try a smaller learning rate (lr was {step_lr:g})",
+        epoch=epoch,
+    )
+
+
+# ============================================================================ validation
+
+
+def _validate_epoch(net: MLP, X_val: np.ndarray, y_val: np.ndarray) -> tuple[float, float]:
+    """``(val_loss, val_accuracy)``: mean cross-entropy and accuracy, no dropout."""
+    # Huge (still finite) weights can overflow here; the next epoch's check catches it.
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = net.forward(X_val)
+        picked = log_softmax(logits)[np.arange(y_val.shape[0]), y_val]
+    return float(-picked.mean(dtype=np.float64)), float(np.mean(logits.argmax(axis=1) == y_val))
+
+
+class _BestEpoch:
+    """The epoch with the lowest ``val_loss`` so far, and a copy of its weights if kept."""
+
+    def __init__(self, keep_params: bool) -> None:
+        self.keep_params = keep_params
+        self.loss = math.inf
+        self.params: list[np.ndarray] | None = None
+        self.bad_epochs = 0  # epochs since the best one
+
+    def update(self, epoch: int, val_loss: float, params: list[np.ndarray]) -> bool:
+        """Record an epoch's ``val_loss``; True if it is a new best."""
+        if not val_loss < self.loss:  # NaN is never an improvement
+            self.bad_epochs += 1
+            return False
+        self.loss, self.bad_epochs = val_loss, 0
+        if self.keep_params:
+            self.params = [p.copy() for p in params]
+        return True
+
+    def restore(self, params: list[np.ndarray]) -> None:
+        """Put the kept weights back, in place (the optimizer and caller keep valid references)."""
+        if self.params is not None:
+            for p, best in zip(params, self.params, strict=True):
+                p[...] = best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -63,7 +64,22 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
         what = "an integer" if integer else "a finite number"
         raise MLPError(f"{name} must be {what}, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise MLPError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise MLPError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    _check_bound(name, value, low, "low", low_open)
+    _check_bound(name, value, high, "high", high_open)
+
+
+# (side, open) -> (test that ``value`` is outside the bound, the requirement's symbol)
+_BOUNDS = {
+    ("low", False): (operator.lt, ">="),
+    ("low", True): (operator.le, ">"),
+    ("high", False): (operator.gt, "<="),
+    ("high", True): (operator.ge, "<"),
+}
+
+
+def _check_bound(name: str, value, bound, side: str, is_open: bool) -> None:
+    if bound is None:
+        return
+    outside, symbol = _BOUNDS[side, bool(is_open)]
+    if outside(value, bound):
+        raise MLPError(f"{name} must be {symbol} {bound}, got {value!r}")

@@ -36,16 +36,19 @@ class Workspace:
         self.n = n
         self.dropout = float(dropout)
         # Batch copies, only when the loop gathers batches (full-batch steps read X itself).
-        self.X = np.empty((n, net.weights[0].shape[0]), dt) if gather else None
-        self.y = np.empty(n, np.intp) if gather else None
-        self.A = [np.empty((n, k), dt) for k in sizes]
+        self.X: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+        if gather:
+            self.X = np.empty((n, net.weights[0].shape[0]), dt)
+            self.y = np.empty(n, np.intp)
+        self.A = _buffers(n, sizes, dt)
         hidden = sizes[:-1]
         # dZ of hidden layers; the output layer's dZ is written over its logits.
-        self.dZ = [np.empty((n, k), dt) for k in hidden]
+        self.dZ = _buffers(n, hidden, dt)
         if self.dropout:
-            self.mask = [np.empty((n, k), dt) for k in hidden]
-            self.keep = [np.empty((n, k), bool) for k in hidden]
-            self.D = [np.empty((n, k), dt) for k in hidden]  # dropped-out outputs
+            self.mask = _buffers(n, hidden, dt)
+            self.keep = _buffers(n, hidden, bool)
+            self.D = _buffers(n, hidden, dt)  # dropped-out outputs
         else:
             self.D = self.A[:-1]
         self.dW = [np.empty_like(W) for W in net.weights]
@@ -54,6 +57,11 @@ class Workspace:
         self._l2_tmp = [np.empty_like(W) for W in net.weights]
         # db = ones @ dZ: a BLAS gemv, faster than np.sum(axis=0) on a (n, k) array.
         self._ones = np.ones(n, dt)
+
+
+def _buffers(n: int, widths: list[int], dtype) -> list[np.ndarray]:
+    """One uninitialised ``(n, k)`` array per width ``k``."""
+    return [np.empty((n, k), dtype) for k in widths]
 
 
 def train_step(

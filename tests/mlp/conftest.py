@@ -1,8 +1,7 @@
-"""Fixtures for the mlp tests: a small real-MNIST subset and tiny random problems."""
+"""Fixtures for the mlp tests: a small MNIST subset (bundled sample) and tiny random problems."""
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +22,20 @@ def _one_blas_thread():
         yield
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    """Raw bytes of a gzipped IDX file after its header (16 bytes images, 8 labels)."""
-    with gzip.open(path, "rb") as fh:
-        return np.frombuffer(fh.read(), dtype=np.uint8, offset=offset)
+# Bundled with the package (5,000 train + 1,000 test MNIST images, uint8): no download needed.
+MNIST_SAMPLE = Path(__file__).resolve().parents[2] / "pipeline" / "_data" / "mnist-sample.npz"
 
 
 @pytest.fixture(scope="session")
-def mnist_small(shared_data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """2000 training + 500 validation MNIST images scaled to [0, 1], float32, and labels."""
-    folder = shared_data_dir / "mnist"
-    X = _read_idx(folder / "train-images-idx3-ubyte.gz", 16).reshape(-1, 784)[:2500]
-    y = _read_idx(folder / "train-labels-idx1-ubyte.gz", 8)[:2500].astype(np.int64)
-    X = X.astype(np.float32) / 255.0
+def mnist_small() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """2000 training + 500 validation MNIST images scaled to [0, 1], float32, and labels.
+
+    Read from the bundled sample (its first 2500 training images), so these tests need
+    neither the real MNIST files (../shared/data) nor a download.
+    """
+    with np.load(MNIST_SAMPLE, allow_pickle=False) as npz:
+        X, y = npz["X_train"][:2500], npz["y_train"][:2500].astype(np.int64)
+    X = X.reshape(-1, 784).astype(np.float32) / 255.0
     return X[:2000], y[:2000], X[2000:], y[2000:]
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import mlp
 from mlp import MLP, ModelFileError
+from mlp.serialization import load_state, save_state
 
 
 @pytest.fixture
@@ -16,6 +20,11 @@ def saved(tmp_path):
     net = MLP(6, [5, 4], 3, activation="tanh", init="glorot", seed=2)
     path = net.save(tmp_path / "model.npz")
     return net, path
+
+
+def _assert_one_line_naming(path, error: ModelFileError) -> None:
+    message = str(error)
+    assert str(path) in message and "\n" not in message, f"message: {message}"
 
 
 def _rewrite(path, **changes):
@@ -136,3 +145,69 @@ def test_save_overwrites_atomically_and_leaves_no_temp_files(saved):
     net.save(path)
     assert MLP.load(path).weights[0][0, 0] == net.weights[0][0, 0]
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.npz"]
+
+
+def test_module_level_save_and_load_take_and_return_an_mlp(saved, tmp_path):
+    net, _ = saved
+    path = mlp.save(net, tmp_path / "module.npz")
+    loaded = mlp.load(path, expected_architecture={"hidden_sizes": [5, 4]})
+    assert isinstance(loaded, MLP) and path == tmp_path / "module.npz"
+    for i, (a, b) in enumerate(zip(loaded.params, net.params, strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"param {i}")
+
+
+def test_state_functions_work_on_plain_dicts(saved, tmp_path):
+    net, _ = saved
+    path = save_state(net.get_state(), tmp_path / "state.npz")
+    state = load_state(path)
+    assert state["architecture"] == net.architecture and state["init"] == "glorot"
+    got, want = state["weights"] + state["biases"], net.weights + net.biases
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_array_equal(a, b, err_msg=f"array {i}")
+
+
+def test_serialization_does_not_import_the_network():
+    source = Path(mlp.serialization.__file__).read_text()
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert "mlp.network" not in imported and "mlp" not in imported, f"imports {imported}"
+
+
+@pytest.mark.parametrize(
+    ("entry", "content", "match"),
+    [
+        ("W1", b"not an array", r"array W1 is not a valid \.npy array"),
+        ("metadata", b"not an array", "'metadata' is not a 0-d unicode string"),
+        ("b0", b"\x93NUMPY then garbage", r"not a readable \.npz archive"),
+    ],
+)
+def test_entry_that_is_not_a_valid_npy_raises_model_file_error(saved, entry, content, match):
+    # numpy hands back the raw bytes of an entry without the .npy magic: no AttributeError.
+    _, path = saved
+    with zipfile.ZipFile(path) as zf:
+        entries = {name: zf.read(name) for name in zf.namelist()}
+    assert f"{entry}.npy" in entries, f"entries {sorted(entries)}"
+    entries[f"{entry}.npy"] = content
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    with pytest.raises(ModelFileError, match=match) as info:
+        MLP.load(path)
+    _assert_one_line_naming(path, info.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(("array", "index"), [("W1", (2, 3)), ("b2", (1,))])
+def test_non_finite_weights_are_refused_at_load(saved, value, array, index):
+    net, path = saved
+    params = dict(zip(["W0", "b0", "W1", "b1", "W2", "b2"], net.params, strict=True))
+    params[array][index] = value
+    net.save(path)  # a consistent file (checksum included): only the finiteness check objects
+    for load in (MLP.load, mlp.load):
+        with pytest.raises(ModelFileError, match=f"array {array} contains NaN or infinite") as info:
+            load(path)
+        _assert_one_line_naming(path, info.value)

@@ -206,10 +206,26 @@ def test_fit_accepts_an_optimizer_instance(mnist_small):
 
 
 def test_float64_training(mnist_small):
-    X, y, _, _ = mnist_small
-    net = _net(dtype="float64")
-    fit(net, X[:500], y[:500], epochs=2, lr=0.1)
-    assert all(W.dtype == np.float64 for W in net.weights)
+    X, y = mnist_small[0][:500], mnist_small[1][:500]
+    nets, histories = {}, {}
+    for dtype in ("float32", "float64"):
+        nets[dtype] = _net(dtype=dtype)  # the same initial weights, cast to each dtype
+        histories[dtype] = fit(nets[dtype], X, y, epochs=2, lr=0.1)
+    net32, net64 = nets["float32"], nets["float64"]
+    losses32 = [r["train_loss"] for r in histories["float32"].records]
+    losses64 = [r["train_loss"] for r in histories["float64"].records]
+
+    # float64 trains: the loss goes down.
+    assert losses64[1] < 0.9 * losses64[0], f"float64 train_loss per epoch {losses64}"
+    assert net64.loss(X, y).data < 0.8 * _net(dtype="float64").loss(X, y).data
+    # It follows the float32 run (same data order, same steps) up to float32 rounding...
+    assert losses64 == pytest.approx(losses32, rel=1e-6), f"{losses64} vs {losses32}"
+    for i, (p64, p32) in enumerate(zip(net64.params, net32.params, strict=True)):
+        np.testing.assert_allclose(p64, p32, rtol=1e-4, atol=1e-6, err_msg=f"param {i}")
+    # ...but was computed in float64: the weights are not float32 values stored as float64.
+    W0 = net64.weights[0]
+    assert W0.dtype == np.float64
+    assert not np.array_equal(W0, W0.astype(np.float32).astype(np.float64)), "float32 precision"
 
 
 @pytest.mark.parametrize(
