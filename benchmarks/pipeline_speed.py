@@ -276,7 +276,7 @@ def run_plain(config) -> dict:
     cores = cpu_count()
     workers = config.execution.resolved_workers(cores)
     blas = config.execution.resolved_blas_threads(cores)
-    jobs = [(config, lam, f, blas) for lam in config.cv.lambdas for f in range(config.cv.folds)]
+    jobs = [(config, lam, f, blas) for lam in config.cv.l2_lambdas for f in range(config.cv.folds)]
     # As the CLI does: the data loaded here, then the workers forked, sharing it.
     dataset = load_configured_dataset(config.data)
     with get_context("fork").Pool(workers) as pool:
@@ -313,7 +313,7 @@ def run_sklearn(config) -> dict:
     X_test = normalizer.transform(dataset.X_test, dtype="float32")
     train = config.training
     # sklearn adds alpha / (2 n_batch) ||W||^2 to each batch's mean loss: alpha = lambda * batch.
-    alphas = [lam * train.batch_size for lam in cv.lambdas]
+    alphas = [lam * train.batch_size for lam in cv.l2_lambdas]
     model = MLPClassifier(
         hidden_layer_sizes=tuple(config.model.hidden_sizes),
         solver="sgd",

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-steps", type=int, default=None, help="override 300")
     parser.add_argument("--deep-steps", type=int, default=None, help="override 500")
     parser.add_argument("--parts", default="cv,final,deep", help="comma list of cv,final,deep")
-    parser.add_argument("--lambdas", default=None, help="comma list: a subset of the CV lambdas")
+    parser.add_argument("--l2-grid", default=None, help="comma list: a subset of the CV lambdas")
     parser.add_argument("--final-lambda", type=float, default=None,
                         help="lambda of the final model when the CV part is not run (default: "
                         "the notebook's 1e-3)")  # fmt: skip
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     if args.lambdas:
-        base = base.replace({"cv.lambdas": [float(v) for v in args.lambdas.split(",")]})
+        base = base.replace({"cv.l2_lambdas": [float(v) for v in args.lambdas.split(",")]})
     deep = base.replace({**DEEP_OVERRIDES, "training.final_epochs": deep_steps})
 
     print(
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"notebook preset: 784-{base.model.hidden_sizes[0]}-10 {base.model.activation}, "
         f"{base.training.optimizer} lr {base.training.lr}, {base.cv.folds} contiguous folds, "
-        f"lambdas {base.cv.lambdas}, {steps} CV steps, final {final_steps} steps; two-layer "
+        f"lambdas {base.cv.l2_lambdas}, {steps} CV steps, final {final_steps} steps; two-layer "
         f"784-128-64-10 lr 0.6 lambda {DEEP_LAMBDA} {deep_steps} steps"
     )
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     best = args.final_lambda if args.final_lambda is not None else NOTEBOOK_BEST_LAMBDA
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
         if "cv" in parts:
-            tasks = [(base, lam, fold) for lam in base.cv.lambdas for fold in range(base.cv.folds)]
+            tasks = [(base, lam, fold) for lam in base.cv.l2_lambdas for fold in range(base.cv.folds)]
             results = []
             for r in pool.map(_fold_task, tasks):
                 results.append(r)

@@ -1,226 +1,259 @@
-"""The orchestrated commands of ``mlp-pipeline``, added to the app of :mod:`pipeline.cli`.
+"""The ``mlp-pipeline`` command line: one Typer app, every command (``python -m flows.cli``).
 
-``mlp-pipeline run`` and ``mlp-pipeline cv`` call the Prefect flows in this process, with one
-Prefect API for the flow and its workers (a temporary local server unless ``PREFECT_API_URL`` is
-set) and rich progress bars.
+Exit codes: 0 success; 2 bad input, configuration or data (one ``error:`` line, no traceback);
+3 the pipeline finished but MLflow could not record it (the run record keeps the results);
+1 an unexpected failure; 130 interrupted
+(129 after SIGHUP). ``MLP_PIPELINE_DEBUG=1`` adds the traceback to any error.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
-import signal
+import math
+import os
+import shlex
 import sys
-from contextlib import ExitStack, nullcontext
+import traceback
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pipeline.cli import (
-    Activation,
-    BatchSize,
-    ConfigFile,
-    DataDir,
-    Dataset,
-    Epochs,
-    Experiment,
-    Hidden,
-    LimitTest,
-    LimitTrain,
-    Lr,
-    NoProgress,
-    Optimizer,
-    Preset,
-    Seed,
-    SetOption,
-    TrackingUri,
-    app,
-    config_from_options,
-    main,
-    out,
-    print_registration,
-    ui_command,
+from flows.interrupt import interruptible
+from mlp import MLPError
+from pipeline.config import PipelineConfig, parse_set_options, resolve_config
+from pipeline.errors import PipelineError
+
+app = typer.Typer(
+    name="mlp-pipeline",
+    help="Train, cross-validate and track a from-scratch NumPy MLP on MNIST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
-from pipeline.config import PipelineConfig
+data_app = typer.Typer(help="Inspect and verify the datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
-__all__ = ["app", "main"]
+out = Console(soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-Lambdas = Annotated[
-    str | None, typer.Option("--lambdas", help="L2 strengths, comma-separated: 1e-4,1e-3")
+# ----------------------------------------------------------------------------- options
+Preset = Annotated[
+    str | None, typer.Option("--preset", help="notebook, default or quick (default: default)")
 ]
-Folds = Annotated[int | None, typer.Option(help="Number of CV folds")]
+ConfigFile = Annotated[
+    Path | None,
+    # Typer renders help as Rich markup: an unescaped [data] is read as a style tag and vanishes.
+    typer.Option("--config", help=r"TOML file with \[data], \[model], ... sections"),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting: --set training.epochs=3 (repeatable)"),
+]
+Dataset = Annotated[
+    str | None, typer.Option("--dataset", help="mnist, fashion-mnist or mnist-sample")
+]
+DataDir = Annotated[
+    str | None,
+    typer.Option("--data-dir", help="Folder of the IDX files (env MLP_PIPELINE_DATA_DIR, ./data)"),
+]
+Hidden = Annotated[
+    str | None, typer.Option("--hidden", help="Hidden layer sizes, comma-separated: 256,128")
+]
+Activation = Annotated[str | None, typer.Option(help="relu, tanh or sigmoid")]
+Optimizer = Annotated[str | None, typer.Option(help="gd, sgd, momentum, nesterov or adam")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate")]
+Epochs = Annotated[int | None, typer.Option(help="Epochs of each cross-validation training")]
 FinalEpochs = Annotated[
     int | None, typer.Option("--final-epochs", help="Epochs of the final model")
 ]
+BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Mini-batch size")]
+Seed = Annotated[int | None, typer.Option(help="Random seed")]
+LimitTrain = Annotated[int | None, typer.Option("--limit-train", help="Training subset size")]
+LimitTest = Annotated[int | None, typer.Option("--limit-test", help="Test subset size")]
+L2Grid = Annotated[
+    str | None,
+    typer.Option("--l2-grid", help="L2 strengths to cross-validate, comma-separated: 1e-4,1e-3"),
+]
+Folds = Annotated[int | None, typer.Option(help="Number of CV folds")]
 Runner = Annotated[str | None, typer.Option(help="sequential, thread, process or dask")]
 Workers = Annotated[int | None, typer.Option(help="Parallel workers (default: cores)")]
 DaskAddress = Annotated[
     str | None, typer.Option("--dask-address", help="tcp://host:port of a Dask scheduler")
 ]
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow URI (env MLFLOW_TRACKING_URI, sqlite in mlruns/)"),
+]
+Experiment = Annotated[str | None, typer.Option(help="MLflow experiment name")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
+
+# Flags and the settings they set.
+SETTINGS = {
+    "dataset": "data.dataset",
+    "data_dir": "data.data_dir",
+    "limit_train": "data.limit_train",
+    "limit_test": "data.limit_test",
+    "hidden": "model.hidden_sizes",
+    "activation": "model.activation",
+    "optimizer": "training.optimizer",
+    "lr": "training.lr",
+    "epochs": "training.epochs",
+    "final_epochs": "training.final_epochs",
+    "batch_size": "training.batch_size",
+    "l2_grid": "cv.l2_lambdas",
+    "folds": "cv.folds",
+    "seed": "cv.seed",
+    "runner": "execution.runner",
+    "workers": "execution.workers",
+    "dask_address": "execution.dask_address",
+    "tracking_uri": "tracking.tracking_uri",
+    "experiment": "tracking.experiment",
+}
 
 
-def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> dict[str, Any]:
-    """Run a flow in this process with one Prefect API and progress bars.
+def config_from_options(
+    preset: str | None, config: Path | None, set_: list[str] | None, **flags: Any
+) -> PipelineConfig:
+    """The config of a command: preset, file, ``--set`` and flags; no credentials left in it."""
+    from pipeline.tracking.store import credentials_to_environment
 
-    Without ``PREFECT_API_URL`` a temporary Prefect server boots first (4-7 s here); the
-    checks, imports, MLflow store and worker pool get ready meanwhile, on the other core.
+    overrides = parse_set_options(set_ or [])
+    for flag, value in flags.items():
+        if value is not None:
+            overrides[SETTINGS[flag]] = (
+                _numbers(flag, value) if flag in {"hidden", "l2_grid"} else value
+            )
+    cfg = resolve_config(preset, config, overrides)
+    uri = cfg.tracking.tracking_uri
+    safe = credentials_to_environment(uri)
+    return cfg if safe == uri else cfg.replace({"tracking.tracking_uri": safe})
+
+
+def _numbers(flag: str, text: str) -> list[float] | list[int]:
+    option = "--" + flag.replace("_", "-")
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise PipelineError(f"{option} ({SETTINGS[flag]}) has an empty item: {text!r}")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise PipelineError(f"{option} expects comma-separated numbers, got {text!r}") from None
+    if flag != "hidden":
+        return values
+    if not all(math.isfinite(v) and v == int(v) for v in values):
+        raise PipelineError(f"--hidden expects whole numbers, got {text!r}")
+    return [int(v) for v in values]
+
+
+# ----------------------------------------------------------------------------- run, cv
+def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> None:
+    """Run a flow in this process with progress bars, and print its summary.
+
+    Bad data, an unusable MLflow store or an unreachable Dask scheduler fail in one line
+    before any flow run exists, while a temporary Prefect server boots.
     """
     from flows.server import prefect_api
-    from pipeline.progress import ConsoleReporter, reporting
 
-    interrupted: list[int] = []
+    def prepare() -> None:
+        from flows.pipeline_flow import prepare_run
 
-    def _interrupt(signum: int, frame: Any) -> None:
-        # SIGTERM ends the run like Ctrl-C, so its MLflow runs end KILLED, not RUNNING. The
-        # trainings are told to stop here, not only where the KeyboardInterrupt lands: it can
-        # land inside a library that turns it into another error (pydantic's serializer does).
-        interrupted.append(signum)
-        _stop_trainings_soon()
-        raise KeyboardInterrupt(f"signal {signum}")
+        prepare_run(cfg)
 
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with prefect_api(prepare):
+        from flows.pipeline_flow import cv_flow, mlp_pipeline
+        from pipeline.progress import ConsoleReporter, reporting
 
-    # Start-up imports Prefect, MLflow, pandas and matplotlib: the collector's full passes over
-    # their objects took 0.7 CPU-s of a 4.5 s start-up that is CPU-bound on 2 cores.
-    gc.disable()
-    try:
-        with (
-            ExitStack() as started,
-            prefect_api(while_starting=lambda: _prepare_run(cfg, started)) as temporary_api,
-            reporting(ConsoleReporter(enabled=progress)),
-        ):
-            # What start-up built lives until exit: frozen, later full passes skip it.
-            gc.freeze()
-            gc.enable()
-            from flows.pipeline_flow import cv_flow, mlp_pipeline
-
-            flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
-            with _no_flow_heartbeats() if temporary_api else nullcontext():
-                return flow_fn(cfg)
-    except Exception:
-        if interrupted:  # the interruption, whatever a library made of it on the way
-            raise KeyboardInterrupt(f"signal {interrupted[0]}") from None
-        raise
-    finally:
-        gc.enable()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
+        with reporting(ConsoleReporter(enabled=progress)):
+            summary = flow_fn(cfg)
+    _print_summary(summary, cfg)
 
 
-def _stop_trainings_soon() -> None:
-    """Tell running trainings to stop; no import in a signal handler (before the task code
-    is imported, no training runs)."""
-    tasks = sys.modules.get("flows.tasks")
-    if tasks is not None:
-        tasks.stop_soon()
-
-
-def _no_flow_heartbeats() -> Any:
-    """Prefect settings without flow-run heartbeats, for a run on its own temporary server.
-
-    Heartbeats let a lasting server mark a flow run Crashed when its process vanishes; a
-    temporary server vanishes with the run. They only cost: the flow's teardown waits up to
-    1 s for the heartbeat thread, which sleeps in 1 s steps.
-    """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-def _prepare_run(cfg: PipelineConfig, started: ExitStack) -> None:
-    """Everything a run needs before its flow starts; runs while the Prefect server boots.
-
-    Bad data, an unreachable Dask scheduler or MLflow store fail here, in one line, before any
-    flow run exists. The dataset is memoized, so the flow's own load costs nothing more. The
-    worker pool (closed by ``started``) starts once the task code is imported and the data
-    loaded, so its workers fork ready to train (:class:`flows.runners.EagerProcessPoolTaskRunner`);
-    the MLflow store is opened after the fork, so no worker inherits its connections.
-    """
-    from pipeline.cache import check_cache_dir
-    from pipeline.training import load_data_checked
-
-    check_cache_dir(cfg.execution.cache_dir)
-    load_data_checked(cfg)
-    if cfg.execution.runner == "dask" and cfg.execution.dask_address:
-        from flows.runners import check_scheduler_reachable
-
-        check_scheduler_reachable(cfg.execution.dask_address)
-    import flows.pipeline_flow  # noqa: F401 -- its imports, while the server boots
-    from flows.console import hide_known_failures_on_console
-    from flows.runners import prestarted_task_runner, prime_prefect
-
-    prime_prefect()
-    hide_known_failures_on_console()  # before the workers fork: they print to this console too
-    started.enter_context(prestarted_task_runner(cfg.execution, cfg.data))
-    from pipeline.tracking import prepare_store
-
-    prepare_store(cfg.tracking)  # checks the URI first (one health request for a server)
-
-
-def _print_summary(result: dict[str, Any], cfg: PipelineConfig) -> None:
+def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
     from pipeline import notebook
-    from pipeline.tracking_uri import resolve_tracking_uri
 
-    best = result["best_l2_lambda"]
-    table = Table(title=f"cross-validation ({cfg.cv.folds} folds)")
-    for column in ("λ", "val accuracy (mean ± std)", "val loss", "diverged", ""):
-        table.add_column(column, justify="right")
-    for row in result["cv_table"]:
-        chosen = row["l2_lambda"] == best
-        table.add_row(
-            f"{row['l2_lambda']:g}",
-            f"{row['mean_val_accuracy']:.4f} ± {row['std_val_accuracy']:.4f}",
-            f"{row['mean_val_loss']:.4f}",
-            str(row["diverged_folds"]),
-            "[bold green]← chosen[/bold green]" if chosen else "",
-            style="bold" if chosen else None,
-        )
-    out.print(table)
-    # A run of the notebook's protocol (its preset): its published figures beside ours.
+    best = summary["best_l2_lambda"]
+    rows = [
+        (row["l2_lambda"], row["mean_val_accuracy"], row["std_val_accuracy"],
+         row["mean_val_loss"], row["diverged_folds"])
+        for row in summary["cv_table"]
+    ]  # fmt: skip
+    _print_cv_table(f"cross-validation ({cfg.cv.folds} folds)", rows, best)
     beside_notebook = notebook.follows_protocol(cfg)
-    if beside_notebook:
-        published = Table(title="the homework notebook, as published")
-        for column in ("λ", "val accuracy (mean)", "val loss", ""):
-            published.add_column(column, justify="right")
-        for lam, percent in sorted(notebook.CV_ACCURACY_PERCENT.items()):
-            published.add_row(
-                f"{lam:g}",
-                f"{percent / 100:.4f}",
-                f"{notebook.CV_LOSS[lam]:.4f}",
-                "← chosen" if lam == notebook.BEST_LAMBDA else "",
-            )
-        out.print(published)
+    if beside_notebook:  # the notebook's protocol: its published figures beside ours
+        published = [
+            (l2, percent / 100, None, notebook.CV_LOSS[l2], None)
+            for l2, percent in sorted(notebook.CV_ACCURACY_PERCENT.items())
+        ]
+        _print_cv_table("the homework notebook, as published", published, notebook.BEST_LAMBDA)
     out.print(
-        f"trainings: {result['trained_folds']} run, {result['cached_folds']} reused from cache; "
-        f"wall time {result['wall_seconds']:.1f} s"
+        f"trainings: {summary['trained_folds']} run, {summary['cached_folds']} reused from cache; "
+        f"wall time {summary['wall_seconds']:.1f} s"
     )
-    if result.get("worker_restarts"):
+    if summary["worker_restarts"]:
         out.print(
-            f"worker pool restarted {result['worker_restarts']} time(s) after a worker died; "
+            f"worker pool restarted {summary['worker_restarts']} time(s) after a worker died; "
             "the unfinished trainings were resubmitted"
         )
-    if "test_accuracy" in result:
+    if "test_accuracy" in summary:
         out.print(
-            f"[bold]test accuracy {result['test_accuracy']:.4f}[/bold] (λ={best:g}, "
-            f"test loss {result['test_loss']:.4f})"
+            f"[bold]test accuracy {summary['test_accuracy']:.4f}[/bold] (λ={best:g}, "
+            f"test loss {summary['test_loss']:.4f})"
         )
         if beside_notebook:
             out.print(
                 f"notebook: λ={notebook.BEST_LAMBDA:g} chosen, test accuracy "
                 f"{notebook.TEST_ACCURACY_ONE_HIDDEN_PERCENT / 100:.4f}"
             )
-        print_registration(
-            result.get("registered_model"),
-            result.get("registered_version"),
-            bool(result.get("champion")),
-            result.get("champion_note", ""),
+    _print_published(summary["published"])
+
+
+def _print_cv_table(title: str, rows: list[tuple], best: float) -> None:
+    """Rows of (lambda, mean accuracy, std or None, mean loss, diverged folds or None)."""
+    table = Table(title=title)
+    for column in ("λ", "val accuracy (mean ± std)", "val loss", "diverged", ""):
+        table.add_column(column, justify="right")
+    for l2_lambda, mean, std, loss, diverged in rows:
+        chosen = l2_lambda == best
+        table.add_row(
+            f"{l2_lambda:g}",
+            f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}"),
+            f"{loss:.4f}",
+            "" if diverged is None else str(diverged),
+            "[bold green]← chosen[/bold green]" if chosen else "",
+            style="bold" if chosen else None,
         )
-    out.print(f"MLflow run {result['mlflow_run_id']}")
-    out.print(
-        f"open the MLflow UI: {ui_command(resolve_tracking_uri(cfg.tracking.tracking_uri))}",
-        markup=False,
-    )
+    out.print(table)
+
+
+def _print_published(published: Any) -> None:
+    """The registered version (champion or why not), the MLflow run and how to open it."""
+    registration = published.registration
+    if registration is not None:
+        if registration.champion:
+            status = f"new champion: {registration.note}" if registration.note else "new champion"
+        else:
+            status = registration.note or "not the champion"
+        out.print(
+            f"model {registration.name} version {registration.version} ({status})", markup=False
+        )
+    out.print(f"MLflow run {published.run_id}")
+    out.print(f"open the MLflow UI: {ui_command(published.tracking_uri)}", markup=False)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    from pipeline.tracking.store import redact_uri
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_uri(tracking_uri)
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"
 
 
 @app.command()
@@ -239,7 +272,7 @@ def run(
     epochs: Epochs = None,
     final_epochs: FinalEpochs = None,
     batch_size: BatchSize = None,
-    lambdas: Lambdas = None,
+    l2_grid: L2Grid = None,
     folds: Folds = None,
     seed: Seed = None,
     runner: Runner = None,
@@ -253,11 +286,11 @@ def run(
     cfg = config_from_options(
         preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
         limit_test=limit_test, hidden=hidden, activation=activation, optimizer=optimizer, lr=lr,
-        epochs=epochs, final_epochs=final_epochs, batch_size=batch_size, lambdas=lambdas,
+        epochs=epochs, final_epochs=final_epochs, batch_size=batch_size, l2_grid=l2_grid,
         folds=folds, seed=seed, runner=runner, workers=workers, dask_address=dask_address,
         tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
-    _print_summary(_run_flow("mlp-pipeline", cfg, progress=not no_progress), cfg)
+    _run_flow("mlp-pipeline", cfg, progress=not no_progress)
 
 
 @app.command()
@@ -274,7 +307,7 @@ def cv(
     lr: Lr = None,
     epochs: Epochs = None,
     batch_size: BatchSize = None,
-    lambdas: Lambdas = None,
+    l2_grid: L2Grid = None,
     folds: Folds = None,
     seed: Seed = None,
     runner: Runner = None,
@@ -288,15 +321,207 @@ def cv(
     cfg = config_from_options(
         preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
         hidden=hidden, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
-        batch_size=batch_size, lambdas=lambdas, folds=folds, seed=seed, runner=runner,
+        batch_size=batch_size, l2_grid=l2_grid, folds=folds, seed=seed, runner=runner,
         workers=workers, dask_address=dask_address, tracking_uri=tracking_uri,
         experiment=experiment,
     )  # fmt: skip
-    _print_summary(_run_flow("cv", cfg, progress=not no_progress), cfg)
+    _run_flow("cv", cfg, progress=not no_progress)
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    l2: Annotated[float, typer.Option("--l2", help="L2 strength lambda", min=0.0)] = 1e-4,
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: SetOption = None,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    hidden: Hidden = None,
+    activation: Activation = None,
+    optimizer: Optimizer = None,
+    lr: Lr = None,
+    final_epochs: FinalEpochs = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    limit_train: LimitTrain = None,
+    limit_test: LimitTest = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="Don't record in MLflow")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train one network on all training data with a given lambda and report test accuracy."""
+    from pipeline.data import fingerprint_test_set
+    from pipeline.progress import epoch_bar
+    from pipeline.tracking.publish import recorded
+    from pipeline.training import load_configured_dataset, predict_test, train_final
+
+    cfg = config_from_options(
+        preset, config, set_, dataset=dataset, data_dir=data_dir, hidden=hidden,
+        activation=activation, optimizer=optimizer, lr=lr, final_epochs=final_epochs,
+        batch_size=batch_size, seed=seed, limit_train=limit_train, limit_test=limit_test,
+        tracking_uri=tracking_uri, experiment=experiment,
+    )  # fmt: skip
+    data = load_configured_dataset(cfg.data)
+
+    def train_and_evaluate() -> tuple[Any, Any, Any]:
+        epochs_total = cfg.training.resolved_final_epochs
+        with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_epoch:
+            final = train_final(cfg, data, l2, callback=on_epoch)
+        evaluation, predicted = predict_test(final, data)
+        out.print(
+            f"test accuracy {evaluation.accuracy:.4f}  test loss {evaluation.loss:.4f}  "
+            f"({data.name}, {evaluation.n_samples} test images, {final.seconds:.1f} s training)"
+        )
+        return final, evaluation, predicted
+
+    if no_track:
+        train_and_evaluate()
+        return
+    with recorded(
+        cfg,
+        flow="train",
+        dataset={"name": data.name, "fingerprint": data.fingerprint},
+        params={"l2_lambda": l2},
+    ) as (record, publisher):
+        final, evaluation, predicted = train_and_evaluate()
+        test_set = fingerprint_test_set(data.X_test, data.y_test)
+        record.add_final(final, evaluation, data.X_test, data.y_test, predicted, test_set)
+        record.finish("FINISHED")
+    _print_published(publisher.published)
+
+
+# ----------------------------------------------------------------------------- publish
+@app.command()
+def publish(
+    folder: Annotated[Path, typer.Argument(help="A run record: .mlp-pipeline/runs/<id>")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Publish a run record to MLflow (again): what MLflow lacks is added, nothing twice."""
+    from pipeline.errors import TrackingError
+    from pipeline.record import RunRecord
+    from pipeline.tracking.publish import NotPublishedError
+    from pipeline.tracking.publish import publish as publish_record
+    from pipeline.tracking.store import one_line
+
+    record = RunRecord(folder)
+    run_ = record.run()  # a RecordError (exit 2) when it is not a record
+    try:
+        published = publish_record(record, tracking_uri)
+    except TrackingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again
+        raise NotPublishedError(f"publishing {folder} failed: {one_line(exc)}") from None
+    out.print(f"published {run_['flow']} run {run_['id']} ({record.run()['status']})")
+    _print_published(published)
+
+
+# ----------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="MLflow model URI: models:/NAME@champion, models:/NAME/VERSION, runs:/ID/model "
+            "(ID: the run id a command printed)",
+        ),
+    ],
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", help="mnist, fashion-mnist or mnist-sample (default: the model's own)"
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    limit_test: LimitTest = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Test accuracy of a logged or registered model (reads only the test files)."""
+    from pipeline.data import load_test_set
+    from pipeline.tracking.model import accuracy, load_network
+    from pipeline.tracking.store import check_tracking_uri, default_tracking_uri
+
+    cfg = config_from_options(
+        None, None, None, dataset=dataset, data_dir=data_dir, limit_test=limit_test
+    )
+    uri = default_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    network, normalizer, trained_on = load_network(model, uri)
+    name = dataset or trained_on or cfg.data.dataset
+    X_test, y_test = load_test_set(
+        name, cfg.data.data_dir, cfg.data.download, limit_test=cfg.data.limit_test
+    )
+    score = accuracy(network, normalizer, X_test, y_test)
+    out.print(
+        f"test accuracy {score:.4f} ({name}, {y_test.size} test images, {model})", markup=False
+    )
+
+
+# ----------------------------------------------------------------------------- runs
+@app.command()
+def runs(
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment name (default: mlp-pipeline)")
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option("--last", min=1, help="Only the N most recent executions")
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="table, csv or json (csv/json go to stdout)")
+    ] = "table",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List pipeline executions side by side, newest first: config, best lambda, accuracies."""
+    from pipeline.tracking import runs as listing
+
+    if format_ not in ("table", "csv", "json"):
+        raise PipelineError(f"--format must be table, csv or json, got {format_!r}")
+    name = experiment or listing.DEFAULT_EXPERIMENT
+    frame = listing.list_pipeline_runs(name, tracking_uri=tracking_uri, last=last)
+    if format_ != "table":
+        if frame.empty:  # still valid (empty) output for scripts; the hint goes to stderr
+            err.print(f"no pipeline runs in experiment {name!r} yet", markup=False)
+        sys.stdout.write(listing.to_json(frame) if format_ == "json" else listing.to_csv(frame))
+        return
+    if frame.empty:
+        out.print(
+            f"no pipeline runs in experiment {name!r} yet: start one with "
+            "`mlp-pipeline run --preset quick`",
+            markup=False,
+        )
+        return
+    rows = listing.table_rows(frame)
+    shown = listing.columns_that_fit(rows, out.width)
+    left_out = len(rows[0]) - len(shown)
+    # No vertical rules and one space between columns: 14 columns in about 140 characters.
+    table = Table(
+        title=f"pipeline runs in {escape(repr(name))}, newest first (full run ids: --format csv "
+        "or json)",
+        caption=(
+            f"{left_out} more column{'s' if left_out > 1 else ''} on a wider terminal, "
+            "or with --format csv"
+            if left_out
+            else None
+        ),
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    for column in shown:
+        table.add_column(
+            column,
+            justify="right" if column in listing.NUMERIC_COLUMNS else "left",
+            no_wrap=column in {"started", "status"},
+        )
+    for row in rows:
+        style = {"FAILED": "red", "KILLED": "yellow", "RUNNING": "cyan"}.get(row["status"])
+        table.add_row(*(row[column] for column in shown), style=style)
+    out.print(table)
 
 
 # ----------------------------------------------------------------------------- deployments
-
 Cron = Annotated[str | None, typer.Option("--cron", help="Cron schedule (UTC), e.g. '0 2 * * *'")]
 Interval = Annotated[
     float | None, typer.Option("--interval", help="Run every SECONDS (instead of --cron)")
@@ -323,15 +548,16 @@ def serve(
     Needs a Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL.
     """
     from flows import deployments as dep
-    from pipeline.tracking_uri import redact_uri
+    from pipeline.tracking.store import redact_uri
 
     url = dep.require_api_url()
     cfg = dep.absolute_paths(config_from_options(preset, config, set_))
     served = dep.build_deployments(cfg, name=name, cron=cron, interval=interval)
     dep.check_api(url)
     for deployment in served:
-        schedule = ", ".join(_describe_schedule(s) for s in deployment.schedules) or "on request"
-        out.print(f"serving {dep.FLOW_NAME}/{deployment.name} ({schedule})", highlight=False)
+        schedule = ", ".join(dep.describe_schedule(s) for s in deployment.schedules)
+        out.print(f"serving {dep.FLOW_NAME}/{deployment.name} ({schedule or 'on request'})",
+                  highlight=False)  # fmt: skip
     out.print(
         f"config: preset {preset or 'default'}, dataset {cfg.data.dataset}, "
         f"runner {cfg.execution.runner}; MLflow {redact_uri(cfg.tracking.tracking_uri or '')}",
@@ -344,15 +570,6 @@ def serve(
     )
     dep.serve_deployments(served, limit=limit)
     out.print("stopped; the schedules are paused until the next serve", highlight=False)
-
-
-def _describe_schedule(schedule: Any) -> str:
-    inner = getattr(schedule, "schedule", schedule)
-    if getattr(inner, "cron", None):
-        return f"cron {inner.cron} {inner.timezone or 'UTC'}"
-    if getattr(inner, "interval", None) is not None:
-        return f"every {inner.interval.total_seconds():g} s"
-    return str(inner)
 
 
 @app.command()
@@ -372,9 +589,7 @@ def trigger(
     from prefect.client.orchestration import get_client
 
     from flows import deployments as dep
-    from pipeline.config import parse_set_options
 
-    err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
     overrides = parse_set_options(set_ or [])
     url = dep.require_api_url()
     dep.check_api(url)
@@ -382,27 +597,18 @@ def trigger(
     with get_client(sync_client=True) as client:
         found = dep.read_deployment(client, name)
         cfg = dep.deployment_config(found, overrides)
-        run_ = dep.create_run(client, found, cfg)
-        out.print(f"flow run {run_.name} ({run_.id}) of {name}", highlight=False)
+        flow_run = dep.create_run(client, found, cfg)
+        out.print(f"flow run {flow_run.name} ({flow_run.id}) of {name}", highlight=False)
         if not wait:
             return
-        state = dep.follow_run(client, run_.id, _print_state, timeout=timeout)
+        state = dep.follow_run(client, flow_run.id, _print_state, timeout=timeout)
     if dep.is_failure(state):
         message = " ".join((state.message or "").split())
-        err.print(f"error: flow run {run_.name} ended {state.name}: {message}")
-        raise typer.Exit(1)
-    outcome = dep.find_mlflow_run(cfg, run_.id)
-    if outcome is None:
-        err.print(f"error: no MLflow run of flow run {run_.id} in {cfg.tracking.tracking_uri}")
-        raise typer.Exit(1)
-    out.print(f"MLflow run {outcome.run_id}", highlight=False)
-    if outcome.test_accuracy is not None:
-        out.print(f"[bold]test accuracy {outcome.test_accuracy:.4f}[/bold]", highlight=False)
-    print_registration(
-        outcome.registered_model, outcome.registered_version, outcome.champion,
-        outcome.champion_note,
-    )  # fmt: skip
-    out.print(f"open the MLflow UI: {ui_command(outcome.tracking_uri)}", markup=False)
+        raise dep.FlowRunFailed(f"flow run {flow_run.name} ended {state.name}: {message}")
+    outcome = dep.find_mlflow_run(cfg, flow_run.id)
+    if "test_accuracy" in outcome.data.metrics:
+        out.print(f"[bold]test accuracy {outcome.data.metrics['test_accuracy']:.4f}[/bold]")
+    _print_published(dep.published_from(outcome, cfg))
 
 
 def _print_state(state: Any) -> None:
@@ -410,6 +616,138 @@ def _print_state(state: Any) -> None:
     if state.name == "Late":
         hint = " (nothing picked it up yet: is `mlp-pipeline serve` or a worker running?)"
     out.print(f"state: {state.name}{hint}", highlight=False)
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("info")
+def data_info(data_dir: DataDir = None) -> None:
+    """Show which dataset files are found where."""
+    from pipeline.data import dataset_status, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    table = _plain_table(f"datasets under {escape(str(root))}")
+    table.add_column("dataset", no_wrap=True)
+    table.add_column("file", overflow="fold")  # paths wrap whole, never cut to "…"
+    table.add_column("layout", no_wrap=True)
+    table.add_column("bytes", justify="right", no_wrap=True)
+    for row in dataset_status(data_dir):
+        where = (
+            f"[red]missing[/red]: {row['file']}(.gz)"
+            if row["path"] is None
+            else _under(row["path"], root)
+        )
+        size = "-" if row["size"] is None else f"{row['size']:,}"
+        table.add_row(row["dataset"], where, row["layout"] or "-", size)
+    out.print(table)
+
+
+@data_app.command("verify")
+def data_verify(
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="One dataset (default: every one found)")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Check dataset files against their canonical SHA-256 (exit 2 on any mismatch)."""
+    from pipeline.data import DATASET_NAMES, dataset_status, resolve_data_dir, verify_dataset
+
+    if dataset is None:
+        present = {row["dataset"] for row in dataset_status(data_dir) if row["path"]}
+        names = [name for name in DATASET_NAMES if name in present]
+    else:
+        names = [dataset]
+    root = resolve_data_dir(data_dir)
+    mismatches = []
+    table = _plain_table("SHA-256 of the decompressed files")
+    table.add_column("file", overflow="fold")
+    table.add_column("sha256", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for name in names:
+        for row in verify_dataset(name, data_dir):
+            shown = _under(row["file"], root)
+            if not row["ok"]:
+                mismatches.append((shown, row))
+            # Abbreviated as git does; a mismatch gets both hashes whole below the table.
+            status = "[green]ok[/green]" if row["ok"] else "[red]MISMATCH[/red]"
+            table.add_row(shown, row["actual"][:16] + "…", status)
+    out.print(table)
+    for shown, row in mismatches:
+        out.print(f"{shown}\n  expected {row['expected']}\n  actual   {row['actual']}")
+    if mismatches:
+        raise PipelineError(f"{len(mismatches)} file(s) do not match their canonical checksum")
+
+
+def _plain_table(title: str) -> Table:
+    return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+
+
+def _under(path: str, root: Path) -> str:
+    """``path`` relative to ``root`` when it lies there, escaped for Rich markup (a folder named
+    ``[old]`` would otherwise vanish as a style tag)."""
+    return escape(str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _library_defaults() -> None:
+    """Defaults for Prefect and MLflow, before they are imported; the environment wins.
+
+    The progress bars and the summary tell the story: Prefect's console shows only what stops a
+    run (its API and UI still get every log line). No telemetry from offline machines. MLflow's
+    HTTP retries are bounded, so a tracking server lost mid-run costs seconds, not minutes: the
+    run record keeps the results, and ``mlp-pipeline publish`` sends them later.
+    """
+    for name, value in {
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    }.items():
+        os.environ.setdefault(name, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app and turn every failure into an exit code."""
+    debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
+    _library_defaults()
+    # Registered first, so it runs last: Python's collections at exit would walk every object
+    # Prefect and MLflow made, for nothing (benchmarks/README.md has the cost).
+    atexit.register(gc.freeze)
+    try:
+        with interruptible() as interrupt:
+            # Outside standalone mode, typer returns 130 for a KeyboardInterrupt.
+            code = app(args=argv, standalone_mode=False, prog_name="mlp-pipeline")
+        if code == 130:
+            err.print("error: interrupted")
+            code = interrupt.exit_code
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("error: interrupted")
+        sys.exit(130)
+    except typer.TyperException as exc:  # an unknown option, a bad value, a missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # the help was printed: asking for it is not an error
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {' '.join(message.split())}", markup=False)
+        sys.exit(2)
+    except (PipelineError, MLPError) as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: {' '.join(str(exc).split())}", markup=False)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except Exception as exc:  # noqa: BLE001 -- the last line of defence of a CLI
+        if debug:
+            traceback.print_exc()
+        err.print(
+            f"unexpected error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(set MLP_PIPELINE_DEBUG=1 for a traceback)",
+            markup=False,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,19 +14,14 @@ another working directory and ``trigger`` read and write the same stores.
 
 from __future__ import annotations
 
-import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, build_config
 from pipeline.errors import ConfigError, PipelineError
-
-# Offline machines: without this every Prefect client logs a telemetry error.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 FLOW_NAME = "mlp-pipeline"
 SCHEDULED = "scheduled"
@@ -42,12 +37,18 @@ _FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 # ------------------------------------------------------------------------------ the API
 
 
+class FlowRunFailed(PipelineError):
+    """A triggered flow run ended Failed, Crashed or Cancelled (exit code 1)."""
+
+    exit_code = 1
+
+
 def require_api_url() -> str:
     """Prefect's API URL (the environment, or the active profile as ``prefect config set``
     leaves it); a one-line :class:`PipelineError` when none is set."""
-    from flows.server import configured_api_url
+    from prefect.settings import get_current_settings
 
-    url = configured_api_url() or ""
+    url = get_current_settings().api.url or ""
     if not url:
         raise PipelineError(f"PREFECT_API_URL is not set: deployments need a running server; "
                             f"{START_SERVER_HINT}")  # fmt: skip
@@ -88,11 +89,11 @@ def absolute_paths(config: PipelineConfig, keys: Iterable[str] = PATH_KEYS) -> P
     matters.
     """
     from pipeline.data import resolve_data_dir
-    from pipeline.tracking_uri import resolve_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri
 
     resolvers = {
         "tracking.tracking_uri": lambda: _absolute_sqlite(
-            resolve_tracking_uri(config.tracking.tracking_uri)
+            default_tracking_uri(config.tracking.tracking_uri)
         ),
         "execution.cache_dir": lambda: str(
             Path(config.execution.cache_dir).expanduser().absolute()
@@ -175,6 +176,16 @@ def build_deployments(
         )
     )
     return deployments
+
+
+def describe_schedule(schedule: Any) -> str:
+    """``cron 0 2 * * * UTC`` or ``every 3600 s``."""
+    inner = getattr(schedule, "schedule", schedule)
+    if getattr(inner, "cron", None):
+        return f"cron {inner.cron} {inner.timezone or 'UTC'}"
+    if getattr(inner, "interval", None) is not None:
+        return f"every {inner.interval.total_seconds():g} s"
+    return str(inner)
 
 
 def _check_cron(expression: str) -> None:
@@ -293,45 +304,39 @@ def is_failure(state: Any) -> bool:
     return state.type.value in _FAILED_STATES
 
 
-@dataclass(frozen=True)
-class MlflowOutcome:
-    """The MLflow parent run a flow run recorded."""
+def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> Any:
+    """The MLflow parent run a flow run recorded (tag ``prefect.flow_run_id``)."""
+    from mlflow import MlflowClient
 
-    run_id: str
-    test_accuracy: float | None
-    tracking_uri: str
-    registered_model: str | None = None
-    registered_version: str | None = None
-    champion: bool = False
-    champion_note: str = ""
+    from pipeline.tracking.store import default_tracking_uri, redact_uri
 
-
-def find_mlflow_run(config: PipelineConfig, flow_run_id: Any) -> MlflowOutcome | None:
-    """The MLflow parent run tagged ``prefect.flow_run_id`` in the config's tracking store."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking_uri import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(config.tracking.tracking_uri)
+    uri = default_tracking_uri(config.tracking.tracking_uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is None:
-        return None
     runs = client.search_runs(
-        [experiment.experiment_id],
+        [experiment.experiment_id] if experiment else [],
         f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.stage = 'pipeline'",
         max_results=1,
     )
     if not runs:
-        return None
-    run = runs[0]
+        raise FlowRunFailed(f"no MLflow run of flow run {flow_run_id} in {redact_uri(uri)}")
+    return runs[0]
+
+
+def published_from(run: Any, config: PipelineConfig) -> Any:
+    """What the command line prints of a published run, read back from its tags."""
+    from pipeline.tracking.publish import Published
+    from pipeline.tracking.registry import Registration
+    from pipeline.tracking.store import default_tracking_uri
+
     tags = run.data.tags
-    return MlflowOutcome(
-        run.info.run_id,
-        run.data.metrics.get("test_accuracy"),
-        uri,
-        registered_model=tags.get("registered_model"),
-        registered_version=tags.get("registered_model_version"),
-        champion=tags.get("champion") == "true",
-        champion_note=tags.get("champion_comparison", ""),
-    )
+    registration = None
+    if tags.get("registered_model"):
+        registration = Registration(
+            tags["registered_model"],
+            tags.get("registered_model_version", ""),
+            tags.get("champion") == "true",
+            tags.get("champion_comparison", ""),
+        )
+    uri = default_tracking_uri(config.tracking.tracking_uri)
+    return Published(run.info.run_id, uri, registration)

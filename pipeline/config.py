@@ -39,6 +39,8 @@ MAX_EPOCHS = 10**6
 MAX_UNITS = 10**6  # units of one hidden layer
 MAX_WORKERS = 1024  # workers and BLAS threads: every process worker is started up front
 MAX_SEED = 2**32 - 1  # the range scikit-learn and NumPy's legacy seeding accept
+# Settings that changed name: an old file or --set gets the new name in its error.
+RENAMED = {"cv.lambdas": "cv.l2_lambdas"}
 
 
 class _Section(BaseModel):
@@ -142,11 +144,11 @@ class TrainingConfig(_Section):
 class CVConfig(_Section):
     """The k-fold cross-validation over the L2 strength."""
 
-    lambdas: list[float] = Field(
-        # Measured on MNIST (benchmarks/README.md): 1e-5 acts like 0 and 1e-2 underfits.
+    l2_lambdas: list[float] = Field(
+        # On MNIST (benchmarks/README.md) 1e-5 acts like 0 and 1e-2 underfits.
         [1e-4, 3e-4, 1e-3, 3e-3],
         min_length=1,
-        description="L2 strengths to compare",
+        description="L2 strengths (lambda) to compare",
     )
     folds: int = Field(4, ge=2, le=MAX_COUNT)
     shuffle: bool = Field(True, description="Shuffle before splitting (false: contiguous folds)")
@@ -155,15 +157,15 @@ class CVConfig(_Section):
         0, ge=0, le=MAX_SEED, description="Seeds folds, initializations and batch order"
     )
 
-    @field_validator("lambdas")
+    @field_validator("l2_lambdas")
     @classmethod
-    def _valid_lambdas(cls, lambdas: list[float]) -> list[float]:
-        bad = [lam for lam in lambdas if not (lam >= 0 and lam < float("inf"))]
+    def _valid_l2_lambdas(cls, l2_lambdas: list[float]) -> list[float]:
+        bad = [value for value in l2_lambdas if not (value >= 0 and value < float("inf"))]
         if bad:
-            raise ValueError(f"lambdas must be finite and >= 0 (got {bad})")
-        if len(set(lambdas)) != len(lambdas):
-            raise ValueError(f"lambdas must be distinct (got {lambdas})")
-        return sorted(lambdas)
+            raise ValueError(f"L2 strengths must be finite and >= 0 (got {bad})")
+        if len(set(l2_lambdas)) != len(l2_lambdas):
+            raise ValueError(f"L2 strengths must be distinct (got {l2_lambdas})")
+        return sorted(l2_lambdas)
 
 
 class ExecutionConfig(_Section):
@@ -191,10 +193,15 @@ class ExecutionConfig(_Section):
     retries: int = Field(2, ge=0, le=100, description="Retries of a training whose worker died")
     resume: bool = Field(True, description="Reuse fold results already computed by an earlier run")
     cache_dir: str = Field(
-        ".mlp-pipeline/cache",
+        ".mlp-pipeline",
         min_length=1,
-        description="The pipeline's own files: fold results, and reports/ when MLflow is away",
+        description="The pipeline's own files: run records (runs/) and the fold cache (folds/)",
     )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand_user(cls, folder: str) -> str:
+        return str(Path(folder).expanduser())
 
     @model_validator(mode="after")
     def _dask_address_needs_dask(self) -> ExecutionConfig:
@@ -214,7 +221,7 @@ class ExecutionConfig(_Section):
         cores = cores or os.cpu_count() or 1
         if self.blas_threads is not None:
             return self.blas_threads
-        # Oversubscribing cores (workers x threads > cores) halves matmul speed here.
+        # Oversubscribed cores (workers x threads > cores) slow matmuls down (benchmarks/).
         return max(1, cores // self.resolved_workers(cores))
 
     def resolved_final_blas_threads(self, cores: int | None = None) -> int:
@@ -301,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "final_epochs": 300,
         },
         "cv": {
-            "lambdas": [1e-1, 1e-2, 1e-3, 1e-4],
+            "l2_lambdas": [1e-1, 1e-2, 1e-3, 1e-4],
             "folds": 4,
             "shuffle": False,
             "stratify": False,
@@ -314,7 +321,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"dataset": "mnist-sample"},
         "model": {"hidden_sizes": [64]},
         "training": {"epochs": 4, "lr": 0.1},
-        "cv": {"lambdas": [1e-4, 1e-3], "folds": 2},
+        "cv": {"l2_lambdas": [1e-4, 1e-3], "folds": 2},
         "execution": {"runner": "thread"},
     },
 }
@@ -451,14 +458,15 @@ def _assign(values: dict[str, Any], dotted: str, value: Any, source: str | Path 
     section, key = parts
     if key not in values[section]:
         known = ", ".join(type(getattr(PipelineConfig(), section)).model_fields)
-        raise ConfigError(f"{where}unknown setting {dotted!r}; {section} has: {known}")
+        renamed = f" (renamed {RENAMED[dotted]})" if dotted in RENAMED else ""
+        raise ConfigError(f"{where}unknown setting {dotted!r}{renamed}; {section} has: {known}")
     if (
         source is None  # a TOML file writes its lists as lists
         and isinstance(values[section][key], list)
         and value is not None
         and not isinstance(value, list)
     ):
-        value = [value]  # --set cv.lambdas=1e-3 or model.hidden_sizes=64: a list of one
+        value = [value]  # --set cv.l2_lambdas=1e-3 or model.hidden_sizes=64: a list of one
     values[section][key] = value
 
 

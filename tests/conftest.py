@@ -9,13 +9,8 @@ import tempfile
 from pathlib import Path
 
 # Before anything imports Prefect: a private Prefect home, no telemetry (offline machines).
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mlp-pipeline-prefect-"))
-# A private cache, always (not setdefault): every new SQLite store is a copy of a template kept
-# in $XDG_CACHE_HOME/mlp-pipeline (pipeline/store_template.py), so the user's ~/.cache would let
-# a stale or damaged template from another run change outcomes. Subprocesses inherit it; it is
-# removed at the end of the session (pytest_unconfigure).
-SESSION_CACHE_HOME = tempfile.mkdtemp(prefix="mlp-pipeline-cache-")
-os.environ["XDG_CACHE_HOME"] = SESSION_CACHE_HOME
+SESSION_HOME = tempfile.mkdtemp(prefix="mlp-pipeline-tests-")
+os.environ.setdefault("PREFECT_HOME", os.path.join(SESSION_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -26,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SESSION_CACHE_HOME, ignore_errors=True)
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 class RefusedServer:
@@ -68,10 +63,17 @@ def refused_server(monkeypatch):
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    """The read-only folder holding real MNIST and Fashion-MNIST (``../shared/data``)."""
+    """The read-only folder holding real MNIST and Fashion-MNIST (``../shared/data``).
+
+    Tests that need it skip without it: set ``MLP_PIPELINE_TEST_DATA`` to a folder holding
+    ``mnist/train-images-idx3-ubyte.gz`` and the rest, or put the data at ``../shared/data``.
+    """
     path = Path(os.environ.get("MLP_PIPELINE_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
     if not (path / "mnist" / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST not found under {path}; set MLP_PIPELINE_TEST_DATA")
+        pytest.skip(
+            f"real MNIST not found under {path}: set MLP_PIPELINE_TEST_DATA to the folder "
+            "holding mnist/ and fashion-mnist/ (default ../shared/data)"
+        )
     return path
 
 
@@ -83,20 +85,49 @@ def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_api_url():
-    """One real Prefect API for the session, exported so spawned workers reach it too.
-
-    A temporary server (``prefect_api``) unless ``PREFECT_API_URL`` already names one.
+    """One real Prefect server for the session (``prefect server start`` on 127.0.0.1), in
+    ``PREFECT_API_URL``: flows run against it, and so do the commands tests start. Stopped by
+    its pid at the end. A ``PREFECT_API_URL`` already set is used as is.
     """
-    from flows.server import prefect_api
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    from flows import server
 
-    with prefect_api(startup_timeout=90) as url:
-        yield url or os.environ["PREFECT_API_URL"]
+    process, url = server.launch()
+    try:
+        server.wait_ready(process, url, timeout=120)
+        os.environ["PREFECT_API_URL"] = url
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop(process)
+
+
+@pytest.fixture(scope="session")
+def _empty_store() -> Path:
+    """An MLflow SQLite store with its tables, made once: MLflow's migrations take seconds."""
+    from mlflow import MlflowClient
+
+    database = Path(SESSION_HOME) / "empty-store" / "mlflow.db"
+    database.parent.mkdir()
+    MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()
+    return database
 
 
 @pytest.fixture()
-def tracking_uri(tmp_path: Path) -> str:
-    """A fresh MLflow SQLite store in a temporary folder (absolute: four slashes)."""
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+def tracking_uri(tmp_path: Path, _empty_store: Path) -> str:
+    """A fresh MLflow SQLite store in a temporary folder (absolute: four slashes).
+
+    A copy of the session's empty store: the same tables MLflow would make, without the wait.
+    """
+    database = tmp_path / "mlruns" / "mlflow.db"
+    database.parent.mkdir()
+    shutil.copyfile(_empty_store, database)
+    return f"sqlite:///{database}"
 
 
 def _children(pid: int) -> list[tuple[int, str]]:

@@ -402,8 +402,8 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "training.final_epochs": ["x", -1],
     "training.dropout": ["x", 1.0, -0.1],
     "training.early_stopping": ["x", 0],
-    # A bare number is accepted as a list of one (--set cv.lambdas=1e-3).
-    "cv.lambdas": ["x", [], [-1e-3], [math.nan], [math.inf], [1e-3, 1e-3]],
+    # A bare number is accepted as a list of one (--set cv.l2_lambdas=1e-3).
+    "cv.l2_lambdas": ["x", [], [-1e-3], [math.nan], [math.inf], [1e-3, 1e-3]],
     "cv.folds": ["x", 1],
     "cv.shuffle": ["maybe", 2],
     "cv.stratify": ["maybe", [True]],
@@ -603,9 +603,9 @@ FLAG_CASES: list[tuple[str, list[str], str]] = [
     ("preset-unknown", ["train", "--preset", "fast"], "preset"),
     ("set-without-equals", ["train", "--set", "training.epochs"], "key=value"),
     ("set-three-part-key", ["train", "--set", "training.lr.x=1"], "training.lr.x"),
-    ("cv-lambdas-not-numbers", ["cv", "--lambdas", "1e-3,abc"], "--lambdas"),
-    ("cv-lambdas-empty", ["cv", "--lambdas", ","], "cv.lambdas"),
-    ("cv-lambdas-duplicate", ["cv", "--lambdas", "1e-3,0.001"], "cv.lambdas"),
+    ("cv-lambdas-not-numbers", ["cv", "--l2-grid", "1e-3,abc"], "--l2-grid"),
+    ("cv-lambdas-empty", ["cv", "--l2-grid", ","], "cv.l2_lambdas"),
+    ("cv-lambdas-duplicate", ["cv", "--l2-grid", "1e-3,0.001"], "cv.l2_lambdas"),
     ("cv-folds-one", ["cv", "--folds", "1"], "cv.folds"),
     ("run-runner-unknown", ["run", "--runner", "slurm"], "execution.runner"),
     ("run-workers-zero", ["run", "--workers", "0"], "execution.workers"),

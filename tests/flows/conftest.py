@@ -37,7 +37,7 @@ def small_config():
             "model.hidden_sizes": [32],
             "training.epochs": 2,
             "training.final_epochs": 3,
-            "cv.lambdas": [1e-4, 1e-2],
+            "cv.l2_lambdas": [1e-4, 1e-2],
             "cv.folds": 2,
             "execution.runner": "thread",
             "execution.workers": 2,

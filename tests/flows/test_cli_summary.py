@@ -23,7 +23,7 @@ def test_a_notebook_run_prints_the_published_figures_beside_its_own(capsys, monk
     monkeypatch.setenv("COLUMNS", "80")
     config = preset("notebook")
 
-    _print_summary(_result(config.cv.lambdas, 1e-3), config)
+    _print_summary(_result(config.cv.l2_lambdas, 1e-3), config)
 
     out = capsys.readouterr().out
     ours, published = out.split("the homework notebook, as published")
@@ -41,7 +41,7 @@ def test_other_runs_print_no_notebook_columns(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     config = preset("default")
 
-    _print_summary(_result(config.cv.lambdas, 1e-3), config)
+    _print_summary(_result(config.cv.l2_lambdas, 1e-3), config)
 
     out = capsys.readouterr().out
     assert "notebook" not in out, out

@@ -225,7 +225,7 @@ def test_sweep_survives_a_killed_worker(
         tmp_path,
         tracking_uri,
         **{
-            "cv.lambdas": lambdas,
+            "cv.l2_lambdas": lambdas,
             "training.epochs": 3,
             "execution.runner": "dask",
             "execution.dask_address": dask_cluster,

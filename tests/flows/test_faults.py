@@ -42,7 +42,7 @@ def test_diverged_lambda_is_recorded_and_left_out(
     prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
     # lr * lambda = 5 makes the weight decay step itself explode: lambda 50 diverges.
-    config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [1e-4, 50.0]})
+    config = sample_config(tmp_path, tracking_uri, **{"cv.l2_lambdas": [1e-4, 50.0]})
 
     summary = cv_flow(config)
 
@@ -61,7 +61,7 @@ def test_diverged_lambda_is_recorded_and_left_out(
 def test_every_lambda_diverging_fails_with_advice(
     prefect_api_url, tmp_path, tracking_uri, reliability_log
 ):
-    config = sample_config(tmp_path, tracking_uri, **{"cv.lambdas": [50.0, 100.0]})
+    config = sample_config(tmp_path, tracking_uri, **{"cv.l2_lambdas": [50.0, 100.0]})
 
     with pytest.raises(PipelineError, match="smaller training.lr"):
         cv_flow(config)
@@ -86,7 +86,7 @@ def _process_sweep_args(data_dir: Path, tmp_path: Path, tracking_uri: str, epoch
     """`mlp-pipeline cv` of 6 trainings (3 lambdas x 2 folds, 15,000 images) in 2 pool workers."""
     return [
         "cv", "--dataset", "mnist", "--data-dir", str(data_dir), "--limit-train", "30000",
-        "--hidden", "64", "--epochs", str(epochs), "--lambdas", "1e-4,1e-3,1e-2", "--folds", "2",
+        "--hidden", "64", "--epochs", str(epochs), "--l2-grid", "1e-4,1e-3,1e-2", "--folds", "2",
         "--runner", "process", "--workers", "2", "--tracking-uri", tracking_uri,
         "--experiment", "faults", "--no-progress",
         "--set", f"execution.cache_dir={tmp_path / 'cache'}",

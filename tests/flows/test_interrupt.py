@@ -45,7 +45,7 @@ def _sweep_args(
     """`mlp-pipeline cv` of 8 trainings (4 lambdas x 2 folds) on ``n`` real MNIST images."""
     return [
         "cv", "--dataset", "mnist", "--data-dir", str(data_dir), "--limit-train", str(n),
-        "--hidden", "64", "--epochs", str(epochs), "--lambdas", "1e-5,1e-4,1e-3,1e-2",
+        "--hidden", "64", "--epochs", str(epochs), "--l2-grid", "1e-5,1e-4,1e-3,1e-2",
         "--folds", "2",
         "--runner", runner, "--workers", str(workers), "--tracking-uri", tracking_uri,
         "--experiment", EXPERIMENT, "--set", f"execution.cache_dir={cache}", "--no-progress",

@@ -107,7 +107,7 @@ def remote_run(mlflow_server, shared_data_dir, prefect_api_url, tmp_path_factory
             "model.hidden_sizes": [32],
             "training.epochs": EPOCHS,
             "training.final_epochs": 3,
-            "cv.lambdas": LAMBDAS,
+            "cv.l2_lambdas": LAMBDAS,
             "cv.folds": FOLDS,
             "execution.runner": "thread",
             "execution.workers": 2,
@@ -170,7 +170,7 @@ def test_runs_command_lists_the_remote_run(remote_run, mlflow_server, capsys):
     assert row["test_accuracy"] == pytest.approx(summary["test_accuracy"]), row
     assert row["best_lambda"] == summary["best_l2_lambda"], row
     assert (row["status"], row["dataset"], row["folds"]) == ("FINISHED", "mnist", FOLDS), row
-    assert row["lambdas"] == LAMBDAS and row["hidden_sizes"] == [32], row
+    assert row["l2_lambdas"] == LAMBDAS and row["hidden_sizes"] == [32], row
     assert row["prefect_flow_run"], row
 
 

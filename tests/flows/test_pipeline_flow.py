@@ -150,7 +150,7 @@ def test_rerun_skips_completed_folds(
 ):
     # A first execution that only got through lambda 1e-4 (as if it had been interrupted).
     partial = small_config(
-        shared_data_dir, tmp_path, tracking_uri, **{"cv.lambdas": [1e-4], "training.epochs": 1}
+        shared_data_dir, tmp_path, tracking_uri, **{"cv.l2_lambdas": [1e-4], "training.epochs": 1}
     )
     first = cv_flow(partial)
     assert (first["trained_folds"], first["cached_folds"]) == (FOLDS, 0), first

@@ -142,7 +142,7 @@ def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_
     args = [
         sys.executable, "-m", "flows.cli", "run", "--dataset", "mnist",
         "--data-dir", str(shared_data_dir), "--limit-train", "3000", "--limit-test", "500",
-        "--hidden", "32", "--epochs", "2", "--final-epochs", "2", "--lambdas", "1e-4,1e-2",
+        "--hidden", "32", "--epochs", "2", "--final-epochs", "2", "--l2-grid", "1e-4,1e-2",
         "--folds", "2", "--runner", "process", "--workers", "2",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",

@@ -75,7 +75,7 @@ def _stop(process: subprocess.Popen) -> None:
 def _cv_args(shared_data_dir: Path, tmp_path: Path, uri: str) -> list[str]:
     return [
         "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "12000",
-        "--hidden", "64", "--epochs", "3", "--lambdas", LAMBDAS, "--folds", "2",
+        "--hidden", "64", "--epochs", "3", "--l2-grid", LAMBDAS, "--folds", "2",
         "--runner", "thread", "--workers", "1", "--tracking-uri", uri, "--experiment", "lost",
         "--no-progress", "--set", f"execution.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip

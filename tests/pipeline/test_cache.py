@@ -18,7 +18,7 @@ BASE_VALUES = {
     "model.hidden_sizes": [64], "model.activation": "relu", "model.init": "he",
     "model.dtype": "float32", "training.optimizer": "nesterov", "training.lr": 0.05,
     "training.momentum": 0.9, "training.schedule": "cosine", "training.batch_size": 128,
-    "training.epochs": 3, "training.dropout": 0.0, "cv.lambdas": [1e-4, 1e-3], "cv.folds": 2,
+    "training.epochs": 3, "training.dropout": 0.0, "cv.l2_lambdas": [1e-4, 1e-3], "cv.folds": 2,
     "cv.shuffle": True, "cv.stratify": True, "cv.seed": 0, "execution.runner": "thread",
 }  # fmt: skip
 BASE = build_config(overrides=BASE_VALUES)
@@ -107,9 +107,9 @@ def test_key_changes_with_result_relevant_settings(override):
         {"tracking.registered_model": None},
         {"data.data_dir": "/some/where/else"},
         {"data.download": False},
-        {"cv.lambdas": [1e-3]},
+        {"cv.l2_lambdas": [1e-3]},
         {"training.final_epochs": 30},
-        {"cv.lambdas": [1e-3, 1e-4, 1e-2, 1e-1, 0.0]},
+        {"cv.l2_lambdas": [1e-3, 1e-4, 1e-2, 1e-1, 0.0]},
     ],
     ids=lambda o: "+".join(o),
 )

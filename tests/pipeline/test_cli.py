@@ -109,7 +109,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
         (["--hidden", "64,,32"], "empty item"),
         (["--epochs", "99999999999999999999999"], "training.final_epochs"),
         (["--batch-size", "99999999999999999999999"], "training.batch_size"),
-        (["--set", "cv.lambdas=1e-3,,2"], "empty item"),
+        (["--set", "cv.l2_lambdas=1e-3,,2"], "empty item"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )

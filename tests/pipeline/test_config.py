@@ -56,8 +56,8 @@ def test_notebook_preset_is_the_homework_protocol():
     # Assert
     for key, value in expected.items():
         assert flat[key] == value, f"notebook preset {key}: got {flat[key]!r}, expected {value!r}"
-    assert sorted(cfg.cv.lambdas) == [1e-4, 1e-3, 1e-2, 1e-1], (
-        f"notebook lambdas should be 1e-1..1e-4, got {cfg.cv.lambdas}"
+    assert sorted(cfg.cv.l2_lambdas) == [1e-4, 1e-3, 1e-2, 1e-1], (
+        f"notebook lambdas should be 1e-1..1e-4, got {cfg.cv.l2_lambdas}"
     )
     assert cfg.training.resolved_final_epochs == 300, "final model must train 300 epochs"
 
@@ -113,7 +113,7 @@ def test_toml_nested_sections_are_applied(tmp_path):
         tmp_path,
         '[model]\nhidden_sizes = [32, 16]\nactivation = "tanh"\n'
         "[training]\nepochs = 7\nlr = 0.01\n"
-        "[cv]\nlambdas = [0.5, 0.25]\nfolds = 3\n",
+        "[cv]\nl2_lambdas = [0.5, 0.25]\nfolds = 3\n",
     )
 
     # Act
@@ -124,7 +124,7 @@ def test_toml_nested_sections_are_applied(tmp_path):
     assert cfg.model.activation == "tanh", f"activation {cfg.model.activation}"
     assert cfg.training.epochs == 7, f"epochs {cfg.training.epochs}"
     assert cfg.training.lr == 0.01, f"lr {cfg.training.lr}"
-    assert sorted(cfg.cv.lambdas) == [0.25, 0.5], f"lambdas {cfg.cv.lambdas}"
+    assert sorted(cfg.cv.l2_lambdas) == [0.25, 0.5], f"lambdas {cfg.cv.l2_lambdas}"
     assert cfg.cv.folds == 3, f"folds {cfg.cv.folds}"
     # Untouched settings keep the default preset's values.
     assert cfg.data == PipelineConfig().data, "an unmentioned section should keep its defaults"
@@ -244,7 +244,7 @@ def _bytes(directory, data: bytes):
         ("model.hidden_sizes=[64, 32]", "model.hidden_sizes", [64, 32]),
         ("model.activation=tanh", "model.activation", "tanh"),
         ('model.activation="tanh"', "model.activation", "tanh"),
-        ("cv.lambdas=1e-3,1e-4", "cv.lambdas", [1e-3, 1e-4]),
+        ("cv.l2_lambdas=1e-3,1e-4", "cv.l2_lambdas", [1e-3, 1e-4]),
         ("model.hidden_sizes=64,32", "model.hidden_sizes", [64, 32]),
         ("training.batch_size=null", "training.batch_size", None),
         ("training.batch_size=None", "training.batch_size", None),
@@ -262,7 +262,7 @@ def test_parse_set_options_values(item, key, value):
 
 
 @pytest.mark.parametrize(
-    "item", ["cv.lambdas=1e-3,,2", "cv.lambdas=1e-3,", "model.hidden_sizes=,64"]
+    "item", ["cv.l2_lambdas=1e-3,,2", "cv.l2_lambdas=1e-3,", "model.hidden_sizes=,64"]
 )
 def test_parse_set_options_rejects_an_empty_list_item(item):
     # A typo must not quietly become a different grid.
@@ -361,12 +361,12 @@ def test_replace_validates_and_returns_new_object():
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"cv.lambdas": []}, "cv.lambdas"),
-        ({"cv.lambdas": [-1e-3]}, "cv.lambdas"),
-        ({"cv.lambdas": [1e-3, 1e-4, 1e-3]}, "cv.lambdas"),
-        ({"cv.lambdas": [math.nan]}, "cv.lambdas"),
-        ({"cv.lambdas": [math.inf]}, "cv.lambdas"),
-        ({"cv.lambdas": [1e-3, -math.inf]}, "cv.lambdas"),
+        ({"cv.l2_lambdas": []}, "cv.l2_lambdas"),
+        ({"cv.l2_lambdas": [-1e-3]}, "cv.l2_lambdas"),
+        ({"cv.l2_lambdas": [1e-3, 1e-4, 1e-3]}, "cv.l2_lambdas"),
+        ({"cv.l2_lambdas": [math.nan]}, "cv.l2_lambdas"),
+        ({"cv.l2_lambdas": [math.inf]}, "cv.l2_lambdas"),
+        ({"cv.l2_lambdas": [1e-3, -math.inf]}, "cv.l2_lambdas"),
         ({"cv.folds": 1}, "cv.folds"),
         ({"cv.folds": 0}, "cv.folds"),
         ({"model.hidden_sizes": [0]}, "model.hidden_sizes"),
@@ -436,10 +436,10 @@ def test_unknown_override_key_is_named(dotted):
 
 def test_lambdas_are_sorted_and_validated_as_floats():
     # Act
-    cfg = build_config(overrides={"cv.lambdas": [1e-2, 0, 1e-4]})
+    cfg = build_config(overrides={"cv.l2_lambdas": [1e-2, 0, 1e-4]})
 
     # Assert
-    assert cfg.cv.lambdas == [0.0, 1e-4, 1e-2], f"lambdas not sorted ascending: {cfg.cv.lambdas}"
+    assert cfg.cv.l2_lambdas == [0.0, 1e-4, 1e-2], f"lambdas not sorted ascending: {cfg.cv.l2_lambdas}"
 
 
 # ----------------------------------------------------------------------------- flat, JSON, frozen

@@ -29,7 +29,7 @@ def test_the_notebook_preset_follows_the_protocol_wherever_it_runs():
     [
         {"training.epochs": 20},
         {"model.hidden_sizes": [128, 64]},
-        {"cv.lambdas": [1e-3]},
+        {"cv.l2_lambdas": [1e-3]},
         {"data.limit_train": 1000},
         {"data.normalization": "standardize"},
         {"data.dataset": "fashion-mnist"},

@@ -70,7 +70,7 @@ def hand_made(store_uri) -> dict[str, str]:
         "training.epochs": "10",
         "training.final_epochs": "None",
         "cv.folds": "4",
-        "cv.lambdas": "[1e-05, 0.0001, 0.001]",
+        "cv.l2_lambdas": "[1e-05, 0.0001, 0.001]",
     }
     ids = {}
     ids["old"] = _parent(
@@ -106,7 +106,7 @@ def recorded(store_uri) -> tuple[str, object]:
     )
     results = [
         FoldResult(lam, fold, fold, 0.9 + lam, 0.3, 0.95, 0.2, 2, 0.5, {"epoch": [1, 2]})
-        for lam in config.cv.lambdas
+        for lam in config.cv.l2_lambdas
         for fold in range(config.cv.folds)
     ]
     with PipelineRecorder(config.tracking) as recorder:
@@ -136,7 +136,7 @@ def test_values_are_typed(store_uri, hand_made):
     frame = list_pipeline_runs(HAND, tracking_uri=store_uri).set_index("run_id")
     new, failed = frame.loc[hand_made["new"]], frame.loc[hand_made["failed"]]
     assert new["hidden_sizes"] == [256, 128], new["hidden_sizes"]
-    assert new["lambdas"] == [1e-5, 1e-4, 1e-3], new["lambdas"]
+    assert new["l2_lambdas"] == [1e-5, 1e-4, 1e-3], new["l2_lambdas"]
     assert (new["optimizer"], new["lr"], new["epochs"], new["folds"]) == ("adam", 0.05, 10, 4)
     assert new["final_epochs"] == 20, new["final_epochs"]
     assert (new["best_lambda"], new["cv_accuracy"], new["test_accuracy"]) == (1e-3, 0.98, 0.981)
@@ -160,12 +160,12 @@ def test_lists_what_the_recorder_writes(store_uri, recorded):
     row = frame.iloc[0]
     assert row["dataset"] == "mnist-sample" and row["flow"] == "cv", row
     assert row["hidden_sizes"] == config.model.hidden_sizes, row["hidden_sizes"]
-    assert row["lambdas"] == config.cv.lambdas, row["lambdas"]
+    assert row["l2_lambdas"] == config.cv.l2_lambdas, row["l2_lambdas"]
     assert row["optimizer"] == config.training.optimizer, row["optimizer"]
     assert row["lr"] == config.training.lr and row["epochs"] == config.training.epochs, row
     assert row["folds"] == config.cv.folds, row
-    assert row["best_lambda"] == max(config.cv.lambdas), row  # 0.9 + lambda: largest wins
-    assert row["cv_accuracy"] == pytest.approx(0.9 + max(config.cv.lambdas)), row
+    assert row["best_lambda"] == max(config.cv.l2_lambdas), row  # 0.9 + lambda: largest wins
+    assert row["cv_accuracy"] == pytest.approx(0.9 + max(config.cv.l2_lambdas)), row
     assert math.isnan(row["test_accuracy"]), "a CV-only execution has no test accuracy"
     assert row["status"] == "FINISHED", row
 
@@ -228,11 +228,11 @@ def test_json_and_csv_round_trip(store_uri, hand_made):
     records = json.loads(to_json(frame))
     assert [r["run_id"] for r in records] == frame["run_id"].tolist()
     assert records[0]["start_time"].endswith("Z"), records[0]["start_time"]
-    assert records[0]["lambdas"] == [1e-5, 1e-4, 1e-3], records[0]
+    assert records[0]["l2_lambdas"] == [1e-5, 1e-4, 1e-3], records[0]
     assert records[1]["test_accuracy"] is None, "NaN must become null"
     table = pd.read_csv(io.StringIO(to_csv(frame)))
     assert table["run_id"].tolist() == frame["run_id"].tolist()
-    assert table["lambdas"].iloc[0] == "1e-05;0.0001;0.001", table["lambdas"].iloc[0]
+    assert table["l2_lambdas"].iloc[0] == "1e-05;0.0001;0.001", table["l2_lambdas"].iloc[0]
     assert table["test_accuracy"].iloc[0] == 0.981, table["test_accuracy"]
 
 

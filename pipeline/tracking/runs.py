@@ -12,17 +12,15 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.errors import TrackingError
-from pipeline.tracking_uri import (
-    DEFAULT_STORE_DIR,
+from pipeline.tracking.store import (
     check_tracking_uri,
+    default_tracking_uri,
     redact_uri,
     sqlite_database,
 )
@@ -46,22 +44,13 @@ COLUMNS = (
     ("epochs", "params.training.epochs"),
     ("final_epochs", "params.training.final_epochs"),
     ("folds", "params.cv.folds"),
-    ("lambdas", "params.cv.lambdas"),
+    ("l2_lambdas", "params.cv.l2_lambdas"),
     ("best_lambda", "metrics.best_l2_lambda"),
     ("cv_accuracy", "metrics.cv_best_mean_val_accuracy"),
     ("test_accuracy", "metrics.test_accuracy"),
     ("duration_seconds", "info.duration"),
     ("prefect_flow_run", "tags.prefect.flow_run_name"),
 )
-
-
-def listing_tracking_uri(uri: str | None = None) -> str:
-    """Like :func:`pipeline.tracking.resolve_tracking_uri`, without creating the local folder."""
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
 
 
 def _check_store(uri: str) -> None:
@@ -98,7 +87,7 @@ def list_pipeline_runs(
     -------
     pandas.DataFrame, shape (n_runs, len(COLUMNS))
         One row per parent run, columns as in :data:`COLUMNS`: ``start_time`` (UTC timestamp),
-        ``hidden_sizes`` / ``lambdas`` as lists, numbers as numbers, NaN where a run has no such
+        ``hidden_sizes`` / ``l2_lambdas`` as lists, numbers as numbers, NaN where a run has no such
         value (a ``cv`` flow has no test accuracy; a failed run may have nothing).
 
     Raises
@@ -108,7 +97,7 @@ def list_pipeline_runs(
     """
     if last is not None and last < 1:
         raise TrackingError(f"--last must be at least 1, got {last}")
-    uri = listing_tracking_uri(tracking_uri)
+    uri = default_tracking_uri(tracking_uri)
     _check_store(uri)
     runs = _search(uri, experiment, last)
     frame = pd.DataFrame([_row(run) for run in runs], columns=[name for name, _ in COLUMNS])
@@ -178,12 +167,12 @@ def _row(run: Any) -> dict[str, Any]:
             row[name] = data.metrics.get(key, math.nan)
         else:
             row[name] = data.tags.get(key)
-    for name in ("hidden_sizes", "lambdas"):
+    for name in ("hidden_sizes", "l2_lambdas"):
         row[name] = _json_list(row[name])
     if row["flow"] == "train":
         # No sweep: the one lambda it trained with, and none of the config's CV settings.
         l2 = data.params.get("l2_lambda")
-        row["lambdas"] = None if l2 is None else [float(l2)]
+        row["l2_lambdas"] = None if l2 is None else [float(l2)]
         row["best_lambda"] = math.nan if l2 is None else float(l2)
         row["epochs"] = row["folds"] = None
     return row
@@ -208,7 +197,7 @@ def to_json(frame: pd.DataFrame) -> str:
 def to_csv(frame: pd.DataFrame) -> str:
     """One line per run; lists as ``64;32`` so the field needs no quoting."""
     flat = frame.copy()
-    for column in ("hidden_sizes", "lambdas"):
+    for column in ("hidden_sizes", "l2_lambdas"):
         flat[column] = flat[column].map(_joined)
     # %.10g: 0.9222, not the 0.9221999999999999 a mean of folds can be in binary.
     return flat.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%SZ", float_format="%.10g")
@@ -243,7 +232,7 @@ def table_rows(frame: pd.DataFrame) -> list[dict[str, str]]:
                 "lr": "-" if _missing(record["lr"]) else _short(record["lr"]),
                 "epochs": epochs if final in ("-", epochs) else f"{epochs}/{final}",
                 "folds": _integer(record["folds"]),
-                "λ tried": _joined(record["lambdas"], ",", short=True) or "-",
+                "λ tried": _joined(record["l2_lambdas"], ",", short=True) or "-",
                 "best λ": "-" if _missing(record["best_lambda"]) else _short(record["best_lambda"]),
                 "CV acc": _number(record["cv_accuracy"], "{:.4f}"),
                 "test acc": _number(record["test_accuracy"], "{:.4f}"),
@@ -323,3 +312,6 @@ def _local_time(timestamp: Any) -> str:
         return "-"
     local_zone = datetime.datetime.now().astimezone().tzinfo
     return timestamp.tz_convert(local_zone).strftime("%Y-%m-%d %H:%M")
+
+
+NUMERIC_COLUMNS = {"lr", "epochs", "folds", "best λ", "CV acc", "test acc", "took"}

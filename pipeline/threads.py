@@ -20,8 +20,8 @@ def cpu_count() -> int:
 def set_blas_threads(threads: int) -> None:
     """Limit this process's BLAS pools to ``threads`` (process-wide; cheap when unchanged).
 
-    Measured here: two workers with two BLAS threads each on two cores train about 2x slower
-    than with one thread each, because the pools oversubscribe the cores.
+    Workers whose BLAS pools add up to more threads than cores slow each other down
+    (oversubscription): see benchmarks/README.md.
     """
     global _applied
     if _applied != threads:

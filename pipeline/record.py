@@ -1,0 +1,399 @@
+"""The run record: each execution's results as plain files, the source of truth MLflow mirrors.
+
+One folder per execution under ``<execution.cache_dir>/runs/``, written only by the flow process::
+
+    run.json                 what ran: flow, config, dataset, Prefect flow run, status, summary
+    folds/lambda=<l2>-fold=<k>.json   one FoldResult each (metrics and per-epoch history)
+    cv.json                  the CV table and the chosen L2 strength
+    final.json               the final model: history, test evaluation, checksums of its files
+    final/weights.npz, final/normalizer.json
+    *.png                    the figures
+
+and the fold cache, shared by executions: ``<execution.cache_dir>/folds/<key>.json``, keyed by
+the dataset fingerprint, the result-relevant config, the L2 strength, the fold and the seed.
+
+Every file is written atomically (a temporary file, then a rename). JSON files are envelopes
+carrying the SHA-256 of their content; binary files are listed with theirs in the JSON written
+after them. Nothing is pickled. A file whose checksum does not match is reported and never
+trusted: a corrupt fold-cache entry is trained again. The checksums detect damage and careless
+edits; they do not authenticate (someone who can write the folder can rewrite them too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import plots
+from pipeline.config import PipelineConfig
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.results import Evaluation, FoldResult
+
+logger = logging.getLogger(__name__)
+
+RUNS = "runs"
+FOLD_CACHE = "folds"
+FORMAT = 1  # bumped when a file's layout changes: older files are then not trusted
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")  # MLflow's run statuses
+
+
+class RecordError(PipelineError):
+    """A record file is missing, unreadable, or does not match its checksum."""
+
+
+# ------------------------------------------------------------------------------------ files
+def write_bytes(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` atomically: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(content)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_json(path: Path, kind: str, data: Any) -> None:
+    """Write ``data`` in an envelope naming its ``kind`` and carrying its SHA-256."""
+    envelope = {
+        "kind": kind,
+        "format": FORMAT,
+        "sha256": hashlib.sha256(_canonical(data)).hexdigest(),
+        "data": data,
+    }
+    write_bytes(path, (json.dumps(envelope, indent=1) + "\n").encode())
+
+
+def read_json(path: Path, kind: str) -> Any:
+    """The data of an envelope written by :func:`write_json`, checked.
+
+    Raises
+    ------
+    RecordError
+        The file is missing or unreadable, not of this ``kind`` and format, or its checksum
+        does not match its content.
+    """
+    try:
+        envelope = json.loads(path.read_bytes())
+        found = (envelope["kind"], envelope["format"])
+        data, checksum = envelope["data"], envelope["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"{path}: unreadable record file ({exc})") from None
+    if found != (kind, FORMAT):
+        raise RecordError(f"{path}: a {found[0]!r} file of format {found[1]}, not {kind!r}")
+    if hashlib.sha256(_canonical(data)).hexdigest() != checksum:
+        raise RecordError(f"{path}: content does not match its checksum (edited or damaged)")
+    return data
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_files(folder: Path, checksums: dict[str, str]) -> None:
+    """Raise :class:`RecordError` unless every listed file has its recorded SHA-256."""
+    for name, expected in checksums.items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != expected:
+            raise RecordError(f"{path}: missing or does not match its checksum")
+
+
+def check_cache_dir(cache_dir: str | Path) -> Path:
+    """Check that ``execution.cache_dir`` can be made and written; returns it absolute.
+
+    Nothing is created here, so a run that fails on bad input leaves no trace.
+
+    Raises
+    ------
+    ConfigError
+        One line when a file stands in the way or the folder is not writable.
+    """
+    folder = Path(cache_dir).resolve()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f" ({existing} is a file)"
+        raise ConfigError(f"execution.cache_dir {cache_dir} is not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"execution.cache_dir {cache_dir} is not writable ({existing})")
+    return folder
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("mlp-pipeline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------ fold cache
+def fold_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: int) -> str:
+    """A key from the dataset fingerprint, the result-relevant config, lambda, fold and seed.
+
+    Left out: where the run happens and is recorded (``execution``, ``tracking``), the grid
+    (adding a lambda keeps the others' folds), the final model's epochs, and where the data
+    files live. The package version is in: a new engine never reuses old results.
+    """
+    settings = config.model_dump(mode="json", exclude={"execution", "tracking"})
+    settings["cv"].pop("l2_lambdas")
+    settings["training"].pop("final_epochs")
+    settings["data"].pop("data_dir")
+    settings["data"].pop("download")
+    payload = {
+        "dataset": fingerprint,
+        "settings": settings,
+        "l2_lambda": float(l2_lambda).hex(),
+        "fold": fold,
+        "version": package_version(),
+    }
+    return "fold-" + hashlib.sha256(_canonical(payload)).hexdigest()[:32]
+
+
+def _fold_from(data: dict[str, Any]) -> FoldResult:
+    try:
+        return FoldResult(**data)
+    except TypeError as exc:
+        raise RecordError(f"not a fold result ({exc})") from None
+
+
+class FoldCache:
+    """Finished fold results of every execution, by :func:`fold_key`."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.folder = Path(cache_dir).resolve() / FOLD_CACHE
+
+    def get(self, key: str) -> FoldResult | None:
+        """The cached result, or None (absent, or damaged: then it is trained again)."""
+        path = self.folder / f"{key}.json"
+        if not path.exists():
+            return None
+        try:
+            return _fold_from(read_json(path, "fold"))
+        except RecordError as exc:
+            logger.warning("fold cache entry not used, trained again: %s", exc)
+            return None
+
+    def put(self, key: str, result: FoldResult) -> None:
+        write_json(self.folder / f"{key}.json", "fold", asdict(result))
+
+
+# ------------------------------------------------------------------------------ run record
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this host)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+class RunRecord:
+    """The record of one execution (see the module docstring for its files)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).resolve()
+
+    # -- writing ------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        config: PipelineConfig,
+        *,
+        flow: str,
+        dataset: dict[str, str],
+        prefect_flow_run: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> RunRecord:
+        """A new record under ``<execution.cache_dir>/runs/``, status RUNNING.
+
+        ``config`` must carry no credentials (the CLI moves them to the environment).
+        ``dataset`` holds the dataset's ``name`` and ``fingerprint``; ``params`` are settings
+        outside the config (``train``'s L2 strength).
+        """
+        started = _now_ms()
+        stamp = datetime.fromtimestamp(started / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
+        root = Path(config.execution.cache_dir).resolve() / RUNS
+        record = cls(root / f"{stamp}-{secrets.token_hex(4)}")
+        record.folder.mkdir(parents=True)
+        record._write_run(
+            {
+                "id": record.folder.name,
+                "flow": flow,
+                "config": config.model_dump(mode="json"),
+                "dataset": dataset,
+                "prefect_flow_run": prefect_flow_run or {},
+                "params": params or {},
+                "package_version": package_version(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "start_time": started,
+                "end_time": None,
+                "status": "RUNNING",
+                "error": "",
+                "summary": {},
+            }
+        )
+        return record
+
+    def _write_run(self, run: dict[str, Any]) -> None:
+        write_json(self.folder / "run.json", "run", run)
+
+    def add_fold(self, result: FoldResult) -> None:
+        name = f"lambda={result.l2_lambda:g}-fold={result.fold}.json"
+        write_json(self.folder / "folds" / name, "fold", asdict(result))
+
+    def add_cv(self, table: pd.DataFrame, best_l2_lambda: float) -> None:
+        """The CV table and the chosen lambda, with their figure."""
+        figure = plots.plot_cv_lambda(table, best_l2_lambda, self.folder / "cv_lambda.png")
+        write_json(
+            self.folder / "cv.json",
+            "cv",
+            {
+                "table": table.to_dict(orient="records"),
+                "best_l2_lambda": best_l2_lambda,
+                "time": _now_ms(),
+                "files": {figure.name: file_sha256(figure)},
+            },
+        )
+
+    def add_final(
+        self,
+        final: Any,
+        evaluation: Evaluation,
+        test_images: np.ndarray,
+        test_labels: np.ndarray,
+        predicted: np.ndarray,
+        test_set: str,
+    ) -> None:
+        """The final model (weights, normalizer), its test evaluation and figures.
+
+        ``final`` is a :class:`pipeline.training.FinalModel`; ``test_images`` are raw pixels,
+        shape (n_test, 784); ``test_set`` the fingerprint of the test set it was scored on.
+        """
+        (self.folder / "final").mkdir(exist_ok=True)
+        files = [
+            final.network.save(self.folder / "final" / "weights.npz"),
+            self.folder / "final" / "normalizer.json",
+        ]
+        write_bytes(files[1], json.dumps(final.normalizer.to_dict()).encode())
+        files += [
+            plots.plot_training_curves(final.history, self.folder / "training_curves.png"),
+            plots.plot_confusion_matrix(evaluation.confusion, self.folder / "confusion_matrix.png"),
+            plots.plot_misclassified(
+                test_images, test_labels, predicted, self.folder / "misclassified.png"
+            ),
+        ]
+        write_json(
+            self.folder / "final.json",
+            "final",
+            {
+                "l2_lambda": final.l2_lambda,
+                "history": final.history,
+                "seconds": final.seconds,
+                "evaluation": asdict(evaluation),
+                "test_set": test_set,
+                "time": _now_ms(),
+                # A few raw test images: the logged model's input example.
+                "input_example": np.asarray(test_images[:5]).tolist(),
+                "files": {str(path.relative_to(self.folder)): file_sha256(path) for path in files},
+            },
+        )
+
+    def finish(self, status: str, *, error: str = "", summary: dict[str, Any] | None = None):
+        """Mark the execution ended: FINISHED, FAILED or KILLED (with ``error``)."""
+        if status not in STATUSES[1:]:
+            raise ValueError(f"status must be one of {STATUSES[1:]}, got {status!r}")
+        run = self.run()
+        run.update(status=status, end_time=_now_ms(), error=error[:5000])
+        run["summary"].update(summary or {})
+        self._write_run(run)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RunRecord]:
+        """Mark the record FAILED (an error) or KILLED (an interruption) if the block raises."""
+        try:
+            yield self
+        except BaseException as exc:
+            killed = not isinstance(exc, Exception)  # KeyboardInterrupt, SystemExit
+            message = f"interrupted ({type(exc).__name__})" if killed else _one_line(exc)
+            with contextlib.suppress(Exception):  # the original exception matters more
+                if self.run()["status"] == "RUNNING":
+                    self.finish("KILLED" if killed else "FAILED", error=message)
+            raise
+
+    # -- reading ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """``run.json``; a RUNNING record whose process is gone reads as FAILED."""
+        run = read_json(self.folder / "run.json", "run")
+        if (
+            run["status"] == "RUNNING"
+            and run["host"] == socket.gethostname()
+            and not pid_alive(run["pid"])
+        ):
+            run.update(status="FAILED", error="the process ended without closing the run")
+        return run
+
+    def folds(self) -> list[FoldResult]:
+        """Every recorded fold result, by (lambda, fold)."""
+        paths = sorted((self.folder / "folds").glob("*.json"))
+        results = [_fold_from(read_json(path, "fold")) for path in paths]
+        return sorted(results, key=lambda r: (r.l2_lambda, r.fold))
+
+    def cv(self) -> dict[str, Any] | None:
+        """``cv.json`` once recorded (its ``table`` as a DataFrame), its figure checked."""
+        path = self.folder / "cv.json"
+        if not path.exists():
+            return None
+        cv = read_json(path, "cv")
+        check_files(self.folder, cv["files"])
+        return {**cv, "table": pd.DataFrame(cv["table"])}
+
+    def final(self) -> dict[str, Any] | None:
+        """``final.json`` once the final model is recorded, its files checked."""
+        path = self.folder / "final.json"
+        if not path.exists():
+            return None
+        final = read_json(path, "final")
+        check_files(self.folder, final["files"])
+        return final
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -1,0 +1,118 @@
+"""The final model in MLflow: packaged as a pyfunc model, and read back without running code.
+
+The package is :mod:`pipeline.tracking.pyfunc_model` ("models from code") with the engine's code
+beside it, so ``mlflow models serve`` needs only numpy and mlflow, not this project. Loading a
+pyfunc model runs the code stored with it: that is MLflow's design, so the pipeline itself never
+does it. :func:`load_network` reads the weights and normalizer files of a logged model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlp import MLP, MLPError
+from pipeline.errors import PipelineError
+from pipeline.normalize import Normalizer
+from pipeline.tracking.store import one_line
+
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+# What the logged model imports: the engine, and of the pipeline the normalizer and its errors.
+_PIPELINE_FILES = ("__init__.py", "errors.py", "normalize.py")
+
+
+def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -> Path:
+    """Write the pyfunc model of the weights and normalizer in ``final_dir`` to ``destination``."""
+    import mlflow
+
+    import mlp
+
+    with tempfile.TemporaryDirectory(prefix="mlp-pipeline-code-") as tmp:
+        code = Path(tmp)
+        packages = {
+            "mlp": sorted(Path(mlp.__file__).parent.glob("*.py")),
+            "pipeline": [Path(__file__).parents[1] / name for name in _PIPELINE_FILES],
+        }
+        for package, files in packages.items():
+            (code / package).mkdir()
+            for file in files:
+                shutil.copy2(file, code / package / file.name)
+        mlflow.pyfunc.save_model(
+            str(destination),
+            python_model=str(MODEL_CODE),
+            artifacts={
+                "weights": str(final_dir / "weights.npz"),
+                "normalizer": str(final_dir / "normalizer.json"),
+            },
+            code_paths=[str(code / package) for package in packages],
+            input_example=np.asarray(input_example, dtype=np.float32),
+            pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
+        )
+    return destination
+
+
+def load_network(model_uri: str, tracking_uri: str) -> tuple[MLP, Normalizer, str | None]:
+    """The network and normalizer of a logged model, and the dataset it was trained on.
+
+    ``model_uri``: ``runs:/<run id>/model``, ``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>``. Reads the model's weights (``.npz``, no pickle) and normalizer
+    (JSON) files: no code of the model is run. The dataset is its run's ``dataset.name``
+    param, None when the run does not say.
+
+    Raises
+    ------
+    PipelineError
+        One line when the model does not exist or its files are not a model of this pipeline.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="mlp-pipeline-model-") as tmp:
+        try:
+            source, run_id = _resolve(client, model_uri)
+            folder = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source.rstrip('/')}/artifacts",
+                    dst_path=tmp,
+                    tracking_uri=tracking_uri,
+                )
+            )
+            network = MLP.load(folder / "weights.npz")
+            normalizer = Normalizer.from_dict(
+                json.loads((folder / "normalizer.json").read_text(encoding="utf-8"))
+            )
+            dataset = client.get_run(run_id).data.params.get("dataset.name") if run_id else None
+        except (MLPError, PipelineError) as exc:
+            raise PipelineError(f"model {model_uri!r} cannot be read: {exc}") from None
+        except Exception as exc:  # MlflowException, OSError, ValueError of a foreign model
+            raise PipelineError(f"cannot load model {model_uri!r}: {one_line(exc)}") from None
+    return network, normalizer, dataset
+
+
+def _resolve(client: Any, model_uri: str) -> tuple[str, str | None]:
+    """Where a model URI's files are, and the run that logged them."""
+    scheme, _, rest = model_uri.partition(":/")
+    rest = rest.strip("/")
+    if scheme == "runs":
+        return model_uri, rest.partition("/")[0]
+    if scheme != "models":
+        return model_uri, None
+    name, at, alias = rest.partition("@")
+    if at:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.rpartition("/")
+        version = client.get_model_version(name, number)
+    return version.source, version.run_id
+
+
+def accuracy(network: MLP, normalizer: Normalizer, images: np.ndarray, labels: np.ndarray):
+    """Accuracy of a network on raw test pixels, shape (n, 784), and their labels."""
+    predicted = network.predict(normalizer.transform(images, dtype=network.dtype))
+    return float(np.mean(predicted == labels))

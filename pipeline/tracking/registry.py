@@ -1,0 +1,123 @@
+"""The model registry: a version per pipeline run, and the ``champion`` alias on the best one.
+
+Accuracies are only compared on one test set (tag ``test_set``, a digest of its pixels and
+labels). A champion scored on another one (another dataset, a ``limit_test`` subset) is scored on
+this version's test set first, from its weights file, as MLflow's champion/challenger guide does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.tracking.model import accuracy, load_network
+from pipeline.tracking.store import one_line, store_lock
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered version, and whether it became the champion (and why, or why not)."""
+
+    name: str
+    version: str
+    champion: bool
+    note: str = ""
+
+
+def register(
+    client: Any,
+    tracking_uri: str,
+    name: str,
+    run: Any,
+    tags: dict[str, str],
+    test_set: Callable[[], tuple[np.ndarray, np.ndarray] | None],
+) -> Registration:
+    """Register the ``model`` of ``run`` (once) and give it the alias if it beats the champion.
+
+    ``tags`` go on the version and must hold ``test_accuracy`` and ``test_set``. ``test_set``
+    returns this version's test images and labels, for scoring a champion tested elsewhere
+    (None when they cannot be loaded).
+    """
+    # One registration at a time per local store: choosing the champion reads the current one,
+    # then moves the alias; two pipelines at once could both see no champion.
+    with store_lock(tracking_uri):
+        version = _version_of(client, name, run)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        champion, note = _challenge(client, tracking_uri, name, version, tags, test_set)
+    return Registration(name, version, champion, note)
+
+
+def _version_of(client: Any, name: str, run: Any) -> str:
+    """The version registered from ``run``, created if there is none yet."""
+    from mlflow.exceptions import MlflowException
+
+    for existing in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        if existing.name == name:
+            return str(existing.version)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{run.info.artifact_uri}/model"
+    return str(client.create_model_version(name, source, run_id=run.info.run_id).version)
+
+
+def _challenge(client, tracking_uri, name, version, tags, test_set) -> tuple[bool, str]:
+    from mlflow.exceptions import MlflowException
+
+    ours = float(tags["test_accuracy"])
+    if not math.isfinite(ours):
+        return False, "not compared: its test accuracy is not finite"
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as exc:
+        if not _alias_not_found(exc):
+            raise  # a timeout or a locked store says nothing about the champion
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return True, ""
+    if str(current.version) == version:  # an earlier publish moved the alias, then failed
+        return True, current.tags.get("champion_comparison", "")
+    if current.tags.get("test_set") == tags["test_set"]:
+        theirs = float(current.tags.get("test_accuracy", "nan"))
+        measured = f"{theirs:.4f}"
+    else:
+        try:
+            images_labels = test_set()
+            if images_labels is None:
+                raise ValueError("this run's test set cannot be loaded here")
+            uri = f"models:/{name}/{current.version}"
+            network, normalizer, _ = load_network(uri, tracking_uri)
+            theirs = accuracy(network, normalizer, *images_labels)
+        except Exception as exc:  # noqa: BLE001 -- it stays champion, and the note says why
+            note = (
+                f"champion stays version {current.version}: it could not be scored on this "
+                f"test set ({one_line(exc)})"
+            )
+            client.set_model_version_tag(name, version, "champion_comparison", note)
+            return False, note
+        measured = f"{theirs:.4f} on this test set"
+    if math.isnan(theirs) or ours > theirs:
+        champion, note = True, f"beats version {current.version}, {measured}"
+    else:
+        champion, note = False, f"champion stays version {current.version}, {measured}"
+    # The note first, the alias last: a publish that fails in between compares again.
+    client.set_model_version_tag(name, version, "champion_comparison", note)
+    if champion:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return champion, note
+
+
+def _alias_not_found(exc: Any) -> bool:
+    """Whether an alias lookup failed because the alias (or its model) does not exist."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
+    )
