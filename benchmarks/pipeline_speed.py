@@ -13,7 +13,11 @@ Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final +
   the overhead of orchestration and tracking is ``run / plain - 1``;
 - ``sequential``, ``thread``, ``dask``: ``mlp-pipeline run --runner ...``: which runner is fastest;
 - ``sklearn``: ``GridSearchCV(MLPClassifier)`` on the same lambda grid (sklearn's ``alpha`` is
-  scaled to match our L2 convention), the same folds and epochs, ``n_jobs=2``.
+  scaled to match our L2 convention), the same folds and epochs, ``n_jobs=2``;
+- ``quick``: ``mlp-pipeline run --preset quick`` (the bundled sample), as a new user runs it;
+- ``base``, ``base-quick``: ``run`` and ``quick`` with another checkout's ``mlp-pipeline``
+  (``--baseline DIR``: a checkout with its own ``.venv``), in the same rounds, so a change is
+  measured side by side with the code before it.
 
 Every part runs in a fresh Python process, timed from its launch to its exit, so all pay the
 same interpreter start, imports and data loading (``plain`` and ``sklearn`` are this script in
@@ -23,6 +27,7 @@ Usage::
 
     python benchmarks/pipeline_speed.py --data-dir ../shared/data            # all parts
     python benchmarks/pipeline_speed.py --parts run,plain                    # some parts
+    python benchmarks/pipeline_speed.py --parts run,base,quick,base-quick --baseline ../old
 
 Run it on an otherwise idle machine: it takes about 25 minutes here.
 """
@@ -33,6 +38,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,7 +98,7 @@ class TreeMonitor:
             return "cli"
         if cmdline is None:
             return "other"
-        if "uvicorn" in cmdline:
+        if "uvicorn" in cmdline or "prefect server start" in cmdline:
             return "prefect_server"
         if "multiprocessing" in cmdline or "distributed" in cmdline:
             return "workers"
@@ -173,19 +179,22 @@ def run_measured(
                     "cpu_seconds": monitor.cpu_seconds}  # fmt: skip
 
 
-def run_cli(args: list[str], workdir: Path, api_url: str | None = None) -> dict:
+def run_cli(
+    args: list[str], workdir: Path, api_url: str | None = None, python: str = sys.executable
+) -> dict:
     """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results.
 
-    Without ``api_url``, as a new user: a temporary Prefect server for the run.
+    Without ``api_url``, as a new user: a temporary Prefect server for the run. ``python``: the
+    interpreter of the checkout to run (its console script sits beside it).
     """
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    script = str(Path(python).with_name("mlp-pipeline"))
     stdout, measured = run_measured(
-        [sys.executable, "-m", "flows.cli", *args, "--no-progress"], workdir, env,
-        what=f"mlp-pipeline {' '.join(args)}",
-    )  # fmt: skip
+        [script, *args, "--no-progress"], workdir, env, what=f"mlp-pipeline {' '.join(args)}"
+    )
     accuracy = None
     for line in stdout.splitlines():
         if line.startswith("test accuracy"):
@@ -199,9 +208,9 @@ def prefect_server(home: Path, timeout: float = 120.0) -> Iterator[str]:
 
     Exits with the end of its log if it does not answer ``/api/health`` within ``timeout``.
     """
-    from flows.server import free_port
-
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     home.mkdir(parents=True, exist_ok=True)
@@ -255,7 +264,7 @@ def run_child(part: str, options: list[str], workdir: Path) -> dict:
 
 # ------------------------------------------------------------------------------ plain loop
 def _plain_fold(job: tuple) -> object:
-    from pipeline.resources import set_blas_threads
+    from pipeline.threads import set_blas_threads
     from pipeline.training import load_configured_dataset, train_fold
 
     config, l2_lambda, fold, blas = job
@@ -268,8 +277,8 @@ def run_plain(config) -> dict:
 
     Run in its own process by :func:`run_child`, which measures its CPU and memory.
     """
-    from pipeline.resources import cpu_count, set_blas_threads
     from pipeline.selection import cv_table, select_lambda
+    from pipeline.threads import cpu_count, set_blas_threads
     from pipeline.training import load_configured_dataset, predict_test, train_final
 
     started = time.perf_counter()
@@ -349,6 +358,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all parts, interleaved")
+    parser.add_argument("--baseline", help="a checkout with its own .venv, for base parts")
     parser.add_argument("--child", choices=["plain", "sklearn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -389,6 +399,14 @@ def main() -> None:
                     figures[part] = run_cli([*cli, "--runner", part], workdir)
                 elif part in ("plain", "sklearn"):
                     figures[part] = run_child(part, options, workdir)
+                elif part in ("quick", "base", "base-quick"):
+                    python = sys.executable
+                    if part.startswith("base"):
+                        python = str(Path(args.baseline).resolve() / ".venv" / "bin" / "python")
+                    quick = ["run", "--preset", "quick"]
+                    figures[part] = run_cli(
+                        quick if "quick" in part else cli, workdir, None, python
+                    )
                 shown = {k: v for k, v in figures[part].items() if k != "stdout"}
                 print(json.dumps(shown, indent=1), flush=True)
             rounds.append(figures)
@@ -431,6 +449,11 @@ def summarize(rounds: list[dict[str, dict]], preset: str = "default") -> None:
     for runner in ("thread", "dask"):
         if "run" in last and runner in last:
             print(f"  {runner} runner: {ratio(runner, 'run'):.2f}x the process runner's time")
+    if "run" in last and "base" in last:
+        print(f"  run vs the baseline's run: {ratio('run', 'base'):.3f}x its time (<= 1.05x)")
+    if "quick" in last and "base-quick" in last:
+        extra = median(r["quick"]["wall_seconds"] - r["base-quick"]["wall_seconds"] for r in rounds)
+        print(f"  quick vs the baseline's quick: {extra:+.1f} s (<= +3 s)")
     if "run" in last and "sequential" in last:
         speedup = ratio("sequential", "run")
         print(f"  process runner speed-up over sequential: {speedup:.2f}x (>= 1.7x)")

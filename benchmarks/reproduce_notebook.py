@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     best = args.final_lambda if args.final_lambda is not None else NOTEBOOK_BEST_LAMBDA
     with ProcessPoolExecutor(max_workers=args.workers, initializer=_init_worker) as pool:
         if "cv" in parts:
-            tasks = [(base, lam, fold) for lam in base.cv.l2_lambdas for fold in range(base.cv.folds)]
+            tasks = [
+                (base, lam, fold) for lam in base.cv.l2_lambdas for fold in range(base.cv.folds)
+            ]
             results = []
             for r in pool.map(_fold_task, tasks):
                 results.append(r)

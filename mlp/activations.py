@@ -19,7 +19,7 @@ import numpy as np
 def relu(Z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``max(Z, 0)`` elementwise; ``out=Z`` works in place."""
     # A zero row broadcast over the batch takes numpy's vectorised path; a scalar 0 is
-    # about twice as slow here (measured, numpy 2.4, 128 x 256 float32).
+    # slower (benchmarks/engine_speed.py).
     return np.maximum(Z, np.zeros(Z.shape[-1], Z.dtype), out=out)
 
 

@@ -178,8 +178,7 @@ _UINT8_ROWS_PER_CHUNK = 512  # int32 sums of squares: 512 * 255^2 < 2^31; 1.6 MB
 def _mean_std_uint8(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of uint8 pixels from exact integer sums of x and x^2.
 
-    One pass, no rounding until the last division: 28 ms instead of the float64 passes' 76 ms
-    on a 45k-image fold here.
+    One pass, no rounding until the last division, and faster than passes in float64.
     """
     n = X.shape[0]
     sum_x = np.zeros(X.shape[1], dtype=np.int64)

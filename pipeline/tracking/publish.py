@@ -82,6 +82,8 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     for fold in record.folds():
         _child(client, experiment_id, parent_id, children, **_fold_child(fold, tags))
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
+    if "config.json" not in uploaded:
+        _upload_text(client, parent_id, "config.json", json.dumps(run["config"], indent=2))
     metrics: dict[str, tuple[float, int]] = {}
     cv = record.cv()
     if cv is not None:
@@ -90,9 +92,7 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         metrics["best_l2_lambda"] = (best, cv["time"])
         metrics["cv_best_mean_val_accuracy"] = (float(chosen.iloc[0]), cv["time"])
         if "cv_results.csv" not in uploaded:
-            with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
-                table.to_csv(Path(tmp) / "cv_results.csv", index=False)
-                client.log_artifact(parent_id, str(Path(tmp) / "cv_results.csv"))
+            _upload_text(client, parent_id, "cv_results.csv", table.to_csv(index=False))
         _upload(client, parent_id, uploaded, record.folder, ["cv_lambda.png"])
     final = record.final()
     registration = None
@@ -147,7 +147,7 @@ def _parent(client: Any, experiment_id: str, run: dict[str, Any], config: Pipeli
                 **({"mlflow.source.git.commit": commit} if commit else {}),
             },
         )
-    params = {key: _text(_redacted(value)) for key, value in config.flat().items()}
+    params = {key: _text(value) for key, value in config.flat().items()}
     params.update(
         {
             "dataset.name": dataset["name"],
@@ -161,12 +161,6 @@ def _parent(client: Any, experiment_id: str, run: dict[str, Any], config: Pipeli
         client.log_batch(
             parent.info.run_id, params=[Param(key, value) for key, value in missing.items()]
         )
-    if not found:
-        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
-            path = Path(tmp) / "config.json"
-            redacted = _redacted(config.model_dump(mode="json"))
-            path.write_text(json.dumps(redacted, indent=2) + "\n", encoding="utf-8")
-            client.log_artifact(parent.info.run_id, str(path))
     return parent
 
 
@@ -278,6 +272,12 @@ def _log(client: Any, run_id: str, metrics: list[Any], params: list[Any] = ()) -
 
 
 # ------------------------------------------------------------------------------------ final
+def _upload_text(client: Any, run_id: str, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+        (Path(tmp) / name).write_text(text, encoding="utf-8")
+        client.log_artifact(run_id, str(Path(tmp) / name))
+
+
 def _upload(client: Any, run_id: str, uploaded: set[str], folder: Path, names: list[str]):
     for name in names:
         if name not in uploaded:
@@ -296,11 +296,20 @@ def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) ->
 
 
 def _register(client, uri, parent, run, config, final) -> Registration | None:
+    """Register the parent's model once; the registration's tags on the parent mark it done."""
     name = config.tracking.registered_model_for(run["dataset"]["name"])
+    tags = parent.data.tags
     if name is None:
         return None
+    if tags.get("registered_model") == name and "champion" in tags:
+        return Registration(
+            name,
+            tags["registered_model_version"],
+            tags["champion"] == "true",
+            tags.get("champion_comparison", ""),
+        )
     evaluation = final["evaluation"]
-    tags = {
+    version_tags = {
         "test_accuracy": repr(evaluation["accuracy"]),
         "test_set": final["test_set"],
         "test_images": str(evaluation["n_samples"]),
@@ -319,14 +328,14 @@ def _register(client, uri, parent, run, config, final) -> Registration | None:
         except PipelineError:
             return None
 
-    registration = register(client, uri, name, parent, tags, test_set)
+    registration = register(client, uri, name, parent, version_tags, test_set)
     for key, value in {
         "registered_model": name,
         "registered_model_version": registration.version,
-        "champion": str(registration.champion).lower(),
         "champion_comparison": registration.note,
+        "champion": str(registration.champion).lower(),  # last: it marks the registration done
     }.items():
-        if value and parent.data.tags.get(key) != value:
+        if value and tags.get(key) != value:
             client.set_tag(parent.info.run_id, key, value)
     return registration
 
@@ -334,17 +343,6 @@ def _register(client, uri, parent, run, config, final) -> Registration | None:
 # ------------------------------------------------------------------------------------ helpers
 def _text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
-
-
-def _redacted(value: Any) -> Any:
-    """Strings that are URIs lose their credentials; lists and dicts are walked."""
-    if isinstance(value, str):
-        return redact_uri(value) if "://" in value else value
-    if isinstance(value, list | tuple):
-        return [_redacted(item) for item in value]
-    if isinstance(value, Mapping):
-        return {key: _redacted(item) for key, item in value.items()}
-    return value
 
 
 def _git_commit() -> str | None:
@@ -436,7 +434,10 @@ def recorded(
     training. A block that raises leaves the record FAILED (KILLED when interrupted), and so
     do its MLflow runs. At the end, :class:`NotPublishedError` if MLflow stayed away.
     """
+    # The record keeps where it goes, without credentials: a later publish finds the store.
     uri = default_tracking_uri(config.tracking.tracking_uri)
+    if config.tracking.tracking_uri != uri:
+        config = config.replace({"tracking.tracking_uri": uri})
     store = open_store(uri, config.tracking.experiment)
     record = RunRecord.create(
         config, flow=flow, dataset=dataset, prefect_flow_run=prefect_flow_run, params=params
