@@ -13,6 +13,7 @@ import os
 import string
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,8 @@ MAX_EPOCHS = 10**6
 MAX_UNITS = 10**6  # units of one hidden layer
 MAX_WORKERS = 1024  # workers and BLAS threads: every process worker is started up front
 MAX_SEED = 2**32 - 1  # the range scikit-learn and NumPy's legacy seeding accept
+# Query parameters whose values are secrets in database and server URIs.
+_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "token", "access_token", "secret", "api_key"}
 # Settings that changed name: an old file or --set gets the new name in its error.
 RENAMED = {"cv.lambdas": "cv.l2_lambdas"}
 
@@ -280,8 +283,18 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
 
     def flat(self) -> dict[str, Any]:
-        """The config as ``{"section.key": value}`` (for MLflow params and tables)."""
-        return dict(_flatten(self.model_dump(mode="json")))
+        """The config as ``{"section.key": value}`` (for MLflow params and tables), redacted."""
+        return dict(_flatten(self.redacted()))
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as JSON-ready data, every URI in it without credentials."""
+        return {
+            section: {
+                key: redact_uri(value) if isinstance(value, str) and "://" in value else value
+                for key, value in values.items()
+            }
+            for section, values in self.model_dump(mode="json").items()
+        }
 
     def replace(self, overrides: Mapping[str, Any]) -> PipelineConfig:
         """A new, validated config with dotted-key overrides applied."""
@@ -325,6 +338,24 @@ PRESETS: dict[str, dict[str, Any]] = {
         "execution": {"runner": "thread"},
     },
 }
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials (``user:password@`` and secret query parameters), for logs."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return "<unparsable URI>"
+    redacted = uri
+    if "@" in parts.netloc:
+        redacted = redacted.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
+    if parts.query:
+        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(key, value) for key, value in pairs if key.lower() not in _SECRET_QUERY_KEYS]
+        if len(kept) != len(pairs):
+            query = urllib.parse.urlencode(kept)
+            redacted = redacted.replace("?" + parts.query, "?" + query if query else "", 1)
+    return redacted
 
 
 def preset(name: str) -> PipelineConfig:

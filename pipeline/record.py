@@ -242,7 +242,7 @@ class RunRecord:
     ) -> RunRecord:
         """A new record under ``<execution.cache_dir>/runs/``, status RUNNING.
 
-        ``config`` must carry no credentials (the CLI moves them to the environment).
+        The record keeps ``config`` without the credentials of any URI in it.
         ``dataset`` holds the dataset's ``name`` and ``fingerprint``; ``params`` are settings
         outside the config (``train``'s L2 strength).
         """
@@ -255,7 +255,7 @@ class RunRecord:
             {
                 "id": record.folder.name,
                 "flow": flow,
-                "config": config.model_dump(mode="json"),
+                "config": config.redacted(),
                 "dataset": dataset,
                 "prefect_flow_run": prefect_flow_run or {},
                 "params": params or {},

@@ -83,7 +83,7 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         _child(client, experiment_id, parent_id, children, **_fold_child(fold, tags))
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
     if "config.json" not in uploaded:
-        _upload_text(client, parent_id, "config.json", json.dumps(run["config"], indent=2))
+        _upload_text(client, parent_id, "config.json", json.dumps(config.redacted(), indent=2))
     metrics: dict[str, tuple[float, int]] = {}
     cv = record.cv()
     if cv is not None:
@@ -113,6 +113,8 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     if run["status"] != "RUNNING" and parent.info.status != run["status"]:
         if run["error"]:
             client.set_tag(parent_id, "error", run["error"])
+        elif "error" in parent.data.tags:  # marked stale before this publish finished it
+            client.delete_tag(parent_id, "error")
         client.set_terminated(parent_id, run["status"], end_time=run["end_time"])
     return Published(parent_id, uri, registration)
 

@@ -105,7 +105,9 @@ def list_pipeline_runs(
     for column in ("lr", "best_lambda", "cv_accuracy", "test_accuracy", "duration_seconds"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     for column in ("epochs", "final_epochs", "folds"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        whole = numbers.notna() & (numbers % 1 == 0) & (numbers.abs() < 2**53)
+        frame[column] = numbers.where(whole).astype("Int64")
     return frame
 
 
@@ -171,21 +173,22 @@ def _row(run: Any) -> dict[str, Any]:
         row[name] = _json_list(row[name])
     if row["flow"] == "train":
         # No sweep: the one lambda it trained with, and none of the config's CV settings.
-        l2 = data.params.get("l2_lambda")
-        row["l2_lambdas"] = None if l2 is None else [float(l2)]
-        row["best_lambda"] = math.nan if l2 is None else float(l2)
+        l2 = _json_list(data.params.get("l2_lambda"))
+        row["l2_lambdas"] = l2
+        row["best_lambda"] = l2[0] if l2 else math.nan
         row["epochs"] = row["folds"] = None
     return row
 
 
-def _json_list(text: str | None) -> list[Any] | None:
-    if text is None:
-        return None
+def _json_list(text: str | None) -> list[float] | None:
+    """A param holding a number or a list of numbers, as a list; None for anything else."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if text is not None else None
     except json.JSONDecodeError:
         return None
-    return value if isinstance(value, list) else [value]
+    values = value if isinstance(value, list) else [value]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return values if values and numbers and all(math.isfinite(v) for v in values) else None
 
 
 # ------------------------------------------------------------------------------------ output

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import redact_uri
 from pipeline.errors import TrackingError
 from pipeline.record import pid_alive
 
 DEFAULT_STORE_DIR = "mlruns"
-# Query parameters whose values are secrets in database and server URIs.
-_SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "token", "access_token", "secret", "api_key"}
 _HEALTH_TIMEOUT_SECONDS = 5.0
 # How long a second pipeline waits for another one's first use of a store or registration.
 _LOCK_TIMEOUT_SECONDS = 120
@@ -37,24 +36,6 @@ def default_tracking_uri(uri: str | None = None) -> str:
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return credentials_to_environment(uri or os.environ["MLFLOW_TRACKING_URI"])
     return f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without credentials (``user:password@`` and secret query parameters), for logs."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return "<unparsable URI>"
-    redacted = uri
-    if "@" in parts.netloc:
-        redacted = redacted.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
-    if parts.query:
-        pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        kept = [(key, value) for key, value in pairs if key.lower() not in _SECRET_QUERY_KEYS]
-        if len(kept) != len(pairs):
-            query = urllib.parse.urlencode(kept)
-            redacted = redacted.replace("?" + parts.query, "?" + query if query else "", 1)
-    return redacted
 
 
 def credentials_to_environment(uri: str | None) -> str | None:

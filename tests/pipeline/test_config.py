@@ -439,7 +439,7 @@ def test_lambdas_are_sorted_and_validated_as_floats():
     cfg = build_config(overrides={"cv.l2_lambdas": [1e-2, 0, 1e-4]})
 
     # Assert
-    assert cfg.cv.l2_lambdas == [0.0, 1e-4, 1e-2], f"lambdas not sorted ascending: {cfg.cv.l2_lambdas}"
+    assert cfg.cv.l2_lambdas == [0.0, 1e-4, 1e-2], f"not sorted ascending: {cfg.cv.l2_lambdas}"
 
 
 # ----------------------------------------------------------------------------- flat, JSON, frozen

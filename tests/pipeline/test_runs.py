@@ -1,8 +1,9 @@
 """``mlp-pipeline runs``: parent runs of a real SQLite store listed side by side.
 
-The store is written once per module: one execution through the real
-:class:`~pipeline.tracking.PipelineRecorder` (so the listing follows what the pipeline really
-logs), plus hand-made parent runs with known start times, children and statuses.
+The store is written once per module: one execution's run record published through the real
+:func:`~pipeline.tracking.publish.publish` (so the listing follows what the pipeline really
+logs), plus hand-made parent runs with known start times, children and statuses, and runs
+carrying params the listing cannot parse.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import socket
 from pathlib import Path
 
@@ -17,11 +19,14 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-import pipeline.runs
+import pipeline.tracking.runs
 from pipeline.config import preset
 from pipeline.errors import TrackingError
+from pipeline.record import RunRecord
 from pipeline.results import FoldResult
-from pipeline.runs import (
+from pipeline.selection import cv_table, select_lambda
+from pipeline.tracking.publish import publish
+from pipeline.tracking.runs import (
     COLUMNS,
     columns_that_fit,
     list_pipeline_runs,
@@ -29,8 +34,6 @@ from pipeline.runs import (
     to_csv,
     to_json,
 )
-from pipeline.selection import cv_table, select_lambda
-from pipeline.tracking import PipelineRecorder
 
 HAND = "hand-made"  # experiment of the hand-made runs
 EMPTY = "nothing-yet"
@@ -39,8 +42,11 @@ T0 = 1_700_000_000_000  # ms since the epoch
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('runs-store') / 'mlflow.db'}"
+def store_uri(tmp_path_factory, _empty_store) -> str:
+    """The module's store: a copy of the session's empty one (MLflow's migrations take seconds)."""
+    database = tmp_path_factory.mktemp("runs-store") / "mlflow.db"
+    shutil.copyfile(_empty_store, database)
+    return f"sqlite:///{database}"
 
 
 def _parent(client, experiment_id, *, start, minutes, status, params, metrics, tags) -> str:
@@ -99,23 +105,29 @@ def hand_made(store_uri) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def recorded(store_uri) -> tuple[str, object]:
-    """A CV-only execution written by the real recorder (no final model: no test accuracy)."""
+def recorded(store_uri, tmp_path_factory) -> tuple[str, object]:
+    """A CV-only execution: a real run record, published (no final model: no test accuracy)."""
     config = preset("quick").replace(
-        {"tracking.tracking_uri": store_uri, "tracking.experiment": "recorded"}
+        {
+            "tracking.tracking_uri": store_uri,
+            "tracking.experiment": "recorded",
+            "execution.cache_dir": str(tmp_path_factory.mktemp("runs-cache")),
+        }
     )
     results = [
         FoldResult(lam, fold, fold, 0.9 + lam, 0.3, 0.95, 0.2, 2, 0.5, {"epoch": [1, 2]})
         for lam in config.cv.l2_lambdas
         for fold in range(config.cv.folds)
     ]
-    with PipelineRecorder(config.tracking) as recorder:
-        run_id = recorder.start(config, "mnist-sample", "f" * 64, tags={"flow": "cv"})
-        for result in results:
-            recorder.log_fold(result)
-        table = cv_table(results)
-        recorder.log_cv_summary(table, select_lambda(table))
-    return run_id, config
+    record = RunRecord.create(
+        config, flow="cv", dataset={"name": "mnist-sample", "fingerprint": "f" * 64}
+    )
+    for result in results:
+        record.add_fold(result)
+    table = cv_table(results)
+    record.add_cv(table, select_lambda(table))
+    record.finish("FINISHED")
+    return publish(record, store_uri).run_id, config
 
 
 def _free_port() -> int:
@@ -207,7 +219,7 @@ def test_unreachable_server_fails_fast(monkeypatch, refused_server):
         searches.append(args)
         raise AssertionError("MLflow queried after a failed health check")
 
-    monkeypatch.setattr(pipeline.runs, "_search", refusing_search)
+    monkeypatch.setattr(pipeline.tracking.runs, "_search", refusing_search)
     with pytest.raises(TrackingError, match="not reachable") as info:
         list_pipeline_runs(tracking_uri=base_url)
     refused_server.assert_one_short_health_request()
@@ -220,6 +232,75 @@ def test_not_a_store_is_a_tracking_error(tmp_path):
     junk.write_text("not a database")
     with pytest.raises(TrackingError, match="cannot read MLflow store"):
         list_pipeline_runs(tracking_uri=f"sqlite:///{junk}")
+
+
+# ------------------------------------------------------------------------------------ odd params
+# A run in the experiment whose params the listing cannot parse: written by hand, by another
+# tool or by an older version: (its params and tags, the column that must show it missing).
+ODD_PARAMS = [
+    pytest.param({"cv.l2_lambdas": "not json"}, "l2_lambdas", id="lambdas-not-json"),
+    pytest.param({"training.lr": "abc"}, "lr", id="lr-not-a-number"),
+    pytest.param({"model.hidden_sizes": "[64"}, "hidden_sizes", id="hidden-cut-short"),
+    pytest.param({"training.epochs": "many"}, "epochs", id="epochs-not-a-number"),
+    pytest.param({"cv.folds": "2.5"}, "folds", id="folds-not-whole"),
+    pytest.param(
+        {"training.epochs": "1e20"},
+        "epochs",
+        id="epochs-too-large",
+        marks=pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
+    ),  # fmt: skip
+    pytest.param(
+        {"cv.l2_lambdas": '["a", 1]'},
+        "l2_lambdas",
+        id="lambdas-not-numbers",
+    ),  # fmt: skip
+    pytest.param(
+        {"model.hidden_sizes": '{"x": 1}'},
+        "hidden_sizes",
+        id="hidden-a-mapping",
+    ),  # fmt: skip
+    pytest.param({"cv.l2_lambdas": "null"}, "l2_lambdas", id="lambdas-null"),
+    pytest.param(
+        {"l2_lambda": "abc", "tags.flow": "train"},
+        "best_lambda",
+        id="train-lambda-not-a-number",
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(("params", "column"), ODD_PARAMS)
+def test_a_run_with_params_the_listing_cannot_parse_does_not_break_it(
+    store_uri, hand_made, params, column, cli, monkeypatch
+):
+    # Arrange: a good run and an odd one in one experiment.
+    client = MlflowClient(tracking_uri=store_uri)
+    name = f"odd {sorted(params.items())}"
+    experiment_id = client.create_experiment(name)
+    tags = {k.removeprefix("tags."): v for k, v in params.items() if k.startswith("tags.")}
+    odd = {k: v for k, v in params.items() if not k.startswith("tags.")}
+    good = _parent(
+        client, experiment_id, start=T0, minutes=1, status="FINISHED",
+        params={"training.lr": "0.05", "cv.l2_lambdas": "[0.001]", "model.hidden_sizes": "[8]",
+                "training.epochs": "2", "cv.folds": "2"},
+        metrics={"test_accuracy": 0.9}, tags={},
+    )  # fmt: skip
+    bad = _parent(
+        client, experiment_id, start=T0 + 60_000, minutes=1, status="FINISHED",
+        params=odd, metrics={"test_accuracy": 0.5}, tags=tags,
+    )  # fmt: skip
+
+    # Act
+    frame = list_pipeline_runs(name, tracking_uri=store_uri)
+    rows, csv, records = table_rows(frame), to_csv(frame), json.loads(to_json(frame))
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = cli(["runs", "--tracking-uri", store_uri, "--experiment", name])
+
+    # Assert: both runs listed, the odd value shown as missing.
+    assert frame["run_id"].tolist() == [bad, good], frame
+    value = frame.set_index("run_id").loc[bad, column]
+    assert value is None or pd.isna(value), f"{column}: {value!r} from {odd}"
+    assert len(rows) == 2 and len(records) == 2 and len(csv.strip().splitlines()) == 3, csv
+    assert code == 0 and "0.5000" in out and "0.9000" in out, (code, out, err)
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -292,6 +373,7 @@ def test_cli_table_on_a_narrow_terminal_cuts_columns_not_cells(
     assert "on a wider terminal, or with --format csv" in out, out
 
 
+@pytest.mark.slow
 def test_cli_table_lists_a_train_run_without_flow_run(store_uri, cli, monkeypatch):
     # Arrange: `mlp-pipeline train` records an execution that no Prefect flow ran, beside one
     # that a flow ran (the flow-run column then holds a string and a missing value: NaN).
@@ -314,6 +396,7 @@ def test_cli_table_lists_a_train_run_without_flow_run(store_uri, cli, monkeypatc
     assert "FINISHED" in row and " - " in row, out
 
 
+@pytest.mark.slow
 def test_cli_prints_bracketed_paths_and_names_as_they_are(tmp_path, cli, monkeypatch):
     # Rich markup would read "[v1]" as a style tag and drop it from the commands printed.
     monkeypatch.setenv("COLUMNS", "200")

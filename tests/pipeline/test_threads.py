@@ -1,4 +1,5 @@
-"""BLAS thread budget: the limit must hold however early a worker process sets it."""
+"""BLAS thread budget (``pipeline.threads``): the limit must hold however early a worker
+process sets it, and the core count respects the CPU affinity."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import numpy  # noqa: F401 -- loads the BLAS library before any limit is read or
 import pytest
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-import pipeline.resources
-from pipeline.resources import blas_threads, set_blas_threads
+import pipeline.threads
+from pipeline.threads import blas_threads, set_blas_threads
 
-# Read in a fresh interpreter through threadpoolctl itself, not through pipeline.resources.
+# Read in a fresh interpreter through threadpoolctl itself, not through pipeline.threads.
 _PRINT_BLAS_THREADS = (
     "import numpy\n"
     "from threadpoolctl import threadpool_info\n"
@@ -41,7 +42,7 @@ def restore_blas(monkeypatch):
     """Put every thread pool back to its limit from before the test (not to a guess such as
     the core count), and ``set_blas_threads``'s memory of what it applied with it."""
     saved = ThreadpoolController().info()
-    monkeypatch.setattr(pipeline.resources, "_applied", pipeline.resources._applied)
+    monkeypatch.setattr(pipeline.threads, "_applied", pipeline.threads._applied)
     yield
     threadpool_limits(limits=saved)  # keyed by each library's file path
     restored = ThreadpoolController().info()
@@ -59,7 +60,7 @@ def test_limit_set_before_numpy_is_imported_still_applies() -> None:
     budget = 2 if max(default) == 1 else 1
     prelude = (
         "import sys\n"
-        "from pipeline.resources import set_blas_threads\n"
+        "from pipeline.threads import set_blas_threads\n"
         "assert 'numpy' not in sys.modules, 'numpy imported before the budget was set'\n"
         f"set_blas_threads({budget})\n"
     )
@@ -83,3 +84,22 @@ def test_limit_follows_the_latest_budget(restore_blas) -> None:
             f"after set_blas_threads({threads}) threadpoolctl reports {pools}"
         )
         assert blas_threads() == threads, f"blas_threads() {blas_threads()}, pools {pools}"
+
+
+def test_cpu_count_follows_the_cpu_affinity() -> None:
+    # Arrange: a fresh interpreter allowed on one core only (os.cpu_count would say all).
+    code = (
+        "import os\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from pipeline.threads import cpu_count\n"
+        "print(cpu_count(), os.cpu_count())\n"
+    )
+
+    # Act
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+
+    # Assert
+    allowed, machine = (int(n) for n in out.split())
+    assert allowed == 1, f"cpu_count() {allowed} on a process pinned to one core ({machine} cores)"

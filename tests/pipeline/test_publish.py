@@ -1,0 +1,1322 @@
+"""Publishing a run record to MLflow (``pipeline.tracking.publish``), the registry and the model.
+
+Real components only: a real record (the bundled ``mnist-sample``, a 784-8-10 network, 2 lambdas
+x 2 folds, 2 epochs, final model 3 epochs) built once per module, published to real SQLite stores
+(copies of the session's empty store), read back through ``MlflowClient``. Faults are injected by
+making one ``MlflowClient`` method fail once.
+
+``publish`` only reads a record: tests that need another one (another id, another claimed
+accuracy, a part missing) copy the module's record and edit the copy's JSON through
+``pipeline.record.write_json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import pipeline.tracking.publish as publish_module
+from mlp import MLP
+from pipeline.config import PipelineConfig, build_config
+from pipeline.data import fingerprint_test_set
+from pipeline.errors import PipelineError, TrackingError
+from pipeline.record import RunRecord, read_json, write_json
+from pipeline.selection import cv_table, select_lambda
+from pipeline.tracking.model import load_network
+from pipeline.tracking.publish import (
+    MODEL_TAG,
+    PART_TAG,
+    RECORD_TAG,
+    NotPublishedError,
+    publish,
+    recorded,
+)
+from pipeline.tracking.store import artifact_location, open_store
+from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
+
+REPO = Path(__file__).resolve().parents[2]
+EPOCHS = 2
+FINAL_EPOCHS = 3
+L2_GRID = [1e-4, 1e-2]
+FOLDS = 2
+EXPERIMENT = "publish-tests"
+MODEL_NAME = "mlp-mnist-sample"  # tracking.registered_model "mlp-{dataset}"
+PREFECT_RUN = {"id": "0b1c2d3e-flow-run", "name": "brave-fox"}
+FIGURES = ("cv_lambda.png", "training_curves.png", "confusion_matrix.png", "misclassified.png")
+PARENT_ARTIFACTS = {"config.json", "cv_results.csv", *FIGURES, "model"}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _store(folder: Path, empty_store: Path) -> str:
+    """A fresh SQLite store in ``folder``: a copy of the session's empty one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _fill(record: RunRecord, trained: SimpleNamespace, parts=("folds", "cv", "final")) -> None:
+    """Write the module's results into ``record``, as the flow does."""
+    if "folds" in parts:
+        for result in trained.folds:
+            record.add_fold(result)
+    if "cv" in parts:
+        record.add_cv(trained.table, trained.best)
+    if "final" in parts:
+        dataset = trained.dataset
+        record.add_final(
+            trained.final, trained.evaluation, dataset.X_test, dataset.y_test,
+            trained.predicted, trained.test_set,
+        )  # fmt: skip
+
+
+def _edit(record: RunRecord, name: str, kind: str, edit: Callable[[dict], None]) -> None:
+    """Change a record file's data and write it back with its new checksum."""
+    data = read_json(record.folder / name, kind)
+    edit(data)
+    write_json(record.folder / name, kind, data)
+
+
+def _clone(record: RunRecord, root: Path, **run_changes: Any) -> RunRecord:
+    """A copy of ``record`` under ``root``; ``run_changes`` go into its run.json (``id``
+    also names the folder). The copy is another record when its id differs."""
+    folder = root / run_changes.get("id", record.folder.name)
+    shutil.copytree(record.folder, folder)
+    copy = RunRecord(folder)
+    if run_changes:
+        _edit(copy, "run.json", "run", lambda run: run.update(run_changes))
+    return copy
+
+
+def _claiming(record: RunRecord, root: Path, name: str, accuracy: float, **final: Any):
+    """Another record (id ``name``) whose final model claims ``accuracy`` (and ``final``
+    fields such as ``test_set``) with the same weights."""
+    copy = _clone(record, root, id=name)
+
+    def edit(data: dict) -> None:
+        data["evaluation"]["accuracy"] = accuracy
+        data.update(final)
+
+    _edit(copy, "final.json", "final", edit)
+    return copy
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact path of a run, folders with a trailing slash."""
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found.append(item.path + ("/" if item.is_dir else ""))
+        if item.is_dir:
+            found += _artifacts(client, run_id, item.path)
+    return sorted(found)
+
+
+def _runs(client: MlflowClient, experiment_id: str, stage: str | None = None) -> list[Any]:
+    where = f"tags.stage = '{stage}'" if stage else ""
+    return client.search_runs(
+        [experiment_id], where, run_view_type=ViewType.ALL, max_results=1000
+    )  # fmt: skip
+
+
+def mlflow_state(client: MlflowClient, experiment_id: str) -> dict[str, Any]:
+    """What an experiment and the registry hold, without run ids: comparable across stores.
+
+    Runs are grouped by part (``parent <record id>``, ``fold ...``, ``final``): a part with two
+    runs shows up as a list of two. Metric histories are every point (step, time, value).
+    """
+    runs = _runs(client, experiment_id)
+    ids = [run.info.run_id for run in runs]
+
+    def scrub(text: str) -> str:
+        for run_id in ids:
+            text = text.replace(run_id, "<run id>")
+        return text
+
+    state: dict[str, Any] = {"runs": {}, "versions": [], "aliases": {}}
+    for run in runs:
+        tags = run.data.tags
+        part = tags.get(PART_TAG) or f"parent {tags.get(RECORD_TAG)}"
+        state["runs"].setdefault(part, []).append(
+            {
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+                "end_time": run.info.end_time,
+                "name": run.info.run_name,
+                "params": dict(run.data.params),
+                "tags": {key: scrub(value) for key, value in tags.items()},
+                "metrics": {
+                    key: sorted(
+                        (m.step, m.timestamp, repr(m.value))
+                        for m in client.get_metric_history(run.info.run_id, key)
+                    )
+                    for key in run.data.metrics
+                },
+                "artifacts": _artifacts(client, run.info.run_id),
+            }
+        )
+    for model in client.search_registered_models():
+        state["aliases"][model.name] = {k: str(v) for k, v in model.aliases.items()}
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            state["versions"].append(
+                (
+                    version.name,
+                    str(version.version),
+                    scrub(version.run_id or ""),
+                    dict(version.tags),
+                )
+            )
+    state["versions"].sort()
+    return state
+
+
+def _counts(state: dict[str, Any]) -> dict[str, int]:
+    """How many runs each part has, e.g. {"final": 1, "fold 0.0001 0": 1, ...}."""
+    return {part: len(runs) for part, runs in state["runs"].items()}
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> SimpleNamespace:
+    """Real trainings on the bundled sample: the results a record is made of."""
+    root = tmp_path_factory.mktemp("trained")
+    config = build_config(
+        overrides={
+            "data.dataset": "mnist-sample",
+            "data.limit_train": 600,
+            "data.limit_test": 300,
+            "model.hidden_sizes": [8],
+            "training.epochs": EPOCHS,
+            "training.final_epochs": FINAL_EPOCHS,
+            "cv.l2_lambdas": L2_GRID,
+            "cv.folds": FOLDS,
+            "execution.runner": "thread",
+            "execution.cache_dir": str(root / "cache"),
+            "tracking.experiment": EXPERIMENT,
+        }
+    )
+    dataset = load_configured_dataset(config.data)
+    folds = [train_fold(config, dataset, l2, fold) for l2 in L2_GRID for fold in range(FOLDS)]
+    table = cv_table(folds)
+    best = select_lambda(table)
+    final = train_final(config, dataset, best)
+    evaluation, predicted = predict_test(final, dataset)
+    return SimpleNamespace(
+        root=root, config=config, dataset=dataset, folds=folds, table=table, best=best,
+        final=final, evaluation=evaluation, predicted=predicted,
+        test_set=fingerprint_test_set(dataset.X_test, dataset.y_test),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(trained, tmp_path_factory, _empty_store) -> SimpleNamespace:
+    """The module's complete record, published once to its own store."""
+    record = RunRecord.create(
+        trained.config,
+        flow="mlp-pipeline",
+        dataset={"name": trained.dataset.name, "fingerprint": trained.dataset.fingerprint},
+        prefect_flow_run=PREFECT_RUN,
+    )
+    _fill(record, trained)
+    record.finish("FINISHED", summary={"wall_seconds": 12.5})
+    uri = _store(tmp_path_factory.mktemp("reference-store"), _empty_store)
+    published = publish(record, uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    return SimpleNamespace(
+        record=record, run=record.run(), uri=uri, published=published, client=client,
+        experiment_id=experiment_id, parent=client.get_run(published.run_id),
+        state=mlflow_state(client, experiment_id),
+    )  # fmt: skip
+
+
+@pytest.fixture()
+def fresh(tmp_path, _empty_store) -> SimpleNamespace:
+    """A fresh store for one test: its URI, and a client on it."""
+    uri = _store(tmp_path / "store", _empty_store)
+    return SimpleNamespace(uri=uri, client=MlflowClient(tracking_uri=uri, registry_uri=uri))
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    return client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+@pytest.fixture()
+def mlflow_uri():
+    """Set MLflow's global tracking URI for a test (plain ``mlflow.*`` calls), then restore it;
+    the ``sys.path`` entries a loaded pyfunc model adds are removed too."""
+    before, path = mlflow.get_tracking_uri(), list(sys.path)
+
+    def use(uri: str) -> None:
+        mlflow.set_tracking_uri(uri)
+
+    yield use
+    mlflow.set_tracking_uri(before)
+    sys.path[:] = path
+
+
+# ------------------------------------------------------------------------------------ the parent
+def test_the_parent_run_says_what_ran(reference):
+    # Arrange
+    parent, run = reference.parent, reference.run
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "pipeline/tracking/publish.py"],
+        cwd=REPO, capture_output=True, check=False,
+    ).returncode == 0  # fmt: skip
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+    # Assert
+    parents = _runs(reference.client, reference.experiment_id, "pipeline")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id], "one parent run"
+    tags = parent.data.tags
+    expected = {
+        "stage": "pipeline", "flow": "mlp-pipeline", "host": socket.gethostname(),
+        "pid": str(os.getpid()), RECORD_TAG: run["id"],
+        "prefect.flow_run_id": PREFECT_RUN["id"], "prefect.flow_run_name": PREFECT_RUN["name"],
+        "model_uri": f"runs:/{parent.info.run_id}/model", MODEL_TAG: "true",
+        "registered_model": MODEL_NAME, "registered_model_version": "1", "champion": "true",
+    }  # fmt: skip
+    assert {key: tags.get(key) for key in expected} == expected, tags
+    assert tags.get("mlflow.source.git.commit") == (head if tracked else None), "git commit"
+    assert "error" not in tags, tags["error"]
+    assert parent.info.run_name == "mlp-pipeline mnist-sample brave-fox", parent.info.run_name
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert (parent.info.start_time, parent.info.end_time) == (run["start_time"], run["end_time"])
+    assert mlflow.active_run() is None, "publish left a fluent run active"
+
+
+def test_the_parent_params_are_the_config_dataset_and_version(reference, trained):
+    # Arrange
+    expected = {
+        key: json.dumps(value) if isinstance(value, list) else str(value)
+        for key, value in trained.config.flat().items()
+    }
+    expected.update(
+        {
+            "dataset.name": "mnist-sample",
+            "dataset.fingerprint": trained.dataset.fingerprint,
+            "package.version": reference.run["package_version"],
+        }
+    )
+
+    # Assert
+    params = reference.parent.data.params
+    assert params == expected, {k: (params.get(k), v) for k, v in expected.items()}
+    assert params["cv.l2_lambdas"] == "[0.0001, 0.01]", params["cv.l2_lambdas"]
+    assert params["model.hidden_sizes"] == "[8]", params["model.hidden_sizes"]
+
+
+def test_the_parent_metrics_summarize_the_record(reference, trained):
+    # Arrange
+    client, parent_id = reference.client, reference.parent.info.run_id
+    record = reference.record
+    chosen = trained.table.loc[trained.table["l2_lambda"] == trained.best, "mean_val_accuracy"]
+    expected = {
+        "best_l2_lambda": (trained.best, record.cv()["time"]),
+        "cv_best_mean_val_accuracy": (float(chosen.iloc[0]), record.cv()["time"]),
+        "test_accuracy": (trained.evaluation.accuracy, record.final()["time"]),
+        "test_loss": (trained.evaluation.loss, record.final()["time"]),
+        "wall_seconds": (12.5, reference.run["end_time"]),
+    }
+
+    # Act
+    found = {
+        key: [(m.value, m.timestamp, m.step) for m in client.get_metric_history(parent_id, key)]
+        for key in reference.parent.data.metrics
+    }
+
+    # Assert: one point each, at the time the record wrote it.
+    assert found == {key: [(v, t, 0)] for key, (v, t) in expected.items()}, found
+
+
+def test_the_parent_artifacts_are_the_records_files(reference, trained, tmp_path):
+    # Arrange
+    client, parent_id = reference.client, reference.parent.info.run_id
+
+    # Act
+    names = {item.path for item in client.list_artifacts(parent_id)}
+    folder = Path(client.download_artifacts(parent_id, "", str(tmp_path)))
+
+    # Assert
+    assert names == PARENT_ARTIFACTS, (
+        f"missing {PARENT_ARTIFACTS - names}, extra {names - PARENT_ARTIFACTS}"
+    )
+    for png in FIGURES:
+        image = matplotlib.image.imread(folder / png)
+        assert image.size > 0 and image.std() > 0, f"{png} unreadable or blank"
+        assert (folder / png).read_bytes() == (reference.record.folder / png).read_bytes(), png
+    table = pd.read_csv(folder / "cv_results.csv")
+    pd.testing.assert_frame_equal(table, trained.table, check_dtype=False)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config == trained.config.model_dump(mode="json"), "config.json is not the config"
+    location = client.get_experiment(reference.experiment_id).artifact_location
+    assert location == artifact_location(reference.uri), "artifacts not beside the store"
+    assert Path(reference.parent.info.artifact_uri.removeprefix("file://")).is_relative_to(
+        Path(reference.uri.removeprefix("sqlite:///")).parent
+    ), reference.parent.info.artifact_uri
+
+
+# ------------------------------------------------------------------------------------ children
+def _check_times(run: Any, history: dict[str, list[float]], seconds: float) -> tuple[int, int]:
+    """A child's start and end are its training's; returns them."""
+    end = int(history["wall_time"][-1] * 1000)
+    start = end - int(seconds * 1000)
+    assert (run.info.start_time, run.info.end_time) == (start, end), (
+        f"{run.info.run_name}: ran {run.info.start_time}..{run.info.end_time}, "
+        f"trained {start}..{end}"
+    )
+    return start, end
+
+
+def test_one_child_per_fold_with_its_epochs(reference, trained):
+    # Arrange
+    client, parent_id = reference.client, reference.parent.info.run_id
+    children = _runs(reference.client, reference.experiment_id, "cv")
+    by_fold = {(float(r.data.params["l2_lambda"]), int(r.data.params["fold"])): r for r in children}
+
+    # Assert
+    assert len(children) == len(trained.folds) == len(by_fold), "one run per (lambda, fold)"
+    for result in trained.folds:
+        run = by_fold[(result.l2_lambda, result.fold)]
+        name = f"cv lambda={result.l2_lambda:g} fold={result.fold}"
+        assert (run.info.run_name, run.info.status) == (name, "FINISHED"), run.info
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == parent_id, name
+        assert tags["prefect.flow_run_id"] == PREFECT_RUN["id"], "the flow run's tags"
+        assert (tags["host"], tags["pid"]) == (socket.gethostname(), str(os.getpid())), tags
+        assert run.data.params == {
+            "l2_lambda": str(result.l2_lambda), "fold": str(result.fold),
+            "seed": str(result.seed),
+        }, run.data.params  # fmt: skip
+        start, end = _check_times(run, result.history, result.seconds)
+        for key in ("train_loss", "train_objective", "train_accuracy", "val_loss",
+                    "val_accuracy", "lr"):  # fmt: skip
+            points = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            assert [m.step for m in points] == list(range(1, EPOCHS + 1)), f"{name} {key} steps"
+            assert [m.value for m in points] == pytest.approx(result.history[key]), key
+            stamps = [m.timestamp for m in points]
+            assert all(start <= t <= end for t in stamps), f"{name} {key} at {stamps}"
+            assert stamps == [int(t * 1000) for t in result.history["wall_time"]], stamps
+        metrics = run.data.metrics
+        assert metrics["fold_val_accuracy"] == pytest.approx(result.val_accuracy), name
+        assert metrics["fold_val_loss"] == pytest.approx(result.val_loss), name
+        assert metrics["fold_train_accuracy"] == pytest.approx(result.train_accuracy), name
+        assert metrics["fold_train_loss"] == pytest.approx(result.train_loss), name
+        assert (metrics["epochs_run"], metrics["train_seconds"]) == (
+            EPOCHS, pytest.approx(result.seconds)
+        ), metrics  # fmt: skip
+        assert "seconds" not in metrics and "epoch" not in metrics, "bookkeeping logged"
+
+
+def test_the_final_child_holds_the_final_training(reference, trained):
+    # Arrange
+    client = reference.client
+    finals = _runs(client, reference.experiment_id, "final")
+
+    # Assert
+    assert len(finals) == 1, f"{len(finals)} final runs"
+    run = finals[0]
+    assert run.info.run_name == f"final lambda={trained.best:g}", run.info.run_name
+    assert run.info.status == "FINISHED", run.info.status
+    assert run.data.tags["mlflow.parentRunId"] == reference.parent.info.run_id
+    assert run.data.params == {"l2_lambda": str(trained.best), "epochs": str(FINAL_EPOCHS)}
+    start, end = _check_times(run, trained.final.history, trained.final.seconds)
+    points = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in points] == list(range(1, FINAL_EPOCHS + 1)), points
+    assert [m.value for m in points] == pytest.approx(trained.final.history["train_loss"])
+    assert all(start <= m.timestamp <= end for m in points), points
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(trained.evaluation.accuracy), metrics
+    assert metrics["test_loss"] == pytest.approx(trained.evaluation.loss), metrics
+    assert "val_loss" not in metrics, "no validation data: no val_* metrics (all NaN)"
+    assert _artifacts(client, run.info.run_id) == [], "the model lives on the parent"
+
+
+def test_a_diverged_fold_is_tagged_and_its_partial_history_kept(trained, fresh, tmp_path):
+    # Arrange: a real divergence (a huge learning rate).
+    config = trained.config.replace(
+        {"training.lr": 1e6, "training.optimizer": "sgd", "execution.cache_dir": str(tmp_path)}
+    )
+    result = train_fold(config, trained.dataset, 1.0, 0)
+    assert result.diverged, "the training did not diverge"
+    record = RunRecord.create(
+        config, flow="cv", dataset={"name": "mnist-sample", "fingerprint": "f"}
+    )
+    record.add_fold(result)
+    record.finish("FINISHED")
+
+    # Act
+    publish(record, fresh.uri)
+
+    # Assert
+    [run] = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+    assert run.info.status == "FINISHED", run.info.status
+    assert run.data.tags["diverged"] == "true", run.data.tags
+    assert run.data.tags["diverged_message"] == result.message, run.data.tags
+    assert math.isnan(run.data.metrics["fold_val_accuracy"]), run.data.metrics
+    history = fresh.client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.value for m in history] == pytest.approx(result.history["train_loss"]), history
+    assert "val_loss" not in run.data.metrics, "an all-NaN column is not logged"
+
+
+# ------------------------------------------------------------------------------------ the model
+def test_the_model_loads_with_plain_mlflow_and_predicts_the_records_labels(
+    reference, trained, mlflow_uri
+):
+    # Arrange
+    mlflow_uri(reference.uri)
+    images = trained.dataset.X_test.astype(np.float32)
+
+    # Act
+    model = mlflow.pyfunc.load_model(f"runs:/{reference.parent.info.run_id}/model")
+    labels = model.predict(images)
+
+    # Assert
+    assert labels.dtype == np.int64 and labels.shape == (len(images),), (labels.dtype, labels.shape)
+    np.testing.assert_array_equal(labels, trained.predicted, err_msg="the logged model differs")
+
+
+def test_load_network_reads_the_weights_and_the_dataset(reference, trained):
+    # Arrange
+    weights = MLP.load(reference.record.folder / "final" / "weights.npz")
+    run_id = reference.parent.info.run_id
+
+    for uri in (
+        f"runs:/{run_id}/model",
+        f"models:/{MODEL_NAME}/1",
+        f"models:/{MODEL_NAME}@champion",
+    ):
+        # Act
+        network, normalizer, dataset = load_network(uri, reference.uri)
+
+        # Assert
+        assert dataset == "mnist-sample", f"{uri}: dataset {dataset!r}"
+        assert network.architecture == weights.architecture, uri
+        for mine, theirs in zip(network.params, weights.params, strict=True):
+            np.testing.assert_array_equal(mine, theirs, err_msg=uri)
+        assert normalizer.to_dict() == trained.final.normalizer.to_dict(), uri
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["models:/no-such-model@champion", "runs:/0123456789abcdef/model", f"models:/{MODEL_NAME}/9"],
+)
+def test_load_network_of_an_unknown_model_is_one_line(reference, uri):
+    with pytest.raises(PipelineError, match="cannot load model") as info:
+        load_network(uri, reference.uri)
+    assert "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.slow
+def test_the_logged_model_carries_its_code_and_needs_no_project_install(
+    reference, trained, tmp_path
+):
+    """The package is on no index: the model must load with numpy and mlflow alone."""
+    model_dir = Path(reference.parent.info.artifact_uri.removeprefix("file://")) / "model"
+    requirements = (model_dir / "requirements.txt").read_text(encoding="utf-8").split()
+    np.save(tmp_path / "images.npy", trained.dataset.X_test.astype(np.float32))
+    # A fresh interpreter where `mlp` and `pipeline` may come only from an MLflow model's code/
+    # folder: the installed project (editable or not) is out of reach.
+    script = textwrap.dedent(
+        f"""
+        import importlib.machinery, json, sys
+        from pathlib import Path
+
+        class OnlyModelCode:
+            def find_spec(self, name, path, target=None):
+                if name.partition(".")[0] not in ("mlp", "pipeline"):
+                    return None
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                origin = Path(spec.origin) if spec and spec.origin else None
+                if origin is None or not (origin.parents[2] / "MLmodel").is_file():
+                    raise ModuleNotFoundError(f"{{name}} outside the model: {{origin}}")
+                return spec
+
+        sys.meta_path.insert(0, OnlyModelCode())
+        import mlflow, numpy as np
+
+        model = mlflow.pyfunc.load_model({str(model_dir)!r})
+        labels = model.predict(np.load({str(tmp_path / "images.npy")!r}))
+        print(json.dumps({{"labels": labels.tolist(), "mlp": sys.modules["mlp"].__file__}}))
+        """
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 0, f"the model did not load on its own:\n{done.stderr[-3000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["labels"] == trained.predicted.tolist(), "the model's own code predicts otherwise"
+    assert Path(result["mlp"]).is_relative_to(model_dir), result["mlp"]
+    assert sorted(r.split("==")[0] for r in requirements) == ["mlflow", "numpy"], requirements
+
+
+@pytest.mark.slow
+def test_git_commit_only_from_a_checkout_that_tracks_the_code(tmp_path):
+    """A copy installed inside someone's repository must not log that repository's commit."""
+    # Arrange: a repository with one commit, and the package copied inside it, untracked.
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(
+        [*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "x"], check=True
+    )
+    site = tmp_path / ".venv" / "site"
+    shutil.copytree(REPO / "pipeline", site / "pipeline")
+    shutil.copytree(REPO / "mlp", site / "mlp")
+    code = "import pipeline.tracking.publish as p; print(p.__file__); print(p._git_commit())"
+
+    # Act
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(site)}, cwd=tmp_path,
+    )  # fmt: skip
+
+    # Assert
+    where, commit = result.stdout.split()
+    assert where.startswith(str(site)), f"imported the wrong copy: {where}"
+    assert commit == "None", f"logged the surrounding repository's commit {commit}"
+
+
+# ------------------------------------------------------------------------------------ idempotence
+def test_publishing_again_changes_nothing(reference):
+    # Act
+    again = publish(reference.record, reference.uri)
+
+    # Assert
+    assert again == reference.published, (again, reference.published)
+    state = mlflow_state(reference.client, reference.experiment_id)
+    assert _counts(state) == _counts(reference.state), _counts(state)
+    assert state == reference.state, "a second publish changed the MLflow record"
+
+
+def test_a_partial_record_then_the_complete_one(reference, fresh, tmp_path):
+    # Arrange: the record as it stood after the sweep, before the CV summary.
+    partial = _clone(
+        reference.record, tmp_path / "records", status="RUNNING", end_time=None, summary={}
+    )
+    for name in ("cv.json", "final.json", "final", *FIGURES):
+        path = partial.folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+    # Act 1
+    first = publish(partial, fresh.uri)
+    midway = mlflow_state(fresh.client, _experiment_id(fresh.client))
+
+    # Assert 1
+    assert first.registration is None, "nothing to register yet"
+    parent = fresh.client.get_run(first.run_id)
+    assert parent.info.status == "RUNNING", "the record is still running"
+    assert parent.data.metrics == {}, parent.data.metrics
+    assert _artifacts(fresh.client, first.run_id) == ["config.json"], "only the config yet"
+    assert sorted(_counts(midway)) == sorted(
+        [f"parent {reference.run['id']}"]
+        + [f"fold {r.l2_lambda!r} {r.fold}" for r in reference.record.folds()]
+    ), _counts(midway)
+
+    # Act 2: the rest of the record arrives.
+    shutil.copytree(reference.record.folder, partial.folder, dirs_exist_ok=True)
+    second = publish(partial, fresh.uri)
+
+    # Assert 2
+    assert second.run_id == first.run_id, "a second parent run"
+    state = mlflow_state(fresh.client, _experiment_id(fresh.client))
+    assert _counts(state) == _counts(reference.state), _counts(state)
+    assert state == reference.state, "completed in two steps, the record differs"
+
+
+# ------------------------------------------------------------------------------------ faults
+def _label(client: MlflowClient, method: str, bound: dict[str, Any]) -> str:
+    """Which step of ``publish`` a client call is, e.g. ``log_batch cv`` or
+    ``log_artifact config.json``."""
+
+    def stage(run_id: str) -> str:
+        return client.get_run(run_id).data.tags.get("stage", "?")
+
+    if method == "create_run":
+        return f"create_run {(bound.get('tags') or {}).get('stage', '?')}"
+    if method == "log_batch":
+        where = stage(bound["run_id"])
+        if where == "pipeline":
+            return f"log_batch pipeline {'metrics' if bound.get('metrics') else 'params'}"
+        return f"log_batch {where}"
+    if method == "set_terminated":
+        return f"set_terminated {stage(bound['run_id'])}"
+    if method == "log_artifact":
+        return f"log_artifact {Path(bound['local_path']).name}"
+    if method == "log_artifacts":
+        return f"log_artifacts {bound.get('artifact_path')}"
+    if method in ("set_tag", "set_model_version_tag"):
+        return f"{method} {bound['key']}"
+    return method
+
+
+class Fault:
+    """Make the client's call at step ``target`` fail once (the first time it is made).
+
+    ``lost_reply``: the store does the call, then its reply is lost (a timeout after the
+    commit). Every call of the method is listed in ``calls`` by its step.
+    """
+
+    def __init__(
+        self, monkeypatch, client: MlflowClient, target: str, lost_reply=False, calls=None
+    ):
+        self.method = target.split()[0]
+        self.target = target
+        self.calls: list[str] = [] if calls is None else calls
+        self.fired = False
+        real = getattr(client, self.method)
+        signature = inspect.signature(real)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            label = _label(client, self.method, bound)
+            self.calls.append(label)
+            if self.fired or label != target:
+                return real(*args, **kwargs)
+            self.fired = True
+            if lost_reply:
+                real(*args, **kwargs)
+            raise MlflowException(f"injected: {label} failed (timeout waiting for the reply)")
+
+        monkeypatch.setattr(client, self.method, call)
+
+
+def _publish_with_fault(record, uri, monkeypatch, target, lost_reply=False) -> Fault:
+    """Publish ``record`` while the step ``target`` fails once; the publish must fail."""
+    client, experiment_id = open_store(uri, EXPERIMENT)
+    fault = Fault(monkeypatch, client, target, lost_reply)
+    with pytest.raises(MlflowException, match="injected"):
+        publish(record, uri, store=(client, experiment_id))
+    assert fault.fired, f"publish never reached {target}; it called {fault.calls}"
+    return fault
+
+
+def _assert_complete(fresh, reference) -> dict[str, Any]:
+    """The store holds the whole record once, as a single clean publish leaves it."""
+    state = mlflow_state(fresh.client, _experiment_id(fresh.client))
+    assert _counts(state) == _counts(reference.state), f"runs per part: {_counts(state)}"
+    versions = [(name, version) for name, version, _, _ in state["versions"]]
+    assert versions == [(MODEL_NAME, "1")], f"registered versions {versions}"
+    for part, runs in state["runs"].items():
+        for key, points in runs[0]["metrics"].items():
+            expected = reference.state["runs"][part][0]["metrics"][key]
+            assert len(points) == len(expected), f"{part} {key}: {len(points)} points"
+    assert state == reference.state, "after the retry, the MLflow record differs"
+    return state
+
+
+def _slow(step: str) -> Any:
+    return pytest.param(step, marks=pytest.mark.slow)
+
+
+# Each step fails once in turn; the unmarked ones keep `pytest -m "not slow"` short.
+FINAL_STEPS = [
+    _slow("create_run final"),
+    _slow("log_batch final"),
+    _slow("set_terminated final"),
+    _slow("log_artifact training_curves.png"),
+    _slow("log_artifact misclassified.png"),
+    "log_artifacts model",
+    _slow("set_tag model_uri"),
+    _slow("set_tag mlp_pipeline.model_logged"),
+    _slow("create_model_version"),
+    _slow("set_model_version_tag test_accuracy"),
+    _slow("set_registered_model_alias"),
+    _slow("set_tag champion"),
+    _slow("log_batch pipeline metrics"),
+    _slow("set_terminated pipeline"),
+]
+CV_STEPS = [
+    _slow("create_run pipeline"),
+    _slow("log_batch pipeline params"),
+    "log_artifact config.json",
+    _slow("create_run cv"),
+    "log_batch cv",
+    _slow("set_terminated cv"),
+    _slow("log_artifact cv_results.csv"),
+    _slow("log_artifact cv_lambda.png"),
+]
+
+
+@pytest.mark.parametrize("step", FINAL_STEPS)
+def test_a_retried_final_record_resumes_where_it_failed(
+    reference, fresh, monkeypatch, step, reliability_log
+):
+    """MLflow fails once in the middle of publishing the final model; publishing again
+    (``mlp-pipeline publish``) completes it: one run per part, one version, no doubled point."""
+    # Act
+    _publish_with_fault(reference.record, fresh.uri, monkeypatch, step)
+    monkeypatch.undo()
+    again = publish(reference.record, fresh.uri)
+
+    # Assert
+    _assert_complete(fresh, reference)
+    assert again.registration.version == "1" and again.registration.champion, again
+    reliability_log(
+        f"MLflow failing once in the final record ({step})", survived=True, results_lost=0
+    )
+
+
+@pytest.mark.parametrize("step", CV_STEPS)
+def test_a_retried_cv_record_resumes_where_it_failed(
+    reference, fresh, monkeypatch, step, reliability_log
+):
+    """The same for the parent run, a fold's run and the CV summary."""
+    # Act
+    _publish_with_fault(reference.record, fresh.uri, monkeypatch, step)
+    monkeypatch.undo()
+    publish(reference.record, fresh.uri)
+
+    # Assert
+    _assert_complete(fresh, reference)
+    reliability_log(f"MLflow failing once in the CV record ({step})", survived=True, results_lost=0)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [_slow("create_run pipeline"), "create_run cv", _slow("create_run final"),
+     _slow("create_model_version"), _slow("log_artifacts model")],
+)  # fmt: skip
+def test_a_lost_reply_creates_nothing_twice(reference, fresh, monkeypatch, step, reliability_log):
+    """The store did the call but its reply was lost: the retry finds what was made."""
+    # Act
+    _publish_with_fault(reference.record, fresh.uri, monkeypatch, step, lost_reply=True)
+    monkeypatch.undo()
+    publish(reference.record, fresh.uri)
+
+    # Assert
+    _assert_complete(fresh, reference)
+    reliability_log(f"MLflow reply lost once ({step})", survived=True, results_lost=0)
+
+
+@pytest.mark.slow
+def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _empty_store):
+    """Every distinct client call of a publish, failed once (and its reply lost once)."""
+    # Arrange: the steps of a clean publish, in order.
+    uri = _store(tmp_path / "probe", _empty_store)
+    client, experiment_id = open_store(uri, EXPERIMENT)
+    steps: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        for method in (
+            "create_run", "log_batch", "set_terminated", "log_artifact", "log_artifacts",
+            "set_tag", "set_model_version_tag", "create_model_version", "create_registered_model",
+            "set_registered_model_alias", "get_model_version_by_alias", "search_model_versions",
+            "search_runs", "list_artifacts",
+        ):  # fmt: skip
+            Fault(patch, client, f"{method} (never)", calls=steps)
+        publish(reference.record, uri, store=(client, experiment_id))
+    reads = ("get_model_version_by_alias", "search_model_versions", "search_runs", "list_artifacts")
+    cases = [
+        (step, lost_reply)
+        for step in dict.fromkeys(steps)
+        for lost_reply in (False, True)
+        if not (lost_reply and step.split()[0] in reads)  # a lost read reply is a failed read
+    ]
+    failures = []
+
+    # Act
+    for index, (step, lost_reply) in enumerate(cases):
+        fresh = SimpleNamespace(uri=_store(tmp_path / f"store-{index}", _empty_store))
+        fresh.client = MlflowClient(tracking_uri=fresh.uri, registry_uri=fresh.uri)
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                _publish_with_fault(reference.record, fresh.uri, patch, step, lost_reply)
+            publish(reference.record, fresh.uri)
+            _assert_complete(fresh, reference)
+        except (AssertionError, pytest.fail.Exception) as exc:
+            failures.append(f"{step} (lost reply: {lost_reply}): {str(exc)[:300]}")
+
+    # Assert
+    assert len(cases) > 30, f"only {len(cases)} steps found: {steps}"
+    assert failures == [], "\n".join(failures)
+
+
+# ------------------------------------------------------------------------------------ registry
+def test_the_first_version_becomes_the_champion(reference):
+    # Assert: the module's publish registered version 1 and crowned it.
+    registration = reference.published.registration
+    assert (registration.name, registration.version) == (MODEL_NAME, "1"), registration
+    assert registration.champion and registration.note == "", registration
+    champion = reference.client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == "1", champion
+    assert champion.run_id == reference.parent.info.run_id, "registered from another run"
+    assert champion.source.endswith(f"{reference.parent.info.run_id}/artifacts/model"), (
+        champion.source
+    )
+
+
+def test_the_version_tags_say_what_and_where_it_was_tested(reference, trained):
+    tags = reference.client.get_model_version(MODEL_NAME, "1").tags
+    assert tags == {
+        "test_accuracy": repr(trained.evaluation.accuracy), "test_set": trained.test_set,
+        "test_images": "300", "dataset.name": "mnist-sample",
+        "dataset.fingerprint": trained.dataset.fingerprint,
+    }, tags  # fmt: skip
+
+
+def test_the_champion_moves_only_on_improvement(reference, fresh, tmp_path):
+    # Arrange
+    records = [
+        _claiming(reference.record, tmp_path, f"run-{i}", accuracy)
+        for i, accuracy in enumerate((0.9, 0.8, 0.95))
+    ]
+
+    # Act
+    outcomes = []
+    for record in records:
+        registration = publish(record, fresh.uri).registration
+        champion = fresh.client.get_model_version_by_alias(MODEL_NAME, "champion").version
+        outcomes.append((registration.version, registration.champion, str(champion)))
+
+    # Assert
+    assert outcomes == [("1", True, "1"), ("2", False, "1"), ("3", True, "3")], outcomes
+    notes = [fresh.client.get_model_version(MODEL_NAME, v).tags.get("champion_comparison")
+             for v in ("1", "2", "3")]  # fmt: skip
+    assert notes == [None, "champion stays version 1, 0.9000", "beats version 1, 0.9000"], notes
+    tags = fresh.client.get_model_version(MODEL_NAME, "2").tags
+    assert tags["test_accuracy"] == "0.8" and tags["dataset.name"] == "mnist-sample", tags
+
+
+@pytest.mark.slow
+def test_a_tie_does_not_move_the_champion(reference, fresh, tmp_path):
+    for name in ("first", "tie"):
+        publish(_claiming(reference.record, tmp_path, name, 0.9), fresh.uri)
+    champion = fresh.client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == "1", "an equal accuracy took the alias"
+
+
+@pytest.mark.slow
+def test_a_champion_tested_elsewhere_is_scored_on_this_test_set(
+    reference, trained, fresh, tmp_path
+):
+    """Accuracies on different test sets are not comparable: the champion is scored again,
+    from its weights, on the challenger's test set."""
+    # Arrange: version 1 claims 0.99 on another test set; its network really scores
+    # ``on_this`` on this one.
+    on_this = trained.evaluation.accuracy
+    first = _claiming(reference.record, tmp_path, "v1", 0.99, test_set="another test set")
+    second = _claiming(reference.record, tmp_path, "v2", on_this + 0.001)
+    third = _claiming(reference.record, tmp_path, "v3", on_this)
+
+    # Act
+    registrations = [publish(record, fresh.uri).registration for record in (first, second, third)]
+
+    # Assert
+    assert [(r.version, r.champion) for r in registrations] == [
+        ("1", True), ("2", True), ("3", False),
+    ], registrations  # fmt: skip
+    assert registrations[1].note == f"beats version 1, {on_this:.4f} on this test set", (
+        registrations[1].note
+    )
+    assert registrations[2].note == f"champion stays version 2, {on_this + 0.001:.4f}", (
+        registrations[2].note
+    )
+    assert str(fresh.client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "2"
+    parent = fresh.client.get_run(publish(second, fresh.uri).run_id)
+    assert parent.data.tags["champion_comparison"] == registrations[1].note, parent.data.tags
+
+
+def _model_dir(client: MlflowClient, run_id: str) -> Path:
+    return Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
+
+
+def test_a_champion_whose_files_are_gone_stays_and_says_why(reference, fresh, tmp_path):
+    # Arrange: the champion's model files are gone (a store cleaned by hand), and the
+    # challenger was tested elsewhere: it cannot be compared, so it is not crowned on a guess.
+    first = publish(_claiming(reference.record, tmp_path, "v1", 0.5), fresh.uri)
+    shutil.rmtree(_model_dir(fresh.client, first.run_id))
+    challenger = _claiming(reference.record, tmp_path, "v2", 0.99, test_set="another test set")
+
+    # Act
+    registration = publish(challenger, fresh.uri).registration
+
+    # Assert
+    assert not registration.champion, registration
+    assert registration.note.startswith(
+        "champion stays version 1: it could not be scored on this test set ("
+    ), registration.note
+    assert "\n" not in registration.note, registration.note
+    assert str(fresh.client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert fresh.client.get_model_version(MODEL_NAME, "2").tags["champion_comparison"] == (
+        registration.note
+    )
+
+
+def test_no_registration_without_a_registered_model(reference, fresh, tmp_path, mlflow_uri):
+    # Arrange
+    record = _clone(reference.record, tmp_path)
+    _edit(record, "run.json", "run", lambda run: run["config"]["tracking"].update(
+        registered_model=None
+    ))  # fmt: skip
+
+    # Act
+    published = publish(record, fresh.uri)
+
+    # Assert
+    assert published.registration is None, published.registration
+    assert fresh.client.search_registered_models() == [], "a model was registered"
+    tags = fresh.client.get_run(published.run_id).data.tags
+    assert "registered_model" not in tags and "champion" not in tags, tags
+    mlflow_uri(fresh.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{published.run_id}/model")
+    assert model.predict(np.zeros((2, 784), np.float32)).shape == (2,), "the model is logged"
+
+
+_PLANTED = "open({marker!r}, 'a').write({name!r} + '\\n')\n"
+
+
+def test_the_champion_comparison_never_runs_model_code(
+    reference, trained, fresh, tmp_path, mlflow_uri
+):
+    """Loading a pyfunc model runs the code stored with it; scoring a champion must not."""
+    # Arrange: the champion's stored code (the pyfunc file and its code/ packages) replaced
+    # by code that leaves a marker, as a tampered artifact store could hold.
+    marker = tmp_path / "model-code-ran"
+    first = _claiming(reference.record, tmp_path, "v1", 0.99, test_set="another test set")
+    champion = publish(first, fresh.uri)
+    model_dir = _model_dir(fresh.client, champion.run_id)
+    planted = sorted(model_dir.glob("*.py")) + sorted((model_dir / "code").rglob("*.py"))
+    assert model_dir / "pyfunc_model.py" in planted, f"no pyfunc file among {planted}"
+    for path in planted:
+        code = _PLANTED.format(marker=str(marker), name=path.name)
+        path.write_text(path.read_text(encoding="utf-8") + "\n" + code, encoding="utf-8")
+    challenger = _claiming(reference.record, tmp_path, "v2", trained.evaluation.accuracy + 0.01)
+
+    # Act: the challenger's test set differs: the champion is scored from its files.
+    registration = publish(challenger, fresh.uri).registration
+    network, _, _ = load_network(f"models:/{MODEL_NAME}/1", fresh.uri)
+
+    # Assert
+    assert registration.note.endswith("on this test set"), f"not scored: {registration.note}"
+    assert network.n_features == 784, "the champion's weights were read"
+    assert not marker.exists(), f"model code ran: {marker.read_text(encoding='utf-8')}"
+    # Control: MLflow's own loader does run the planted code.
+    mlflow_uri(fresh.uri)
+    mlflow.pyfunc.load_model(str(model_dir))
+    assert "pyfunc_model.py" in marker.read_text(encoding="utf-8"), "the plant is not live"
+
+
+def test_a_failed_alias_read_does_not_crown_a_worse_model(
+    reference, fresh, tmp_path, monkeypatch, reliability_log
+):
+    """Only a missing alias means "no champion": a timeout must not move it to a worse model."""
+    # Arrange
+    publish(_claiming(reference.record, tmp_path, "v1", 0.95), fresh.uri)
+    worse = _claiming(reference.record, tmp_path, "v2", 0.10)
+
+    # Act
+    _publish_with_fault(worse, fresh.uri, monkeypatch, "get_model_version_by_alias")
+    monkeypatch.undo()
+    registration = publish(worse, fresh.uri).registration
+
+    # Assert
+    assert not registration.champion, registration
+    assert registration.note == "champion stays version 1, 0.9500", registration.note
+    assert str(fresh.client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    reliability_log("MLflow failing once on the champion's alias", survived=True, results_lost=0)
+
+
+def test_a_retry_after_the_alias_moved_reports_the_new_champion(
+    reference, fresh, tmp_path, monkeypatch, reliability_log
+):
+    """The alias moved, then the reply was lost: the retry must not compare the version with
+    itself and call it "not the champion"."""
+    # Arrange
+    publish(_claiming(reference.record, tmp_path, "v1", 0.5), fresh.uri)
+    better = _claiming(reference.record, tmp_path, "v2", 0.9)
+
+    # Act
+    _publish_with_fault(
+        better, fresh.uri, monkeypatch, "set_registered_model_alias", lost_reply=True
+    )
+    monkeypatch.undo()
+    published = publish(better, fresh.uri)
+
+    # Assert
+    assert published.registration.champion, published.registration
+    assert published.registration.note == "beats version 1, 0.5000", published.registration
+    assert str(fresh.client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "2"
+    tags = fresh.client.get_run(published.run_id).data.tags
+    assert (tags["champion"], tags["registered_model_version"]) == ("true", "2"), tags
+    reliability_log("MLflow reply lost after moving the alias", survived=True, results_lost=0)
+
+
+# ------------------------------------------------------------------------------------ stale runs
+def test_a_record_left_running_by_a_dead_process_publishes_as_failed(reference, fresh, tmp_path):
+    # Arrange: killed -9 after the sweep: RUNNING, no end, its process gone.
+    record = _clone(
+        reference.record, tmp_path, status="RUNNING", end_time=None, pid=_dead_pid(), summary={}
+    )
+
+    # Act
+    published = publish(record, fresh.uri)
+
+    # Assert
+    parent = fresh.client.get_run(published.run_id)
+    assert parent.info.status == "FAILED", parent.info.status
+    assert parent.data.tags["error"] == "the process ended without closing the run", (
+        parent.data.tags
+    )
+    assert parent.info.end_time is not None, "a failed run needs an end"
+    children = [
+        r for r in _runs(fresh.client, _experiment_id(fresh.client)) if PART_TAG in r.data.tags
+    ]
+    assert {r.info.status for r in children} == {"FINISHED"}, "finished trainings stay finished"
+
+
+def test_a_publish_killed_midway_is_finished_by_the_next_one(
+    reference, fresh, tmp_path, monkeypatch
+):
+    """The process that published died mid-way: the next start marks its RUNNING runs FAILED
+    (stale), then ``mlp-pipeline publish`` finishes them as the record says."""
+    # Arrange: a FINISHED record whose process is gone; its publish stopped before the end.
+    record = _clone(reference.record, tmp_path, pid=_dead_pid())
+    _publish_with_fault(record, fresh.uri, monkeypatch, "log_batch pipeline metrics")
+    monkeypatch.undo()
+    parent_id = _runs(fresh.client, _experiment_id(fresh.client), "pipeline")[0].info.run_id
+    open_store(fresh.uri, EXPERIMENT)  # the next start: the stale parent is marked FAILED
+    assert fresh.client.get_run(parent_id).info.status == "FAILED", "not marked stale"
+
+    # Act
+    publish(record, fresh.uri)
+
+    # Assert
+    parent = fresh.client.get_run(parent_id)
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert parent.info.end_time == reference.run["end_time"], "not the record's end"
+    assert "error" not in parent.data.tags, (
+        f"a FINISHED run keeps the stale mark: error={parent.data.tags.get('error')!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------ live
+def _config_for(trained, uri: str, tmp_path: Path, **extra: Any) -> PipelineConfig:
+    return trained.config.replace(
+        {"tracking.tracking_uri": uri, "execution.cache_dir": str(tmp_path / "cache"), **extra}
+    )
+
+
+def _publisher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mlflow-publish" and t.is_alive()]
+
+
+def _dataset(trained) -> dict[str, str]:
+    return {"name": trained.dataset.name, "fingerprint": trained.dataset.fingerprint}
+
+
+def test_recorded_publishes_while_the_block_runs(trained, reference, fresh, tmp_path):
+    # Arrange
+    config = _config_for(trained, fresh.uri, tmp_path)
+
+    # Act
+    with recorded(
+        config, flow="mlp-pipeline", dataset=_dataset(trained), prefect_flow_run=PREFECT_RUN
+    ) as (record, publisher):
+        _fill(record, trained, ("folds",))
+        publisher.request()
+        experiment_id = _experiment_id(fresh.client)
+        deadline = time.monotonic() + 120  # a hang guard, not a speed requirement
+        while len(_runs(fresh.client, experiment_id, "cv")) < len(trained.folds):
+            assert publisher.error is None, f"the live publish failed: {publisher.error}"
+            assert time.monotonic() < deadline, "the folds never reached MLflow during the run"
+            time.sleep(0.05)
+        _fill(record, trained, ("cv", "final"))
+
+    # Assert
+    assert _publisher_threads() == [], "the publisher thread outlived the block"
+    assert record.run()["status"] == "FINISHED", record.run()["status"]
+    published = publisher.published
+    assert published is not None and publisher.error is None, publisher.error
+    state = mlflow_state(fresh.client, experiment_id)
+    assert _counts(state) == {
+        (f"parent {record.run()['id']}" if part.startswith("parent") else part): count
+        for part, count in _counts(reference.state).items()
+    }, _counts(state)
+    parent = fresh.client.get_run(published.run_id)
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert {item.path for item in fresh.client.list_artifacts(published.run_id)} == (
+        PARENT_ARTIFACTS
+    ), "artifacts missing"
+    assert published.registration.version == "1", published.registration
+
+
+@pytest.mark.parametrize(
+    ("exception", "status"), [(RuntimeError("boom\nsecond line"), "FAILED"),
+                              (KeyboardInterrupt(), "KILLED")],
+)  # fmt: skip
+def test_an_exception_inside_recorded_ends_record_and_runs(
+    trained, fresh, tmp_path, exception, status
+):
+    # Arrange
+    config = _config_for(trained, fresh.uri, tmp_path)
+    records = []
+
+    # Act
+    with (
+        pytest.raises(type(exception)),
+        recorded(config, flow="cv", dataset=_dataset(trained)) as (record, _),
+    ):
+        records.append(record)
+        _fill(record, trained, ("folds",))
+        raise exception
+
+    # Assert
+    assert _publisher_threads() == [], "the publisher thread outlived the block"
+    run = records[0].run()
+    assert run["status"] == status, run
+    parent = _runs(fresh.client, _experiment_id(fresh.client), "pipeline")
+    assert len(parent) == 1, f"{len(parent)} parent runs"
+    assert parent[0].info.status == status, parent[0].info.status
+    assert parent[0].data.tags["error"] == run["error"], parent[0].data.tags
+    if status == "FAILED":
+        assert run["error"] == "RuntimeError: boom second line", run["error"]
+    children = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+    assert [r.info.status for r in children] == ["FINISHED"] * len(trained.folds), children
+
+
+def test_mlflow_lost_during_the_run_is_exit_3_and_a_later_publish_records_it(
+    trained, reference, fresh, tmp_path, monkeypatch, refused_server
+):
+    # Arrange: the store answers when the run starts, then MLflow is gone (its server's port
+    # refuses every connection; no retries, so the failures come at once).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    real_open_store = publish_module.open_store
+
+    def opened_then_lost(uri: str, experiment: str):
+        real_open_store(uri, experiment)
+        return MlflowClient(tracking_uri=refused_server.url), "0"
+
+    monkeypatch.setattr(publish_module, "open_store", opened_then_lost)
+    config = _config_for(trained, fresh.uri, tmp_path)
+
+    # Act
+    with (
+        pytest.raises(NotPublishedError) as info,
+        recorded(config, flow="cv", dataset=_dataset(trained)) as (record, _),
+    ):
+        _fill(record, trained, ("folds", "cv"))
+    monkeypatch.undo()
+    published = publish(record, fresh.uri)  # `mlp-pipeline publish <folder>`, MLflow back
+
+    # Assert
+    message = str(info.value)
+    assert info.value.exit_code == 3, info.value.exit_code
+    assert str(record.folder) in message, message
+    assert f"mlp-pipeline publish {record.folder}" in message, message
+    assert "\n" not in message, message
+    assert record.run()["status"] == "FINISHED", "the results are complete in the record"
+    state = mlflow_state(fresh.client, _experiment_id(fresh.client))
+    assert sorted(_counts(state).values()) == [1] * (len(trained.folds) + 1), _counts(state)
+    parent = fresh.client.get_run(published.run_id)
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert "best_l2_lambda" in parent.data.metrics, parent.data.metrics
+
+
+def test_recorded_refuses_an_unusable_store_before_any_record(trained, tmp_path):
+    config = _config_for(trained, "sqlite:///:memory:", tmp_path)
+    with (
+        pytest.raises(TrackingError, match="names no database file"),
+        recorded(config, flow="cv", dataset=_dataset(trained)),
+    ):
+        pytest.fail("the block ran without a usable store")
+    assert not (tmp_path / "cache").exists(), "a record was made for a run that never started"
+
+
+# ------------------------------------------------------------------------------------ secrets
+def _texts(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` that reads as text."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with contextlib.suppress(UnicodeDecodeError):
+                found[str(path)] = path.read_text(encoding="utf-8")
+    return found
+
+
+@pytest.mark.parametrize("where", ["config", pytest.param("environment", marks=pytest.mark.slow)])
+def test_credentials_in_the_tracking_uri_reach_no_param_tag_artifact_or_record(
+    trained, fresh, tmp_path, monkeypatch, where
+):
+    # Arrange: a SQLite URI cannot need credentials, but one written with them goes through
+    # the same path as http://user:password@host (default_tracking_uri), without a server.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    secret_uri = fresh.uri.replace("sqlite:///", "sqlite://bob:hunter2@//", 1)
+    if where == "config":
+        config = _config_for(trained, secret_uri, tmp_path)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_uri)
+        config = _config_for(trained, fresh.uri, tmp_path).replace({"tracking.tracking_uri": None})
+
+    # Act
+    with recorded(config, flow="cv", dataset=_dataset(trained)) as (record, _):
+        _fill(record, trained, ("folds", "cv"))
+
+    # Assert
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == (
+        "bob", "hunter2",
+    ), "the credentials did not reach MLflow's environment variables"  # fmt: skip
+    leaks = [name for name, text in _texts(record.folder).items() if "hunter2" in text]
+    assert leaks == [], f"the record holds the password: {leaks}"
+    for run in _runs(fresh.client, _experiment_id(fresh.client)):
+        values = {**run.data.params, **run.data.tags}
+        leaked = {key: value for key, value in values.items() if "hunter2" in value}
+        assert leaked == {}, f"{run.info.run_name}: {leaked}"
+        folder = Path(run.info.artifact_uri.removeprefix("file://"))
+        leaks = [name for name, text in _texts(folder).items() if "hunter2" in text]
+        assert leaks == [], f"{run.info.run_name}: artifacts hold the password: {leaks}"
+
+
+def test_credentials_elsewhere_in_the_config_are_not_logged(reference, fresh, tmp_path):
+    """A Dask scheduler address with credentials: MLflow params and config.json show it
+    without them (tests/pipeline/test_tracking.py, f4a4994)."""
+    # Arrange
+    record = _clone(reference.record, tmp_path)
+
+    def with_secret(run: dict) -> None:
+        run["config"]["execution"].update(runner="dask", dask_address="tcp://bob:pw123@sched:8786")
+
+    _edit(record, "run.json", "run", with_secret)
+
+    # Act
+    published = publish(record, fresh.uri)
+
+    # Assert
+    params = fresh.client.get_run(published.run_id).data.params
+    assert params["execution.dask_address"] == "tcp://sched:8786", params["execution.dask_address"]
+    config = Path(fresh.client.download_artifacts(published.run_id, "config.json", str(tmp_path)))
+    assert "pw123" not in config.read_text(encoding="utf-8"), "config.json holds the password"
