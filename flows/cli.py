@@ -93,6 +93,8 @@ TrackingUri = Annotated[
 Experiment = Annotated[str | None, typer.Option(help="MLflow experiment name")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars")]
 
+# Flags that changed name: an unknown-option error names the new one.
+RENAMED_FLAGS = {"--lambdas": "--l2-grid"}
 # Flags and the settings they set.
 SETTINGS = {
     "dataset": "data.dataset",
@@ -249,10 +251,13 @@ def _print_published(published: Any) -> None:
 
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
-    from pipeline.tracking.store import redact_uri
+    from pipeline.tracking.store import redact_uri, sqlite_database, sqlite_uri
 
     if tracking_uri.startswith(("http://", "https://")):
         return redact_uri(tracking_uri)
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_absolute() and "?" not in tracking_uri:
+        tracking_uri = sqlite_uri(database.resolve())  # works from any folder
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"
 
 
@@ -399,7 +404,6 @@ def publish(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Publish a run record to MLflow (again): what MLflow lacks is added, nothing twice."""
-    from pipeline.errors import TrackingError
     from pipeline.record import RunRecord
     from pipeline.tracking.publish import NotPublishedError
     from pipeline.tracking.publish import publish as publish_record
@@ -409,7 +413,7 @@ def publish(
     run_ = record.run()  # a RecordError (exit 2) when it is not a record
     try:
         published = publish_record(record, tracking_uri)
-    except TrackingError:
+    except PipelineError:  # a damaged record, an unusable store: exit 2
         raise
     except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again
         raise NotPublishedError(f"publishing {folder} failed: {one_line(exc)}") from None
@@ -474,12 +478,13 @@ def runs(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """List pipeline executions side by side, newest first: config, best lambda, accuracies."""
-    from pipeline.tracking import runs as listing
+    from pipeline import listing
+    from pipeline.tracking.runs import DEFAULT_EXPERIMENT, list_pipeline_runs
 
     if format_ not in ("table", "csv", "json"):
         raise PipelineError(f"--format must be table, csv or json, got {format_!r}")
-    name = experiment or listing.DEFAULT_EXPERIMENT
-    frame = listing.list_pipeline_runs(name, tracking_uri=tracking_uri, last=last)
+    name = experiment or DEFAULT_EXPERIMENT
+    frame = list_pipeline_runs(name, tracking_uri=tracking_uri, last=last)
     if format_ != "table":
         if frame.empty:  # still valid (empty) output for scripts; the hint goes to stderr
             err.print(f"no pipeline runs in experiment {name!r} yet", markup=False)
@@ -731,8 +736,13 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:  # an unknown option, a bad value, a missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(0)  # the help was printed: asking for it is not an error
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        err.print(f"error: {' '.join(message.split())}", markup=False)
+        message = " ".join(
+            (exc.format_message() if hasattr(exc, "format_message") else str(exc)).split()
+        )
+        renamed = [
+            f"{old} is now {new}" for old, new in RENAMED_FLAGS.items() if f": {old}" in message
+        ]
+        err.print(f"error: {message}" + (f" ({renamed[0]})" if renamed else ""), markup=False)
         sys.exit(2)
     except (PipelineError, MLPError) as exc:
         if debug:

@@ -105,15 +105,13 @@ def absolute_paths(config: PipelineConfig, keys: Iterable[str] = PATH_KEYS) -> P
 
 def _absolute_sqlite(uri: str) -> str:
     """``sqlite:///rel.db`` (relative to the working directory) as ``sqlite:////abs/rel.db``."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+    from pipeline.tracking.store import sqlite_database, sqlite_uri
+
+    database = sqlite_database(uri)
+    if database is None or database.is_absolute():
         return uri
-    path = parts.path[1:]  # sqlite:///x -> path "/x": one slash is the separator
-    if Path(path).is_absolute():
-        return uri
-    absolute = Path(path).expanduser().absolute()
-    query = f"?{parts.query}" if parts.query else ""
-    return f"sqlite:///{absolute}{query}"
+    query = urllib.parse.urlsplit(uri).query
+    return sqlite_uri(database.expanduser().absolute()) + (f"?{query}" if query else "")
 
 
 def config_parameters(config: PipelineConfig) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import tempfile
@@ -51,6 +52,14 @@ RUNS = "runs"
 FOLD_CACHE = "folds"
 FORMAT = 1  # bumped when a file's layout changes: older files are then not trusted
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")  # MLflow's run statuses
+
+
+# The fields of run.json and their types (besides the config, validated as one).
+_RUN_FIELDS = {
+    "id": str, "flow": str, "dataset": dict, "prefect_flow_run": dict, "params": dict,
+    "package_version": str, "host": str, "pid": int, "start_time": int, "status": str,
+    "error": str, "summary": dict,
+}  # fmt: skip
 
 
 class RecordError(PipelineError):
@@ -177,11 +186,11 @@ def fold_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: i
     return "fold-" + hashlib.sha256(_canonical(payload)).hexdigest()[:32]
 
 
-def _fold_from(data: dict[str, Any]) -> FoldResult:
+def _fold_from(data: Any, path: Path) -> FoldResult:
     try:
         return FoldResult(**data)
     except TypeError as exc:
-        raise RecordError(f"not a fold result ({exc})") from None
+        raise RecordError(f"{path}: not a fold result ({exc})") from None
 
 
 class FoldCache:
@@ -196,7 +205,7 @@ class FoldCache:
         if not path.exists():
             return None
         try:
-            return _fold_from(read_json(path, "fold"))
+            return _fold_from(read_json(path, "fold"), path)
         except RecordError as exc:
             logger.warning("fold cache entry not used, trained again: %s", exc)
             return None
@@ -359,8 +368,20 @@ class RunRecord:
 
     # -- reading ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """``run.json``; a RUNNING record whose process is gone reads as FAILED."""
-        run = read_json(self.folder / "run.json", "run")
+        """``run.json``, checked; a RUNNING record whose process is gone reads as FAILED."""
+        path = self.folder / "run.json"
+        run = read_json(path, "run")
+        try:
+            PipelineConfig.model_validate(run["config"])
+            wrong = [key for key, kind in _RUN_FIELDS.items() if not isinstance(run[key], kind)]
+        except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
+            raise RecordError(f"{path}: not a run record ({' '.join(str(exc).split())})") from None
+        if wrong:
+            raise RecordError(f"{path}: not a run record (wrong type: {', '.join(wrong)})")
+        if run["status"] not in STATUSES:
+            raise RecordError(f"{path}: unknown status {run['status']!r}")
+        if not re.fullmatch(r"[\w.=-]+", run["id"]):
+            raise RecordError(f"{path}: not a record id: {run['id']!r}")
         if (
             run["status"] == "RUNNING"
             and run["host"] == socket.gethostname()
@@ -372,7 +393,7 @@ class RunRecord:
     def folds(self) -> list[FoldResult]:
         """Every recorded fold result, by (lambda, fold)."""
         paths = sorted((self.folder / "folds").glob("*.json"))
-        results = [_fold_from(read_json(path, "fold")) for path in paths]
+        results = [_fold_from(read_json(path, "fold"), path) for path in paths]
         return sorted(results, key=lambda r: (r.l2_lambda, r.fold))
 
     def cv(self) -> dict[str, Any] | None:
@@ -380,7 +401,7 @@ class RunRecord:
         path = self.folder / "cv.json"
         if not path.exists():
             return None
-        cv = read_json(path, "cv")
+        cv = _with_keys(read_json(path, "cv"), path, "table", "best_l2_lambda", "time", "files")
         check_files(self.folder, cv["files"])
         return {**cv, "table": pd.DataFrame(cv["table"])}
 
@@ -389,9 +410,22 @@ class RunRecord:
         path = self.folder / "final.json"
         if not path.exists():
             return None
-        final = read_json(path, "final")
+        final = _with_keys(read_json(path, "final"), path, *_FINAL_KEYS)
+        _with_keys(final["evaluation"], path, "accuracy", "loss", "n_samples", "confusion")
         check_files(self.folder, final["files"])
         return final
+
+
+_FINAL_KEYS = ("l2_lambda", "history", "seconds", "evaluation", "test_set", "time", "files",
+               "input_example")  # fmt: skip
+
+
+def _with_keys(data: Any, path: Path, *keys: str) -> Any:
+    """``data`` if it is a mapping holding ``keys``, else a :class:`RecordError`."""
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise RecordError(f"{path}: not a complete record file (missing {', '.join(missing)})")
+    return data
 
 
 def _one_line(exc: BaseException) -> str:

@@ -66,7 +66,8 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     ``tracking_uri`` overrides the record's; ``store`` is an ``(MlflowClient, experiment_id)``
     already opened on it.
     """
-    run = record.run()
+    # The whole record is read and checked before MLflow sees any of it.
+    run, folds, cv, final = record.run(), record.folds(), record.cv(), record.final()
     config = PipelineConfig.model_validate(run["config"])
     uri = default_tracking_uri(tracking_uri or config.tracking.tracking_uri)
     client, experiment_id = store or open_store(uri, config.tracking.experiment)
@@ -79,13 +80,12 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             [experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000
         )
     }
-    for fold in record.folds():
+    for fold in folds:
         _child(client, experiment_id, parent_id, children, **_fold_child(fold, tags))
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
     if "config.json" not in uploaded:
         _upload_text(client, parent_id, "config.json", json.dumps(config.redacted(), indent=2))
     metrics: dict[str, tuple[float, int]] = {}
-    cv = record.cv()
     if cv is not None:
         table, best = cv["table"], cv["best_l2_lambda"]
         chosen = table.loc[table["l2_lambda"] == best, "mean_val_accuracy"]
@@ -94,7 +94,6 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         if "cv_results.csv" not in uploaded:
             _upload_text(client, parent_id, "cv_results.csv", table.to_csv(index=False))
         _upload(client, parent_id, uploaded, record.folder, ["cv_lambda.png"])
-    final = record.final()
     registration = None
     if final is not None:
         evaluation = final["evaluation"]

@@ -35,7 +35,7 @@ def default_tracking_uri(uri: str | None = None) -> str:
     """
     if uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return credentials_to_environment(uri or os.environ["MLFLOW_TRACKING_URI"])
-    return f"sqlite:///{Path(DEFAULT_STORE_DIR).resolve() / 'mlflow.db'}"
+    return sqlite_uri(Path(DEFAULT_STORE_DIR).resolve() / "mlflow.db")
 
 
 def credentials_to_environment(uri: str | None) -> str | None:
@@ -45,9 +45,11 @@ def credentials_to_environment(uri: str | None) -> str | None:
     they must not carry secrets; MLflow reads ``MLFLOW_TRACKING_USERNAME`` and
     ``MLFLOW_TRACKING_PASSWORD`` itself. Returns the URI without credentials.
     """
-    if not uri or "@" not in urllib.parse.urlsplit(uri).netloc:
+    parts = urllib.parse.urlsplit(uri or "")
+    # Only MLflow's HTTP client reads these variables; a database URI keeps its password.
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return uri
-    parts = urllib.parse.urlsplit(uri)
+
     user = urllib.parse.unquote(parts.username or "")
     # MLflow sends basic auth only with both halves; a password kept out of the URI, in the
     # environment, is the usual way to pair with a user named in it.
@@ -67,6 +69,16 @@ def credentials_to_environment(uri: str | None) -> str | None:
     return safe
 
 
+def sqlite_uri(database: Path) -> str:
+    """The ``sqlite:///`` URI of a database file.
+
+    A ``?`` or ``#`` in a folder's name would end the path: they are percent-encoded (and ``%``
+    itself), which SQLAlchemy decodes. Other characters stay as they are.
+    """
+    path = str(database).replace("%", "%25").replace("?", "%3F").replace("#", "%23")
+    return f"sqlite:///{path}"
+
+
 def sqlite_database(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative or absolute); None for other stores.
 
@@ -75,7 +87,8 @@ def sqlite_database(uri: str) -> Path | None:
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
         return None
-    return Path(parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/"))
+    path = parts.path[1:] if parts.path.startswith("//") else parts.path.lstrip("/")
+    return Path(urllib.parse.unquote(path))
 
 
 def artifact_location(uri: str) -> str | None:

@@ -1,12 +1,21 @@
-"""The run summary the CLI prints: with the notebook's published figures for its protocol."""
+"""The run summary the CLI prints: with the notebook's published figures for its protocol, the
+worker restarts, and where MLflow recorded the run."""
 
 from __future__ import annotations
 
+import shlex
+
+import pytest
+
 from flows.cli import _print_summary
 from pipeline.config import preset
+from pipeline.tracking.publish import Published
+from pipeline.tracking.registry import Registration
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
 
 
-def _result(lambdas, best):
+def _result(lambdas, best, *, restarts=0, registration=None, uri="sqlite:////s/mlflow.db"):
     return {
         "best_l2_lambda": best,
         "cv_table": [
@@ -15,7 +24,8 @@ def _result(lambdas, best):
             for lam in lambdas
         ],
         "trained_folds": 4 * len(lambdas), "cached_folds": 0, "wall_seconds": 1.0,
-        "test_accuracy": 0.8912, "test_loss": 0.4, "mlflow_run_id": "0" * 32,
+        "worker_restarts": restarts, "test_accuracy": 0.8912, "test_loss": 0.4,
+        "published": Published(RUN_ID, uri, registration),
     }  # fmt: skip
 
 
@@ -46,3 +56,52 @@ def test_other_runs_print_no_notebook_columns(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "notebook" not in out, out
     assert "test accuracy 0.8912" in out, out
+    assert "restarted" not in out, f"no worker died, yet:\n{out}"
+
+
+def test_worker_restarts_are_reported(capsys):
+    config = preset("default")
+
+    _print_summary(_result(config.cv.l2_lambdas, 1e-3, restarts=2), config)
+
+    out = capsys.readouterr().out
+    assert "worker pool restarted 2 time(s)" in out, out
+    assert "unfinished trainings were resubmitted" in out, out
+
+
+@pytest.mark.parametrize(
+    ("registration", "expected"),
+    [
+        (None, None),
+        (Registration("mlp-mnist", "1", True), "model mlp-mnist version 1 (new champion)"),
+        (Registration("mlp-mnist", "3", True, "beats version 2"),
+         "model mlp-mnist version 3 (new champion: beats version 2)"),
+        (Registration("mlp-mnist", "4", False, "champion stays version 3, 0.9170"),
+         "model mlp-mnist version 4 (champion stays version 3, 0.9170)"),
+        (Registration("mlp-[x]", "5", False), "model mlp-[x] version 5 (not the champion)"),
+    ],
+    ids=["not-registered", "first", "new-champion", "not-champion", "markup-in-name"],
+)  # fmt: skip
+def test_the_summary_says_where_mlflow_recorded_the_run(capsys, registration, expected):
+    config = preset("default")
+
+    _print_summary(_result(config.cv.l2_lambdas, 1e-3, registration=registration), config)
+
+    lines = capsys.readouterr().out.splitlines()
+    models = [line for line in lines if line.startswith("model ")]
+    assert models == ([expected] if expected else []), lines
+    assert f"MLflow run {RUN_ID}" in lines, lines
+    (ui,) = [line for line in lines if line.startswith("open the MLflow UI: ")]
+    words = shlex.split(ui.removeprefix("open the MLflow UI: "))
+    assert words[:4] == ["mlflow", "ui", "--backend-store-uri", "sqlite:////s/mlflow.db"], ui
+
+
+def test_the_summary_of_a_tracking_server_shows_no_credentials(capsys):
+    config = preset("default")
+    uri = "https://bob:secret@mlflow.example"
+
+    _print_summary(_result(config.cv.l2_lambdas, 1e-3, uri=uri), config)
+
+    out = capsys.readouterr().out
+    assert "open the MLflow UI: https://mlflow.example" in out, out
+    assert "secret" not in out and "bob" not in out, out

@@ -22,18 +22,12 @@ from mlflow.tracking import MlflowClient
 import pipeline.tracking.runs
 from pipeline.config import preset
 from pipeline.errors import TrackingError
+from pipeline.listing import columns_that_fit, table_rows, to_csv, to_json
 from pipeline.record import RunRecord
 from pipeline.results import FoldResult
 from pipeline.selection import cv_table, select_lambda
 from pipeline.tracking.publish import publish
-from pipeline.tracking.runs import (
-    COLUMNS,
-    columns_that_fit,
-    list_pipeline_runs,
-    table_rows,
-    to_csv,
-    to_json,
-)
+from pipeline.tracking.runs import COLUMNS, list_pipeline_runs
 
 HAND = "hand-made"  # experiment of the hand-made runs
 EMPTY = "nothing-yet"
