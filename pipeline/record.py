@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -163,6 +164,21 @@ def package_version() -> str:
         return "unknown"
 
 
+def git_commit() -> str | None:
+    """The commit of the code that runs, when it is a git checkout that tracks this file."""
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                  check=False, cwd=here.parent)  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return git("rev-parse", "HEAD") or None if git("ls-files", here.name) else None
+
+
 # ------------------------------------------------------------------------------ fold cache
 def fold_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: int) -> str:
     """A key from the dataset fingerprint, the result-relevant config, lambda, fold and seed.
@@ -269,6 +285,7 @@ class RunRecord:
                 "prefect_flow_run": prefect_flow_run or {},
                 "params": params or {},
                 "package_version": package_version(),
+                "git_commit": git_commit(),
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "start_time": started,

@@ -594,7 +594,7 @@ def test_git_commit_only_from_a_checkout_that_tracks_the_code(tmp_path):
     site = tmp_path / ".venv" / "site"
     shutil.copytree(REPO / "pipeline", site / "pipeline")
     shutil.copytree(REPO / "mlp", site / "mlp")
-    code = "import pipeline.tracking.publish as p; print(p.__file__); print(p._git_commit())"
+    code = "import pipeline.record as r; print(r.__file__); print(r.git_commit())"
 
     # Act
     result = subprocess.run(
