@@ -15,6 +15,9 @@ Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final +
 - ``sklearn``: ``GridSearchCV(MLPClassifier)`` on the same lambda grid (sklearn's ``alpha`` is
   scaled to match our L2 convention), the same folds and epochs, ``n_jobs=2``;
 - ``quick``: ``mlp-pipeline run --preset quick`` (the bundled sample), as a new user runs it;
+- ``ephemeral``, ``ephemeral-quick``: the ``mlp-pipeline`` flow called from Python with the
+  same config, on the temporary server Prefect starts itself when the flow is called (the
+  command line starts ``prefect server start`` first and prepares while it boots);
 - ``base``, ``base-quick``: ``run`` and ``quick`` with another checkout's ``mlp-pipeline``
   (``--baseline DIR``: a checkout with its own ``.venv``), in the same rounds, so a change is
   measured side by side with the code before it.
@@ -299,6 +302,18 @@ def run_plain(config) -> dict:
             "test_accuracy": evaluation.accuracy, "best_l2_lambda": best}  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ ephemeral
+def run_ephemeral(config) -> dict:
+    """The flow called from Python: Prefect starts its own temporary server for it."""
+    os.environ.pop("PREFECT_API_URL", None)
+    from flows.pipeline_flow import mlp_pipeline
+
+    started = time.perf_counter()
+    summary = mlp_pipeline(config)
+    return {"wall_seconds": time.perf_counter() - started,
+            "test_accuracy": summary["test_accuracy"]}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ scikit-learn
 def run_sklearn(config) -> dict:
     """GridSearchCV(MLPClassifier) on the same grid, folds and epochs (2 jobs, 1 thread each)."""
@@ -359,7 +374,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all parts, interleaved")
     parser.add_argument("--baseline", help="a checkout with its own .venv, for base parts")
-    parser.add_argument("--child", choices=["plain", "sklearn"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["plain", "sklearn", "ephemeral"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
 
@@ -369,7 +386,8 @@ def main() -> None:
     overrides.update(parse_set_options(args.overrides))
     config = resolve_config(args.preset, None, overrides)
     if args.child:
-        print(json.dumps({"plain": run_plain, "sklearn": run_sklearn}[args.child](config)))
+        child = {"plain": run_plain, "sklearn": run_sklearn, "ephemeral": run_ephemeral}
+        print(json.dumps(child[args.child](config)))
         return
     options = ["--data-dir", overrides["data.data_dir"], "--preset", args.preset]
     cli = ["run", "--preset", args.preset, "--data-dir", overrides["data.data_dir"]]
@@ -397,8 +415,10 @@ def main() -> None:
                     figures[part] = run_cli(cli, workdir)
                 elif part in ("sequential", "thread", "dask"):
                     figures[part] = run_cli([*cli, "--runner", part], workdir)
-                elif part in ("plain", "sklearn"):
+                elif part in ("plain", "sklearn", "ephemeral"):
                     figures[part] = run_child(part, options, workdir)
+                elif part == "ephemeral-quick":
+                    figures[part] = run_child("ephemeral", ["--preset", "quick"], workdir)
                 elif part in ("quick", "base", "base-quick"):
                     python = sys.executable
                     if part.startswith("base"):
@@ -451,6 +471,10 @@ def summarize(rounds: list[dict[str, dict]], preset: str = "default") -> None:
             print(f"  {runner} runner: {ratio(runner, 'run'):.2f}x the process runner's time")
     if "run" in last and "base" in last:
         print(f"  run vs the baseline's run: {ratio('run', 'base'):.3f}x its time (<= 1.05x)")
+    for mine, theirs in (("run", "ephemeral"), ("quick", "ephemeral-quick")):
+        if mine in last and theirs in last:
+            saved = median(r[theirs]["wall_seconds"] - r[mine]["wall_seconds"] for r in rounds)
+            print(f"  {mine}: {saved:+.1f} s saved over Prefect's own temporary server (>= 1 s)")
     if "quick" in last and "base-quick" in last:
         extra = median(r["quick"]["wall_seconds"] - r["base-quick"]["wall_seconds"] for r in rounds)
         print(f"  quick vs the baseline's quick: {extra:+.1f} s (<= +3 s)")

@@ -1,7 +1,8 @@
 """Reliability figures: the bad-input catalogue and the fault injections, counted.
 
-Runs the test modules that inject bad inputs and real faults (SIGKILL, SIGTERM, a tracking
-server that disappears, diverging training, two pipelines on one store) and prints:
+Runs the test modules that inject bad inputs and real faults (SIGKILL, SIGINT, SIGTERM, SIGHUP,
+a tracking server that disappears, MLflow failing mid-publish, the temporary Prefect server
+lost, diverging training, two pipelines on one store) and prints:
 
 - bad inputs tried / handled cleanly (``tests/test_bad_inputs.py`` cases and IDX fuzzing),
 - faults injected / survived,
@@ -27,12 +28,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CATALOGUE = ["tests/test_bad_inputs.py", "tests/pipeline/test_idx_fuzz.py"]
+# Every test here injects one fault and logs one line (the ``reliability_log`` fixture): whole
+# files of fault tests, and the publish tests that make MLflow fail once mid-publish.
+PUBLISH = "tests/pipeline/test_publish.py"
 FAULTS = [
     "tests/flows/test_faults.py",
     "tests/flows/test_interrupt.py",
     "tests/flows/test_tracking_faults.py",
-    "tests/pipeline/test_tracking.py::test_a_retried_final_record_resumes_where_it_failed",
-    "tests/pipeline/test_tracking.py::test_a_retried_cv_record_resumes_where_it_failed",
+    f"{PUBLISH}::test_a_retried_final_record_resumes_where_it_failed",
+    f"{PUBLISH}::test_a_retried_cv_record_resumes_where_it_failed",
+    f"{PUBLISH}::test_a_lost_reply_creates_nothing_twice",
+    f"{PUBLISH}::test_a_failed_alias_read_does_not_crown_a_worse_model",
+    f"{PUBLISH}::test_a_retry_after_the_alias_moved_reports_the_new_champion",
 ]
 
 

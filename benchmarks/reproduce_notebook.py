@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "training.final_epochs": final_steps,
         },
     )
-    if args.lambdas:
-        base = base.replace({"cv.l2_lambdas": [float(v) for v in args.lambdas.split(",")]})
+    if args.l2_grid:
+        base = base.replace({"cv.l2_lambdas": [float(v) for v in args.l2_grid.split(",")]})
     deep = base.replace({**DEEP_OVERRIDES, "training.final_epochs": deep_steps})
 
     print(

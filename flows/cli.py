@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import math
 import os
 import shlex
@@ -703,6 +704,7 @@ def _library_defaults() -> None:
     """
     for name, value in {
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        "PREFECT_INTERNAL_LOGGING_LEVEL": "CRITICAL",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
@@ -717,6 +719,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into an exit code."""
     debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
     _library_defaults()
+    # A library's failed log handler (Prefect's, sending to a server that is gone) stays
+    # silent instead of printing its own error: the command reports what went wrong.
+    logging.raiseExceptions = debug
     # Registered first, so it runs last: Python's collections at exit would walk every object
     # Prefect and MLflow made, for nothing (benchmarks/README.md has the cost).
     atexit.register(gc.freeze)

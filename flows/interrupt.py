@@ -9,8 +9,10 @@ KILLED, and the command exits 130 (129 after SIGHUP).
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -87,10 +89,19 @@ def init_worker(stop: Any) -> None:
     A terminal's Ctrl-C (or a closed terminal's SIGHUP) reaches every process of the job; the
     parent stops the trainings through the flag, and a KeyboardInterrupt raised inside a
     worker's task would escape Prefect's result handling and hang the pool. SIGTERM keeps its
-    default: the pool's shutdown may need it.
+    default: the pool's shutdown may need it. A parent killed outright (SIGKILL, the OOM
+    killer) closes nothing: the worker then ends itself.
     """
     global _stop
     _stop = stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+
+    def end_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=end_with_parent, name="end-with-parent", daemon=True).start()

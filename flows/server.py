@@ -103,7 +103,7 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
         return
     server, url = launch()
     try:
-        from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+        from prefect.settings import get_current_settings
 
         if get_current_settings().api.url:
             stop(server)
@@ -113,7 +113,9 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
         prepare()
         wait_ready(server, url)
         try:
-            with temporary_settings(updates={PREFECT_API_URL: url}):
+            # For every thread and process of the run, Prefect's own included. A local server
+            # answers at once or is gone: one retry, not minutes of them.
+            with _environment(PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="1"):
                 yield url
         except Exception:
             if server.poll() is not None:
@@ -127,6 +129,21 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
             _send_pending_logs(alive=server.poll() is None)
     finally:
         stop(server)
+
+
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the block, and make Prefect's settings read them."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ.update(values)
+    refresh_global_settings_context()
+    try:
+        yield
+    finally:
+        for name in values:
+            os.environ.pop(name, None)
+        refresh_global_settings_context()
 
 
 def _send_pending_logs(alive: bool) -> None:

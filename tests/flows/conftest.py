@@ -197,3 +197,207 @@ def dead_endpoint() -> Iterator[Callable[[str], Endpoint]]:
         thread.join(timeout=10)
     for endpoint in endpoints:
         endpoint._socket.close()
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@pytest.fixture()
+def start_command(reaped) -> Callable[..., subprocess.Popen]:
+    """``start_command(args, cwd, env) -> Popen``: ``python -m flows.cli ARGS`` as a terminal job.
+
+    In its own session and process group (a Ctrl-C is ``os.killpg(process.pid, SIGINT)``), text
+    pipes for stdout and stderr, killed with its whole tree when the test ends (``reaped``).
+    """
+    import sys
+
+    def start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+        return reaped(
+            subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", *args],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+
+    return start
+
+
+# ------------------------------------------------------------------------------ MLflow server
+
+
+@dataclass
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (see ``mlflow_servers``)."""
+
+    process: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL the server and its uvicorn worker (its own process group), and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM its process group, SIGKILL if it lingers; reaped either way."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=15)
+        self.kill()  # the worker too, should the server have died without it
+
+
+@pytest.fixture(scope="session")
+def mlflow_servers() -> Iterator[Callable[..., MlflowServer]]:
+    """``start(backend_uri, root, port=None, serve_artifacts=True) -> MlflowServer``, healthy.
+
+    A real ``mlflow server`` on 127.0.0.1 (a free port, or ``port``: a restart), one uvicorn
+    worker, no job runner, its log in ``root / "server.log"``. With ``serve_artifacts`` the
+    artifacts are proxied (``--serve-artifacts``, stored under ``root / "artifacts"``): the
+    client never touches the server's disk, as with a remote server. Pass a copy of the
+    session's migrated empty store (``tracking_uri``) as ``backend_uri``: a new database would
+    spend seconds in migrations. Tests stop their servers themselves (``stop``/``kill``, by
+    pid); whatever is still running at the end of the session is stopped then.
+    """
+    import sys
+    import time
+    import urllib.request
+
+    started: list[MlflowServer] = []
+
+    def start(
+        backend_uri: str, root: Path, port: int | None = None, serve_artifacts: bool = True
+    ) -> MlflowServer:
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        root.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", backend_uri,
+        ]  # fmt: skip
+        if serve_artifacts:
+            command += ["--serve-artifacts", "--artifacts-destination", str(root / "artifacts")]
+        else:
+            command += ["--default-artifact-root", str(root / "artifacts")]
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: faster, smaller
+        log = root / "server.log"
+        with log.open("ab") as handle:
+            process = subprocess.Popen(
+                command, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=handle,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        server = MlflowServer(process, f"http://127.0.0.1:{port}", port, log)
+        started.append(server)
+        deadline = time.monotonic() + 120  # a hang guard: seconds on idle cores
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return server
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"mlflow server did not become healthy at {server.url}:\n{tail}")
+            time.sleep(0.2)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------ sample flows
+
+
+@pytest.fixture(scope="session")
+def sample_flow_config() -> Callable[..., PipelineConfig]:
+    """A factory of tiny configs on the bundled ``mnist-sample``: no data files, and a fraction
+    of a second per training.
+
+    ``make(cache_dir, tracking_uri, **overrides)``: 5,000 training and 1,000 test images,
+    784-32-10, 2 epochs (final 2), lambdas 1e-4 and 1e-2, 2 folds, 2 threads, experiment
+    ``test-flows``; ``execution.cache_dir`` is ``cache_dir``.
+    """
+
+    def make(cache_dir: Path, tracking_uri: str, **extra: Any) -> PipelineConfig:
+        overrides = {
+            "data.dataset": "mnist-sample",
+            "model.hidden_sizes": [32],
+            "training.epochs": 2,
+            "training.final_epochs": 2,
+            "cv.l2_lambdas": [1e-4, 1e-2],
+            "cv.folds": 2,
+            "execution.runner": "thread",
+            "execution.workers": 2,
+            "execution.cache_dir": str(cache_dir),
+            "tracking.tracking_uri": tracking_uri,
+            "tracking.experiment": "test-flows",
+            **extra,
+        }
+        return build_config(overrides=overrides)
+
+    return make
+
+
+_SERVER_COMMANDS = ("prefect server start", "uvicorn", "prefect.server")
+
+
+@pytest.fixture()
+def new_prefect_servers(child_processes):
+    """``with new_prefect_servers(pid) as seen:``: the Prefect servers started meanwhile.
+
+    A thread samples the descendants of ``pid`` every 0.1 s while the block runs; ``seen``
+    gets the (pid, command line) of each ``prefect server start`` or uvicorn process (Prefect's
+    own temporary server) that was not there when the block began. Servers live for seconds:
+    sampling does not miss one.
+    """
+
+    def servers(root: int) -> dict[int, str]:
+        commands = {pid: _command_line(pid) for pid in _descendants(root, child_processes)}
+        return {
+            pid: command
+            for pid, command in commands.items()
+            if any(name in command for name in _SERVER_COMMANDS)
+        }
+
+    @contextlib.contextmanager
+    def watch(root: int) -> Iterator[dict[int, str]]:
+        before = servers(root)
+        seen: dict[int, str] = {}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                now = servers(root)
+                seen.update({pid: now[pid] for pid in now.keys() - before.keys()})
+                done.wait(0.1)
+
+        sampler = threading.Thread(target=sample, name="server-watch", daemon=True)
+        sampler.start()
+        try:
+            yield seen
+        finally:
+            done.set()
+            sampler.join(timeout=10)
+
+    return watch
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

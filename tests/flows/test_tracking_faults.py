@@ -1,84 +1,35 @@
-"""The MLflow tracking server unreachable at start, and lost in the middle of a sweep."""
+"""The MLflow tracking server unreachable at start, and lost in the middle of a run.
+
+At start: one line, exit 2, before any training or record. Mid-run: the trainings go on, the
+run record keeps everything, the command exits 3 naming ``mlp-pipeline publish <folder>``, and
+that command completes the MLflow record once the server is back, without duplicates.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
+from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+from pipeline.record import RunRecord
 
-LAMBDAS = "1e-5,1e-4,1e-3,1e-2"
+pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+EXPERIMENT = "lost"
+TRAININGS = 4  # the quick preset: 2 L2 strengths x 2 folds
+EPOCHS = 150  # about 2 CPU-s a training on the sample: the server dies mid-sweep
 
 
-def _start_mlflow_server(tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--default-artifact-root",
-            str(tmp_path / "artifacts"),
-        ],  # fmt: skip
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: stop it and its workers together
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server, url
-        except OSError:
-            pass
-        assert server.poll() is None, "mlflow server exited"
-        assert time.monotonic() < deadline, "mlflow server did not become healthy"
-        time.sleep(0.5)
+def _records(cache: Path) -> list[RunRecord]:
+    root = cache / "runs"
+    return [RunRecord(folder) for folder in sorted(root.iterdir())] if root.is_dir() else []
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
-def _cv_args(shared_data_dir: Path, tmp_path: Path, uri: str) -> list[str]:
-    return [
-        "cv", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--limit-train", "12000",
-        "--hidden", "64", "--epochs", "3", "--l2-grid", LAMBDAS, "--folds", "2",
-        "--runner", "thread", "--workers", "1", "--tracking-uri", uri, "--experiment", "lost",
-        "--no-progress", "--set", f"execution.cache_dir={tmp_path / 'cache'}",
-    ]  # fmt: skip
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize(
@@ -86,132 +37,128 @@ def _cv_args(shared_data_dir: Path, tmp_path: Path, uri: str) -> list[str]:
     [("closed", "Connection refused"), ("hangs up", "closed connection without response")],
     ids=["closed", "hangs-up"],
 )
-def test_unreachable_server_at_start_fails_before_training(
-    kind, reason, shared_data_dir, prefect_api_url, tmp_path, reliability_log, dead_endpoint
+def test_mlflow_unreachable_at_start_fails_in_one_line_before_any_training(
+    kind, reason, tmp_path, prefect_api_url, cli, dead_endpoint, reliability_log
 ):
-    # Fast: one health request, not MLflow's own retries (7, exponential, up to 2 min a call).
+    # One health request, not MLflow's own retries (minutes with its defaults).
     dead = dead_endpoint(kind)
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *_cv_args(shared_data_dir, tmp_path, dead.url)],
-        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,  # a hang guard
+    cache = tmp_path / "cache"
+
+    code, out, err = cli([
+        "run", "--preset", "quick", "--epochs", "2", "--tracking-uri", dead.url,
+        "--experiment", EXPERIMENT, "--no-progress", "--set", f"execution.cache_dir={cache}",
+    ])  # fmt: skip
+
+    assert code == 2, f"exit {code}: {err}"
+    lines = _error_lines(err)
+    assert len(lines) == 1, f"expected one error line, got: {err}"
+    assert lines[0].startswith(f"error: MLflow tracking server {dead.url} is not reachable ("), (
+        lines[0]
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert f"MLflow tracking server {dead.url} is not reachable (" in lines[0], lines[0]
     assert reason in lines[0], lines[0]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in err, err
     if kind == "hangs up":
         assert dead.connections == 1, f"{dead.connections} connections to the tracking server"
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), (
-        "no training may happen before the store is known to work"
-    )
+    assert _records(cache) == [], "no run record (left RUNNING or not) before the store works"
+    assert not list(cache.glob("folds/*.json")), "no training before the store is known to work"
     reliability_log(
-        f"MLflow server unreachable at start ({kind}): clean error, no training", survived=True
+        f"MLflow server unreachable at start ({kind}): one line, no training", survived=True
     )
 
 
-def test_server_lost_mid_sweep_keeps_results_in_a_local_report(
-    shared_data_dir, prefect_api_url, tmp_path, reliability_log, reaped
+@pytest.mark.server
+def test_mlflow_lost_mid_run_keeps_every_result_and_publish_completes_it_later(
+    tmp_path,
+    tracking_uri,
+    prefect_api_url,
+    mlflow_servers,
+    start_command,
+    cli,
+    reliability_log,
 ):
-    server, url = _start_mlflow_server(tmp_path)
-    try:
-        pipeline = reaped(
-            subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", *_cv_args(shared_data_dir, tmp_path, url)],
-                env={**os.environ, "PREFECT_API_URL": prefect_api_url},
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-        )
-        client = MlflowClient(tracking_uri=url)
-        deadline = time.monotonic() + 240
-        while True:
-            experiment = client.get_experiment_by_name("lost")
-            runs = (
-                client.search_runs([experiment.experiment_id], "tags.stage = 'cv'")
-                if experiment
-                else []
-            )
-            if any(run.info.status == "FINISHED" for run in runs):
-                break
-            assert pipeline.poll() is None, pipeline.communicate()
-            assert time.monotonic() < deadline, "no fold was recorded in time"
-            time.sleep(0.3)
-    finally:
-        _stop(server)  # the tracking server goes away for good, mid-sweep
+    # A real server on a copy of an empty store, killed by pid once a fold reached it.
+    server = mlflow_servers(tracking_uri, tmp_path / "server")
+    cache = tmp_path / "cache"
+    args = [
+        "run", "--preset", "quick", "--epochs", str(EPOCHS), "--final-epochs", "5",
+        "--runner", "thread", "--workers", "2", "--tracking-uri", server.url,
+        "--experiment", EXPERIMENT, "--no-progress", "--set", f"execution.cache_dir={cache}",
+    ]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    # Fewer and shorter HTTP retries than the command's own bound (3, 20 s): the same path.
+    env.update(
+        PREFECT_API_URL=prefect_api_url,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT="5",
+    )
+    pipeline = start_command(args, tmp_path, env)
+    client = MlflowClient(tracking_uri=server.url, registry_uri=server.url)
 
-    stdout, stderr = pipeline.communicate(timeout=600)
+    def fold_published() -> bool:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:  # the command is still starting
+            return False
+        runs = client.search_runs([experiment.experiment_id], "tags.stage = 'cv'")
+        return any(run.info.status == "FINISHED" for run in runs)
+
+    deadline = time.monotonic() + 300  # a hang guard
+    while not fold_published():
+        assert pipeline.poll() is None, f"the run ended first: {pipeline.communicate()}"
+        assert time.monotonic() < deadline, "no fold reached the server"
+        time.sleep(0.2)
+    folds_at_kill = len(list(cache.glob("runs/*/folds/*.json")))
+    server.kill()  # SIGKILL, by pid: gone for good, mid-sweep
+
+    stdout, stderr = pipeline.communicate(timeout=300)
 
     assert pipeline.returncode == 3, f"exit {pipeline.returncode}: {stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
-    match = re.search(r"results saved to (\S+)", stderr)
-    assert match, stderr[-3000:]
-    report = Path(match.group(1))
-    folds = json.loads((report / "folds.json").read_text())
-    pairs = sorted((f["l2_lambda"], f["fold"]) for f in folds)
-    expected = sorted((float(lam), fold) for lam in LAMBDAS.split(",") for fold in (0, 1))
-    assert pairs == expected, "every (lambda, fold) result must be in the report"
-    summary = json.loads((report / "summary.json").read_text())
-    assert len(summary["cv_table"]) == 4 and summary["best_l2_lambda"] in {1e-5, 1e-4, 1e-3, 1e-2}
-    assert (report / "cv_results.csv").is_file()
-    reliability_log(
-        "MLflow server lost mid-sweep", survived=True, results_lost=len(expected) - len(folds)
-    )
+    (record,) = _records(cache)
+    assert f"mlp-pipeline publish {record.folder}" in stderr, stderr[-3000:]
+    errors = [line for line in _error_lines(stderr) if line.startswith("error:")]
+    assert len(errors) == 1 and str(record.folder) in errors[0], stderr[-3000:]
+    # The trainings went on: the record holds the whole run.
+    assert folds_at_kill < TRAININGS, f"premise: the server died mid-sweep ({folds_at_kill})"
+    run = record.run()
+    assert run["status"] == "FINISHED", run["status"]
+    folds = record.folds()
+    assert len(folds) == TRAININGS, [(f.l2_lambda, f.fold) for f in folds]
+    assert record.cv() is not None, "cv.json is recorded"
+    final = record.final()  # checks weights.npz and normalizer.json against their SHA-256
+    assert final is not None and "final/weights.npz" in final["files"], final
 
-
-def test_credentials_never_reach_params_or_prefect(
-    shared_data_dir, prefect_api_url, tmp_path, reliability_log
-):
-    server, url = _start_mlflow_server(tmp_path)
-    secret = "s3cr3t-pa55"
-    with_credentials = url.replace("http://", f"http://alice:{secret}@")
+    # The server back on the same store and port; then the command the message named.
+    restarted = mlflow_servers(tracking_uri, tmp_path / "server", port=server.port)
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "cv",
-                "--preset",
-                "quick",
-                "--epochs",
-                "1",
-                "--tracking-uri",
-                with_credentials,
-                "--experiment",
-                "secrets",
-                "--no-progress",
-                "--set",
-                f"execution.cache_dir={tmp_path / 'cache'}",
-            ],  # fmt: skip
-            env={**os.environ, "PREFECT_API_URL": prefect_api_url},
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert secret not in result.stdout + result.stderr
-        client = MlflowClient(tracking_uri=url)
-        experiment = client.get_experiment_by_name("secrets")
-        for run in client.search_runs([experiment.experiment_id], max_results=50):
-            recorded = json.dumps([run.data.params, run.data.tags])
-            assert secret not in recorded, "a credential reached MLflow params or tags"
-        parent = client.search_runs([experiment.experiment_id], "tags.stage = 'pipeline'")[0]
-        flow_run_id = parent.data.tags["prefect.flow_run_id"]
-    finally:
-        _stop(server)
+        code, out, err = cli(["publish", str(record.folder)])
 
-    with urllib.request.urlopen(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=10) as r:
-        flow_run = json.loads(r.read())
-    assert secret not in json.dumps(flow_run["parameters"]), "a credential reached Prefect"
-    assert flow_run["parameters"]["config"]["tracking"]["tracking_uri"] == url
-    reliability_log("tracking URI with credentials: kept out of MLflow and Prefect", survived=True)
+        assert code == 0, f"exit {code}: {err}"
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([experiment.experiment_id], max_results=1000)
+        parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
+        assert len(parents) == 1, f"{len(parents)} parent runs for one record"
+        parent = parents[0]
+        assert parent.data.tags["mlp_pipeline.record_id"] == run["id"], parent.data.tags
+        assert parent.info.status == "FINISHED", parent.info.status
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        parts = sorted(r.data.tags["mlp_pipeline.part"] for r in children)
+        assert len(parts) == len(set(parts)) == TRAININGS + 1, parts
+        assert sorted(r.data.tags["stage"] for r in children) == ["cv"] * TRAININGS + ["final"]
+        assert {r.info.status for r in runs} == {"FINISHED"}, [r.info for r in runs]
+        for child in children:
+            if child.data.tags["stage"] == "cv":
+                history = client.get_metric_history(child.info.run_id, "val_accuracy")
+                steps = sorted(point.step for point in history)
+                assert steps == list(range(1, EPOCHS + 1)), f"{len(steps)} points, once each"
+        assert parent.data.metrics["test_accuracy"] == final["evaluation"]["accuracy"]
+        versions = client.search_model_versions(f"run_id = '{parent.info.run_id}'")
+        assert len(versions) == 1, versions
+        model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
+        assert "model/MLmodel" in model_files, model_files
+    finally:
+        restarted.stop()
+    reliability_log(
+        "MLflow server SIGKILLed mid-run, then `mlp-pipeline publish`",
+        survived=True,
+        results_lost=TRAININGS - len(folds),
+    )
