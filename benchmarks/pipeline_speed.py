@@ -151,6 +151,23 @@ def _cmdline(pid: int) -> str | None:
         return None
 
 
+def _prefect_servers() -> set[int]:
+    """Pids of the Prefect API servers running now (``prefect server start`` or uvicorn)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        cmdline = _cmdline(int(entry.name)) if entry.name.isdigit() else None
+        if cmdline and ("prefect server start" in cmdline or "prefect.server.api" in cmdline):
+            found.add(int(entry.name))
+    return found
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
 def _pss(pid: int) -> int:
     """Proportional set size of ``pid`` in bytes (0 once it is gone)."""
     try:
@@ -168,6 +185,7 @@ def run_measured(
     """Run ``command`` in ``workdir``: its stdout, and its wall seconds from launch to exit,
     peak tree memory and CPU seconds per role. Exits with the end of its stderr if it fails.
     """
+    servers_before = _prefect_servers()
     started = time.perf_counter()
     process = subprocess.Popen(
         command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -175,9 +193,15 @@ def run_measured(
     with TreeMonitor(process.pid) as monitor:
         stdout, stderr = process.communicate()
     wall = time.perf_counter() - started
+    # Prefect servers the part left running (orphans): counted, then stopped, so they do not
+    # slow down the parts after it.
+    orphans = [pid for pid in _prefect_servers() - servers_before if _parent(pid) == 1]
+    for pid in orphans:
+        os.kill(pid, signal.SIGTERM)
     if process.returncode != 0:
         raise SystemExit(f"{what} failed:\n{stderr[-3000:]}")
-    return stdout, {"wall_seconds": wall, "peak_memory_mb": monitor.peak_bytes / 2**20,
+    return stdout, {"wall_seconds": wall, "orphaned_servers": len(orphans),
+                    "peak_memory_mb": monitor.peak_bytes / 2**20,
                     "peak_pss_mb": monitor.peak_pss_bytes / 2**20,
                     "cpu_seconds": monitor.cpu_seconds}  # fmt: skip
 

@@ -10,6 +10,7 @@ On Linux it also stops if the command is killed outright. What this saves: bench
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -59,23 +60,14 @@ def launch() -> tuple[subprocess.Popen[bytes], str]:
 def wait_ready(server: subprocess.Popen[bytes], url: str, timeout: float = 90.0) -> None:
     """Block until the server answers ``/health``; a one-line error if it exits or stays mute."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise PrefectServerError(
-                f"the temporary Prefect server exited during start-up (exit code "
-                f"{server.returncode}); run `prefect server start` to see why, or set "
-                "PREFECT_API_URL to a running server"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+    while time.monotonic() < deadline and server.poll() is None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
+            return  # any answer but an error status: it serves
         time.sleep(0.1)
+    why = "did not answer in time" if server.poll() is None else f"exited ({server.returncode})"
     raise PrefectServerError(
-        f"the temporary Prefect server did not answer within {timeout:.0f} s; set "
-        "PREFECT_API_URL to a running server (`prefect server start`)"
+        f"the temporary Prefect server {why}; run `prefect server start` to see why, or set "
+        "PREFECT_API_URL to a running server"
     )
 
 
@@ -147,10 +139,8 @@ def _environment(**values: str) -> Iterator[None]:
 
 
 def _send_pending_logs(alive: bool) -> None:
-    """Send Prefect's queued logs and events while the server still answers (at most 10 s).
-
-    Left queued, Prefect would send them at exit to a server that is gone, retrying each.
-    """
+    """Send Prefect's queued logs and events while the server answers (left queued, Prefect
+    would send them at exit to a server that is gone)."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 

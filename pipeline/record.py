@@ -301,7 +301,7 @@ class RunRecord:
         write_json(self.folder / "run.json", "run", run)
 
     def add_fold(self, result: FoldResult) -> None:
-        name = f"lambda={result.l2_lambda:g}-fold={result.fold}.json"
+        name = f"lambda={result.l2_lambda!r}-fold={result.fold}.json"  # repr: exact, unique
         write_json(self.folder / "folds" / name, "fold", asdict(result))
 
     def add_cv(self, table: pd.DataFrame, best_l2_lambda: float) -> None:
