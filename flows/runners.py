@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -11,6 +12,7 @@ from typing import Any
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.interrupt import init_worker, stop_event
+from flows.server import prefect_settings
 from pipeline.config import DataConfig, ExecutionConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.threads import cpu_count, set_blas_threads
@@ -25,6 +27,7 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
     Process workers start with the stop flag and the dataset loaded, and report to the flow's
     own Prefect API: without one configured, each would start a temporary server of its own.
     """
+    stop_event().clear()  # an earlier interrupted run in this process set it
     cores = cpu_count()
     workers = execution.resolved_workers(cores)
     blas = execution.resolved_blas_threads(cores)
@@ -64,14 +67,13 @@ def _init_process_worker(stop: Any, blas_threads: int, data: DataConfig) -> None
 
 
 def _flows_api_for_workers() -> Any:
-    """Settings that pass this flow run's Prefect API on to the worker processes."""
+    """This flow run's Prefect API, for the worker processes and Prefect's own threads."""
     from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     context = FlowRunContext.get()
-    if get_current_settings().api.url or context is None:
+    if os.environ.get("PREFECT_API_URL") or context is None:
         return nullcontext()
-    return temporary_settings(updates={PREFECT_API_URL: str(context.client.api_url)})
+    return prefect_settings(PREFECT_API_URL=str(context.client.api_url))
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:

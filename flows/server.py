@@ -1,8 +1,8 @@
 """A temporary Prefect server for one command, when no Prefect API is configured.
 
 Prefect would start one itself, but only once the flow is called, and the flow would wait for
-its boot. Here ``prefect server start`` (Prefect's own command: API only, no UI, no background
-services, on 127.0.0.1) boots in another process while the command prepares the run, and every
+its boot. Here ``prefect server start`` (Prefect's own command: no UI, no scheduling services, on
+127.0.0.1) boots in another process while the command prepares the run, and every
 process of the run reports to it through ``PREFECT_API_URL``. It runs in its own session: a
 terminal's Ctrl-C reaches the command, which ends its runs through the server, then stops it.
 On Linux it also stops if the command is killed outright. What this saves: benchmarks/README.md.
@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pipeline.errors import PipelineError
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "TRIGGERS",
+                  "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER", "PAUSE_EXPIRATIONS")  # fmt: skip
 
 
 class PrefectServerError(PipelineError):
@@ -44,10 +46,13 @@ def launch() -> tuple[subprocess.Popen[bytes], str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-               "--port", str(port), "--no-ui", "--no-services", "--analytics-off"]  # fmt: skip
+               "--port", str(port), "--no-ui", "--analytics-off"]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    # Of its background services only those that record what runs: task runs and events.
+    env.update({f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _IDLE_SERVICES})
     server = subprocess.Popen(  # noqa: S603 -- this interpreter, fixed arguments
         command,
-        env={key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"},
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -107,7 +112,7 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
         try:
             # For every thread and process of the run, Prefect's own included. A local server
             # answers at once or is gone: one retry, not minutes of them.
-            with _environment(PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="1"):
+            with prefect_settings(PREFECT_API_URL=url, PREFECT_CLIENT_MAX_RETRIES="1"):
                 yield url
         except Exception:
             if server.poll() is not None:
@@ -124,14 +129,21 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
 
 
 @contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Set environment variables for the block, and make Prefect's settings read them."""
+def prefect_settings(**values: str) -> Iterator[None]:
+    """Prefect settings for the block, seen by every thread and child process.
+
+    ``temporary_settings`` alone reaches this thread's context only: Prefect's threads (the
+    pool's message forwarder) read its global settings, which follow the environment.
+    """
+    import prefect.settings
     from prefect.context import refresh_global_settings_context
 
     os.environ.update(values)
     refresh_global_settings_context()
+    updates = {getattr(prefect.settings, name): value for name, value in values.items()}
     try:
-        yield
+        with prefect.settings.temporary_settings(updates=updates):
+            yield
     finally:
         for name in values:
             os.environ.pop(name, None)

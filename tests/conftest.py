@@ -93,17 +93,14 @@ def prefect_api_url():
         yield os.environ["PREFECT_API_URL"]
         return
     from flows import server
+    from flows.server import prefect_settings
 
     process, url = server.launch()
     try:
         server.wait_ready(process, url, timeout=120)
-        os.environ["PREFECT_API_URL"] = url
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with prefect_settings(PREFECT_API_URL=url):
             yield url
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
         server.stop(process)
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from pipeline.config import redact_uri
 from pipeline.errors import TrackingError
-from pipeline.record import pid_alive
 
 DEFAULT_STORE_DIR = "mlruns"
 _HEALTH_TIMEOUT_SECONDS = 5.0
@@ -214,6 +213,8 @@ def mark_stale_runs(client: Any, experiment_id: str) -> list[str]:
     Only runs tagged with this host's name and a ``pid`` (every run the pipeline creates) are
     considered: another machine's process cannot be checked from here.
     """
+    from pipeline.record import pid_alive  # here: the CLI reads this module before pandas
+
     host = socket.gethostname()
     stale = []
     for run in client.search_runs(

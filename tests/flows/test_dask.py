@@ -1,11 +1,14 @@
-"""The ``dask`` runner on a real cluster: a scheduler and two workers started as separate processes.
+"""The ``dask`` runner: a real cluster on loopback (a scheduler and two workers started by the
+test), the LocalCluster the runner starts itself, a worker killed mid-sweep, and an unreachable
+scheduler.
 
-Also the default LocalCluster path (no address), fold caching across runs on the cluster, BLAS
-threads set by the task inside the workers, and a worker killed with SIGKILL mid-sweep.
+The cluster's processes get neither ``PREFECT_API_URL`` nor the session's Prefect home: what
+they report, they report to the flow's API because the runner hands it to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,33 +21,25 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from prefect import task
 
 from flows.pipeline_flow import cv_flow
-from flows.runners import make_task_runner
-from pipeline.config import ExecutionConfig, PipelineConfig
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.resources import blas_threads
-from pipeline.training import _load_configured
+from flows.runners import task_runner
+from pipeline.config import DataConfig, ExecutionConfig, PipelineConfig
+from pipeline.record import RunRecord
+from pipeline.threads import blas_threads
 
 distributed = pytest.importorskip("distributed")
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
-
 N_WORKERS = 2
-DASK = str(Path(sys.executable).parent / "dask")
+DASK = str(Path(sys.executable).with_name("dask"))
 LAMBDAS = [1e-4, 1e-2]
 FOLDS = 2
+TRAININGS = len(LAMBDAS) * FOLDS
+FLOW_PROCESS_TASKS = 3  # load_data, cv_table, select_lambda
 
 
-@pytest.fixture(scope="module")
-def dask_config(small_config):
-    """The flow tests' tiny config, one epoch, in its own experiment."""
-
-    def make(data_dir: Path, tmp_path: Path, tracking_uri: str, **extra) -> PipelineConfig:
-        extra = {"training.epochs": 1, "tracking.experiment": "test-dask", **extra}
-        return small_config(data_dir, tmp_path, tracking_uri, **extra)
-
-    return make
+# ------------------------------------------------------------------------------ helpers
 
 
 def _free_port() -> int:
@@ -54,151 +49,221 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """One cluster process in its own process group, so its children stop with it."""
+    """One cluster process in a session of its own, so that its children stop with it."""
     with log.open("wb") as out:
         return subprocess.Popen(
             args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process's group, SIGKILL what is left; reaped either way."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # a nanny's worker that outlived it
+    process.wait(timeout=15)
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state held by ``pids``, from ``/proc``."""
+    inodes: set[str] = set()
+    for pid in pids:
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+        except OSError:
+            continue  # the process ended meanwhile
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:
+                continue
+            address, port = fields[1].rsplit(":", 1)
+            raw = bytes.fromhex(address)
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+            found.add((socket.inet_ntop(family, words), int(port, 16)))
+    return found
+
+
+def _tree(pid: int) -> set[int]:
+    """``pid`` and its live descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def _finished_task_runs(flow_run_id: str, expected: int, timeout: float = 60) -> set[str]:
+    """Task runs of a flow run that logged "Finished in state Completed()" to the session API.
+
+    The cluster's workers send their logs in batches of their own: polled until ``expected``
+    are there (``timeout`` is a hang guard).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+        finished = {
+            str(log.task_run_id)
+            for log in logs
+            if log.task_run_id and log.message.startswith("Finished in state Completed")
+        }
+        if len(finished) >= expected or time.monotonic() > deadline:
+            return finished
+        time.sleep(0.5)
+
+
+def _flow_run_id(summary: dict) -> str:
+    return RunRecord(summary["record"]).run()["prefect_flow_run"]["id"]
+
+
+def _table(summary: dict) -> pd.DataFrame:
+    return pd.DataFrame(summary["cv_table"])
+
+
+# ------------------------------------------------------------------------------ fixtures
 
 
 @pytest.fixture(scope="module")
-def dask_cluster(prefect_api_url, tmp_path_factory) -> Iterator[str]:
-    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1; yields the address.
+def dask_cluster(tmp_path_factory) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, one thread each.
 
-    The workers get the session's Prefect API, so their task runs report where the flow's do.
+    Yields the scheduler's address and the processes. They get no Prefect API and a Prefect
+    home of their own: a worker that did not receive the flow's API would start a Prefect
+    server of its own, or report nowhere.
     """
-    logs = tmp_path_factory.mktemp("dask-logs")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    port = address.rsplit(":", 1)[1]
-    procs = [
+    logs = tmp_path_factory.mktemp("dask")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(logs / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes = [
         _start(
-            [DASK, "scheduler", "--host", "127.0.0.1", "--port", port,
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
              "--dashboard-address", "127.0.0.1:0"],
-            env,
-            logs / "scheduler.log",
+            env, logs / "scheduler.log",
         )
     ]  # fmt: skip
     try:
         for i in range(N_WORKERS):
-            procs.append(
+            processes.append(
                 _start(
                     [DASK, "worker", address, "--nthreads", "1", "--nworkers", "1",
                      "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
                      "--name", f"worker-{i}"],
-                    env,
-                    logs / f"worker-{i}.log",
+                    env, logs / f"worker-{i}.log",
                 )
             )  # fmt: skip
-        with distributed.Client(address, timeout=60) as client:
-            client.wait_for_workers(N_WORKERS, timeout=90)
-        yield address
+        with distributed.Client(address, timeout=120) as client:
+            client.wait_for_workers(N_WORKERS, timeout=180)
+        yield address, processes
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        for process in reversed(processes):
+            _stop(process)
 
 
 @pytest.fixture()
 def cluster_client(dask_cluster) -> Iterator[distributed.Client]:
-    with distributed.Client(dask_cluster, timeout=60) as client:
+    with distributed.Client(dask_cluster[0], timeout=60) as client:
         yield client
 
 
-def _cv_table(config: PipelineConfig) -> tuple[pd.DataFrame, dict]:
-    summary = cv_flow(config)
-    return pd.DataFrame(summary["cv_table"]), summary
-
-
 @pytest.fixture(scope="module")
-def thread_table(shared_data_dir, prefect_api_url, tmp_path_factory, dask_config) -> pd.DataFrame:
+def thread_table(prefect_api_url, tmp_path_factory, sample_flow_config) -> pd.DataFrame:
     """The reference: the same sweep on the thread runner."""
-    tmp_path = tmp_path_factory.mktemp("thread")
-    config = dask_config(shared_data_dir, tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    table, summary = _cv_table(config)
-    assert summary["trained_folds"] == len(LAMBDAS) * FOLDS, summary
-    return table
+    folder = tmp_path_factory.mktemp("thread")
+    config = sample_flow_config(folder / "cache", f"sqlite:///{folder / 'mlflow.db'}")
+    summary = cv_flow(config)
+    assert summary["trained_folds"] == TRAININGS, summary
+    return _table(summary)
 
 
-def test_external_cluster_matches_thread_runner_and_resumes(
-    shared_data_dir, dask_cluster, cluster_client, thread_table, tmp_path, tracking_uri, dask_config
+def _dask_config(sample_flow_config, tmp_path: Path, tracking_uri: str, **extra) -> PipelineConfig:
+    return sample_flow_config(
+        tmp_path / "cache", tracking_uri, **{"execution.runner": "dask", **extra}
+    )
+
+
+# ------------------------------------------------------------------------------ a real cluster
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_cluster_runs_the_sweep_like_threads_and_reports_to_the_flows_api(
+    dask_cluster,
+    cluster_client,
+    thread_table,
+    prefect_api_url,
+    tmp_path,
+    tracking_uri,
+    sample_flow_config,
+    new_prefect_servers,
 ):
-    config = dask_config(
-        shared_data_dir,
+    from pipeline.training import _load_configured
+
+    address, processes = dask_cluster
+    config = _dask_config(
+        sample_flow_config,
         tmp_path,
         tracking_uri,
-        **{
-            "execution.runner": "dask",
-            "execution.dask_address": dask_cluster,
-            # Not the nanny's default of 1: shows the task itself sets the workers' BLAS pools.
-            "execution.blas_threads": 2,
-        },
+        # Not the nanny's default of 1: shows the task itself sets its worker's BLAS pools.
+        **{"execution.dask_address": address, "execution.blas_threads": 2},
     )
-    with distributed.get_task_stream(client=cluster_client) as stream:
-        table, first = _cv_table(config)
-    assert (first["trained_folds"], first["cached_folds"]) == (len(LAMBDAS) * FOLDS, 0), first
-    pd.testing.assert_frame_equal(table, thread_table)
 
-    # The trainings ran in the cluster's worker processes, not in this one.
-    ran_on = [rec["worker"] for rec in stream.data if "train_fold" in str(rec["key"])]
-    assert len(ran_on) == len(LAMBDAS) * FOLDS, [rec["key"] for rec in stream.data]
-    workers = set(cluster_client.scheduler_info()["workers"])
-    assert set(ran_on) <= workers, (ran_on, workers)
-    # Functions of importable modules only: the workers cannot import this test module.
-    infos = cluster_client.run(_load_configured.cache_info)
-    loaded = {worker: info.currsize for worker, info in infos.items()}
+    with (
+        distributed.get_task_stream(client=cluster_client) as stream,
+        new_prefect_servers(processes[0].pid) as scheduler_servers,
+        new_prefect_servers(processes[1].pid) as worker_servers,
+        new_prefect_servers(processes[2].pid) as other_worker_servers,
+    ):
+        first = cv_flow(config)
+
+    assert (first["trained_folds"], first["cached_folds"]) == (TRAININGS, 0), first
+    pd.testing.assert_frame_equal(_table(first), thread_table)
+    ran_on = [record["worker"] for record in stream.data if "train_fold" in str(record["key"])]
+    assert len(ran_on) == TRAININGS, [record["key"] for record in stream.data]
+    assert set(ran_on) <= set(cluster_client.scheduler_info()["workers"]), ran_on
+    loaded = cluster_client.run(lambda: _load_configured.cache_info().currsize)
     assert sum(loaded.values()) >= 1, f"no worker loaded the dataset: {loaded}"
-    blas = cluster_client.run(blas_threads)
-    for worker, count in blas.items():
+    for worker, count in cluster_client.run(blas_threads).items():
         if loaded[worker]:
-            assert count == 2, f"BLAS threads on {worker}: {count} (expected 2)"
-
-    # A rerun on the cluster reuses every fold the workers persisted.
-    table_again, second = _cv_table(config)
-    assert (second["trained_folds"], second["cached_folds"]) == (0, len(LAMBDAS) * FOLDS), second
-    pd.testing.assert_frame_equal(table_again, thread_table)
-
-
-def test_local_cluster_matches_thread_runner(
-    shared_data_dir, prefect_api_url, thread_table, tmp_path, tracking_uri, dask_config
-):
-    config = dask_config(
-        shared_data_dir,
-        tmp_path,
-        tracking_uri,
-        **{"execution.runner": "dask", "execution.workers": 2},
+            assert count == 2, f"BLAS threads on {worker}: {count} (budget 2)"
+    servers = {**scheduler_servers, **worker_servers, **other_worker_servers}
+    assert not servers, f"the cluster started Prefect servers of its own: {servers}"
+    finished = _finished_task_runs(_flow_run_id(first), FLOW_PROCESS_TASKS + TRAININGS)
+    assert len(finished) == FLOW_PROCESS_TASKS + TRAININGS, (
+        f"task runs that reported to the flow's API: {len(finished)} "
+        f"({FLOW_PROCESS_TASKS} in the flow's process, {TRAININGS} on the cluster)"
     )
-    table, summary = _cv_table(config)
-    assert summary["trained_folds"] == len(LAMBDAS) * FOLDS, summary
-    pd.testing.assert_frame_equal(table, thread_table)
 
+    second = cv_flow(config)  # the fold cache is the flow's: the cluster trains nothing
 
-def _train_fold_states(mlflow_run_id: str, tracking_uri: str) -> dict[str, str]:
-    """Final Prefect state name of every train_fold run of the flow run behind an MLflow run."""
-    from mlflow.tracking import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    tags = MlflowClient(tracking_uri=tracking_uri).get_run(mlflow_run_id).data.tags
-    flow_run_id = tags["prefect.flow_run_id"]
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {run.name: run.state_name for run in runs if run.name.startswith("train_fold")}
+    assert (second["trained_folds"], second["cached_folds"]) == (0, TRAININGS), second
+    pd.testing.assert_frame_equal(_table(second), thread_table)
 
 
 def _kill_a_busy_worker(
@@ -207,28 +272,29 @@ def _kill_a_busy_worker(
     """SIGKILL the process of the first worker seen with a training (its nanny restarts it)."""
     pids = client.run(os.getpid)
     while not stop.is_set():
-        busy = {addr: keys for addr, keys in client.processing().items() if keys}
+        busy = {address: keys for address, keys in client.processing().items() if keys}
         if busy:
-            addr, keys = next(iter(busy.items()))
-            os.kill(pids[addr], signal.SIGKILL)
-            killed.update(pid=pids[addr], keys=[str(key) for key in keys])
+            address, keys = next(iter(busy.items()))
+            os.kill(pids[address], signal.SIGKILL)
+            killed.update(pid=pids[address], keys=[str(key) for key in keys])
             return
         time.sleep(0.02)
 
 
-def test_sweep_survives_a_killed_worker(
-    shared_data_dir, dask_cluster, cluster_client, tmp_path, tracking_uri, dask_config
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_sweep_survives_a_killed_cluster_worker(
+    dask_cluster, cluster_client, prefect_api_url, tmp_path, tracking_uri, sample_flow_config
 ):
     lambdas = [1e-5, 1e-4, 1e-3]
-    config = dask_config(
-        shared_data_dir,
+    config = _dask_config(
+        sample_flow_config,
         tmp_path,
         tracking_uri,
         **{
             "cv.l2_lambdas": lambdas,
-            "training.epochs": 3,
-            "execution.runner": "dask",
-            "execution.dask_address": dask_cluster,
+            "training.epochs": 40,  # seconds per training: long enough to be caught running
+            "execution.dask_address": dask_cluster[0],
         },
     )
     killed: dict[str, object] = {}
@@ -236,37 +302,75 @@ def test_sweep_survives_a_killed_worker(
     killer = threading.Thread(target=_kill_a_busy_worker, args=(cluster_client, killed, stop))
     killer.start()
     try:
-        table, summary = _cv_table(config)
+        summary = cv_flow(config)
     finally:
         stop.set()
         killer.join(timeout=30)
+
     assert killed, "no worker was killed: the sweep finished before any training started"
     assert any("train_fold" in key for key in killed["keys"]), killed
+    table = _table(summary)
     assert sorted(table["l2_lambda"]) == lambdas, table
     assert (table["n_folds"] == FOLDS).all(), table
     assert summary["trained_folds"] == len(lambdas) * FOLDS, summary
-    # Prefect's record: every training of this flow run ends Completed, the re-run one too.
-    states = _train_fold_states(summary["mlflow_run_id"], tracking_uri)
-    assert sorted(states.values()) == ["Completed"] * len(lambdas) * FOLDS, states
-
     # The nanny replaced the killed process: the module's cluster is whole again.
-    cluster_client.wait_for_workers(N_WORKERS, timeout=60)
+    cluster_client.wait_for_workers(N_WORKERS, timeout=120)
     assert killed["pid"] not in cluster_client.run(os.getpid).values(), killed
 
 
-def test_unreachable_scheduler_fails_in_one_line(dead_endpoint):
-    port = dead_endpoint("closed").port  # held by the test, never listening
-    closed = f"tcp://127.0.0.1:{port}"
-    config = ExecutionConfig(runner="dask", dask_address=closed)
-    with pytest.raises(PipelineError) as failure:
-        make_task_runner(config)
-    # Fast: the one socket probe was refused at once; no Dask client was made to retry and time
-    # out (30 s, then a traceback of its own).
-    message = str(failure.value)
-    assert message.startswith(f"no Dask scheduler reachable at {closed} ("), message
-    assert "Connection refused" in message, message
-    assert f"start one with `dask scheduler --port {port}`" in message, message
-    assert failure.traceback[-1].name == "check_scheduler_reachable", failure.traceback
-    assert failure.value.__suppress_context__, "the socket error belongs in the one line only"
-    with pytest.raises(ConfigError, match="expected tcp://HOST:PORT"):
-        make_task_runner(ExecutionConfig(runner="dask", dask_address="tcp://127.0.0.1"))
+# ------------------------------------------------------------------------------ LocalCluster
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_local_cluster_listens_on_loopback_only(prefect_api_url):
+    execution = ExecutionConfig(runner="dask", workers=2)
+    before = _listening(_tree(os.getpid()))
+
+    with task_runner(execution, DataConfig(dataset="mnist-sample")) as runner:
+        assert type(runner).__name__ == "DaskTaskRunner", type(runner)
+        runner.submit(task(blas_threads), {}).result()  # the cluster starts with a first task
+        opened = _listening(_tree(os.getpid())) - before
+
+    assert opened, "the local cluster listens nowhere: nothing was checked"
+    exposed = {(host, port) for host, port in opened if host != "127.0.0.1"}
+    assert not exposed, f"the local cluster listens beyond loopback: {exposed}"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_the_local_cluster_runs_the_sweep_like_threads(
+    thread_table, prefect_api_url, tmp_path, tracking_uri, sample_flow_config
+):
+    config = _dask_config(sample_flow_config, tmp_path, tracking_uri, **{"execution.workers": 2})
+
+    summary = cv_flow(config)
+
+    assert summary["trained_folds"] == TRAININGS, summary
+    pd.testing.assert_frame_equal(_table(summary), thread_table)
+
+
+# ------------------------------------------------------------------------------ unreachable
+
+
+def test_an_unreachable_scheduler_is_one_line_before_anything_is_created(
+    cli, monkeypatch, tmp_path, dead_endpoint
+):
+    closed = f"tcp://127.0.0.1:{dead_endpoint('closed').port}"
+    # A Prefect API is set (never reached): the command launches no temporary server.
+    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    store = tmp_path / "store" / "mlflow.db"
+
+    code, out, err = cli(
+        ["cv", "--preset", "quick", "--runner", "dask", "--dask-address", closed,
+         "--tracking-uri", f"sqlite:///{store}", "--no-progress",
+         "--set", f"execution.cache_dir={tmp_path / 'cache'}"]
+    )  # fmt: skip
+
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line: {err!r}"
+    assert lines[0].startswith(f"error: no Dask scheduler reachable at {closed} ("), lines[0]
+    assert "Traceback" not in out + err, err
+    assert not (tmp_path / "cache").exists(), "a cache folder for a run that never started"
+    assert not store.parent.exists(), "an MLflow store for a run that never started"

@@ -1,304 +1,469 @@
-"""The temporary Prefect server: launched early, shared by the flow and its workers, stopped."""
+"""``flows.server``: the temporary ``prefect server start`` of a command without a Prefect API.
+
+It binds loopback, runs in its own session, boots while the command prepares, and is stopped
+(its pid gone) however the command's block ends, even when the command is killed outright.
+"""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import sqlite3
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from flows.server import TemporaryServer, _export_api_url, prefect_api
+from flows import server
+from flows.server import PrefectServerError, prefect_api
 from pipeline.errors import PipelineError
 
+T = TypeVar("T")
+BOOT_SECONDS = 180  # a hang guard for a server booting on 2 busy cores, not a requirement
 
-def _alive(pid: int) -> bool:
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` no longer runs (absent, or a zombie nobody reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0): read its state.
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        time.sleep(0.1)
+
+
+def _prefect_servers(child_processes) -> dict[int, str]:
+    """This process's children running ``prefect server start``."""
+    return {
+        pid: command
+        for pid, command in child_processes(os.getpid())
+        if "prefect server start" in command
+    }
+
+
+def _health(url: str) -> object:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error)
+    assert message and "\n" not in message, f"not one line: {message!r}"
+    return message
 
 
 @pytest.fixture()
-def no_api():
-    """No configured API: ``prefect_api`` must start its own temporary server.
+def no_api(monkeypatch) -> Iterator[None]:
+    """No Prefect API configured, as in a command's fresh process: not in the environment, not
+    in Prefect's global settings.
 
-    Afterwards the session's API is restored in the environment *and* in Prefect's settings,
-    so later flows in this process do not start a temporary server of their own.
+    This thread holds the session's settings context (its API): the code under test runs in a
+    thread of its own (:func:`_in_a_fresh_thread`), which has none, as a command's process.
     """
-    saved = os.environ.pop("PREFECT_API_URL", None)
+    from prefect.context import refresh_global_settings_context
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    refresh_global_settings_context()
     yield
-    _export_api_url(saved)
+    refresh_global_settings_context()
 
 
-def test_a_failing_preparation_stops_the_booting_server(no_api, monkeypatch):
-    servers: list[int] = []
-    launch = TemporaryServer.launch
+def _in_a_fresh_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a new thread (no Prefect settings context): its result, or its exception."""
+    outcome: dict[str, object] = {}
 
-    def remember(self: TemporaryServer) -> None:
-        launch(self)
-        servers.append(self.process.pid)
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
+            outcome["error"] = exc
 
-    monkeypatch.setattr(TemporaryServer, "launch", remember)
-
-    def prepare() -> None:
-        assert os.environ["PREFECT_API_URL"].startswith("http://127.0.0.1:")
-        raise PipelineError("bad data")
-
-    with pytest.raises(PipelineError, match="bad data"), prefect_api(while_starting=prepare):
-        pass
-    assert len(servers) == 1
-    assert not _alive(servers[0])
-    assert "PREFECT_API_URL" not in os.environ
+    thread = threading.Thread(target=target, name="fresh-thread")
+    thread.start()
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the block hangs"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")  # type: ignore[return-value]
 
 
-def test_flow_runs_reach_the_launched_server_even_if_prefect_was_imported_first(no_api):
-    # Prefect reads PREFECT_API_URL at import; this test process imported it long ago. Without
-    # a settings refresh the flow would start a second temporary server of its own.
-    from prefect import flow
-    from prefect.client.orchestration import get_client
+class Launched:
+    """The temporary server ``prefect_api`` launched: found among our children in ``prepare``."""
 
-    assert "prefect" in sys.modules
+    def __init__(self, child_processes) -> None:
+        self._children = child_processes
+        self._before = set(_prefect_servers(child_processes))  # the session's server
+        self.pid: int | None = None
+        self.alive_in_prepare = False
 
-    @flow(name="server-identity-check")
-    def identify() -> str:
-        from prefect.runtime import flow_run
-
-        return str(flow_run.get_id())
-
-    with prefect_api(startup_timeout=90) as url:
-        run_id = identify()
-        with get_client(sync_client=True) as client:
-            assert str(client.api_url).rstrip("/") == url.rstrip("/")
-            assert str(client.read_flow_run(run_id).id) == run_id
+    def prepare(self) -> None:
+        new = set(_prefect_servers(self._children)) - self._before
+        assert len(new) == 1, f"prepare runs after the server is launched: {new}"
+        self.pid = new.pop()
+        self.alive_in_prepare = not _gone(self.pid)
 
 
-def test_a_server_that_dies_while_booting_is_one_clear_error():
-    server = TemporaryServer()
-    server.port = 1
-    # A real process that exits at once, as a broken server install would.
-    server.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
-    with pytest.raises(PipelineError, match="exited during start-up .exit code 1"):
-        server.wait_ready(timeout=30)
-
-
-def test_launch_binds_loopback_and_stop_reaps(no_api, listening_hosts):
-    server = TemporaryServer()
-    server.launch()
-    try:
-        server.wait_ready(timeout=90)
-        assert listening_hosts(server.port) == {"127.0.0.1"}, listening_hosts(server.port)
-        pid = server.process.pid
-    finally:
-        server.stop()
-    assert server.process is None
-    assert not _alive(pid)
-
-
-def test_the_cli_launches_the_server_before_importing_heavy_libraries(tmp_path):
-    # The server's boot is the longest step of a run's start: nothing may delay its launch.
-    script = tmp_path / "launch_probe.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import json, sys
-            import flows.server
-
-            def launch(self):
-                heavy = ("prefect", "mlflow", "pandas", "matplotlib")
-                print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
-                raise SystemExit(0)
-
-            flows.server.TemporaryServer.launch = launch
-            from flows.cli import main
-
-            main(["run", "--preset", "quick", "--no-progress"])
-            """
-        )
-    )
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+# ------------------------------------------------------------------------------ launch, stop
 
 
 @pytest.mark.slow
-def test_a_run_on_a_fresh_prefect_home_is_recorded_and_resumes(tmp_path, shared_data_dir):
-    # The temporary server as a first-time user gets it: a new Prefect database in which it
-    # registers no block types, process workers reporting to it, fold results persisted and
-    # reused from a result storage that is no saved block.
-    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    args = [
-        sys.executable, "-m", "flows.cli", "run", "--dataset", "mnist",
-        "--data-dir", str(shared_data_dir), "--limit-train", "3000", "--limit-test", "500",
-        "--hidden", "32", "--epochs", "2", "--final-epochs", "2", "--l2-grid", "1e-4,1e-2",
-        "--folds", "2", "--runner", "process", "--workers", "2",
-        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set", f"execution.cache_dir={tmp_path / 'cache'}", "--no-progress",
-    ]  # fmt: skip
-    outputs = []
-    for _ in range(2):
-        done = subprocess.run(
-            args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path, check=False
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(done.stdout)
-    assert "trainings: 4 run, 0 reused from cache" in outputs[0]
-    assert "trainings: 0 run, 4 reused from cache" in outputs[1]
-    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
-        flow_runs = db.execute("SELECT state_type FROM flow_run").fetchall()
-        fold_runs = db.execute(
-            "SELECT state_name FROM task_run WHERE task_key LIKE 'train_fold%'"
-        ).fetchall()
-        block_types = db.execute("SELECT count(*) FROM block_type").fetchone()
-    assert flow_runs == [("COMPLETED",), ("COMPLETED",)]
-    assert sorted(fold_runs) == [("Cached",)] * 4 + [("Completed",)] * 4
-    assert block_types == (0,)  # so none of the above needed them
-
-
-def test_the_garbage_collector_is_back_on_after_a_failed_start(cli, tmp_path, monkeypatch):
-    # Start-up runs with the collector off; a run that fails there must not leave it off.
-    monkeypatch.chdir(tmp_path)
-    code, _, err = cli(
-        ["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--set", "data.download=false"]
-    )
-    assert code == 2, err
-    assert "mnist" in err
-    assert gc.isenabled()
-
-
-@pytest.mark.parametrize("temporary", [True, False])
-def test_flow_heartbeats_are_off_only_on_a_temporary_server(
-    temporary, cli, tmp_path, monkeypatch, prefect_api_url
+@pytest.mark.server
+def test_launch_binds_loopback_in_a_session_of_its_own_and_stop_reaps_it(
+    no_api, reaped, listening_hosts, child_processes
 ):
-    # A temporary server dies with the run, so heartbeats (which let a lasting server mark a
-    # vanished run Crashed) only delay the flow's teardown there.
+    process, url = server.launch()
+    reaped(process)
+
+    server.wait_ready(process, url, timeout=BOOT_SECONDS)
+
+    found = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/api", url)
+    assert found, url
+    assert listening_hosts(int(found.group(1))) == {"127.0.0.1"}, "not on loopback only"
+    assert _health(url) is True, "no healthy answer at /api/health"
+    assert os.getsid(process.pid) == process.pid, "not the leader of a session of its own"
+    assert os.getpgid(process.pid) != os.getpgid(0), "in our process group: Ctrl-C reaches it"
+    descendants = [pid for pid, _ in child_processes(process.pid)]
+
+    server.stop(process)
+
+    assert process.returncode is not None, "stop returned before the server ended"
+    assert _gone(process.pid), "the server still runs"
+    assert all(_gone(pid) for pid in descendants), f"its children outlived it: {descendants}"
+
+
+def test_a_server_that_exits_at_once_is_one_line(reaped, dead_endpoint):
+    endpoint = dead_endpoint("closed")
+    broken = reaped(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]))
+
+    with pytest.raises(PrefectServerError) as failure:
+        server.wait_ready(broken, f"{endpoint.url}/api", timeout=BOOT_SECONDS)
+
+    message = _one_line(failure.value)
+    assert message.startswith("the temporary Prefect server exited (3);"), message
+    assert "PREFECT_API_URL" in message and "prefect server start" in message, message
+
+
+def test_a_server_that_never_answers_is_one_line(reaped, dead_endpoint):
+    endpoint = dead_endpoint("hangs up")
+    mute = reaped(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]))
+
+    with pytest.raises(PrefectServerError) as failure:
+        server.wait_ready(mute, f"{endpoint.url}/api", timeout=1)
+
+    message = _one_line(failure.value)
+    assert message.startswith("the temporary Prefect server did not answer in time;"), message
+    assert endpoint.connections >= 1, "wait_ready never asked the server"
+
+
+# ------------------------------------------------------------------------------ prefect_api
+
+
+def _flow_run_id() -> str:
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    @flow(name="server-identity-check")
+    def identify() -> str:
+        return str(flow_run.get_id())
+
+    return identify()
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_prefect_api_boots_the_server_while_preparing_and_stops_it_after(no_api, child_processes):
+    from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 
-    import flows.cli
-    import flows.pipeline_flow
+    launched = Launched(child_processes)
+    seen: dict[str, object] = {}
 
-    seen = {}
+    def command() -> None:
+        with prefect_api(launched.prepare) as url:
+            seen["url"] = url
+            seen["health"] = _health(url)
+            seen["environment"] = os.environ.get("PREFECT_API_URL")
+            seen["settings"] = get_current_settings().api.url
+            run_id = _flow_run_id()
+            with get_client(sync_client=True) as client:
+                seen["client"] = str(client.api_url).rstrip("/")
+                seen["recorded"] = str(client.read_flow_run(run_id).id) == run_id
 
-    def probe(config):
-        seen["api"] = os.environ.get("PREFECT_API_URL")
-        seen["heartbeat"] = get_current_settings().flows.heartbeat_frequency
-        return {}
+    _in_a_fresh_thread(command)
 
-    monkeypatch.setattr(flows.pipeline_flow, "cv_flow", probe)
-    monkeypatch.setattr(flows.cli, "_print_summary", lambda result, cfg: None)
-    if temporary:
-        monkeypatch.delenv("PREFECT_API_URL")
+    url = seen["url"]
+    assert launched.alive_in_prepare, "the server was not running while prepare ran"
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api", str(url)), url
+    assert seen["health"] is True, "the block ran before the server answered"
+    assert seen["environment"] == url, "not in the environment, for the workers"
+    assert seen["settings"] == url, "not in Prefect's settings"
+    assert seen["client"] == url, "the flow's Prefect client talks to another API"
+    assert seen["recorded"] is True, "the flow run is not on the temporary server"
+    assert _gone(launched.pid), "the temporary server outlived its block"
+    assert "PREFECT_API_URL" not in os.environ, "the block's API stayed in the environment"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_prefect_api_reaches_a_block_inside_a_prefect_settings_context(no_api):
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        prefect_api(lambda: None) as url,
+    ):
+        settings_url = get_current_settings().api.url
+
+    assert settings_url == url, f"the block's Prefect settings name {settings_url}, not {url}"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_block_that_raises_still_stops_the_server(no_api, child_processes):
+    launched = Launched(child_processes)
+
+    def command() -> None:
+        with prefect_api(launched.prepare):
+            raise ValueError("the block failed")  # the server is alive: the error is kept
+
+    with pytest.raises(ValueError, match="the block failed"):
+        _in_a_fresh_thread(command)
+
+    assert launched.pid is not None and _gone(launched.pid), "the server outlived its block"
+
+
+@pytest.mark.server
+def test_a_failing_prepare_stops_the_booting_server(no_api, child_processes):
+    launched = Launched(child_processes)
+
+    def prepare() -> None:
+        launched.prepare()
+        raise PipelineError("bad data")
+
+    def command() -> None:
+        with prefect_api(prepare):
+            pytest.fail("the block ran after a failed preparation")
+
+    with pytest.raises(PipelineError, match="bad data"):
+        _in_a_fresh_thread(command)
+
+    assert launched.pid is not None and _gone(launched.pid), "the booting server was left"
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_server_killed_mid_block_turns_the_failure_into_one_line(no_api, child_processes):
+    launched = Launched(child_processes)
+
+    def command() -> None:
+        with prefect_api(launched.prepare):
+            os.kill(launched.pid, signal.SIGKILL)
+            _wait_for(lambda: _gone(launched.pid), "the killed server")
+            raise ConnectionError("the flow lost its API")
+
+    with pytest.raises(PrefectServerError) as failure:
+        _in_a_fresh_thread(command)
+
+    message = _one_line(failure.value)
+    assert message.startswith(
+        f"the temporary Prefect server stopped during the run (exit code {-signal.SIGKILL})"
+    ), message
+    assert "run the command again to resume" in message, message
+    assert failure.value.__suppress_context__, "the ConnectionError's traceback is noise"
+
+
+def test_with_an_api_url_in_the_environment_nothing_is_launched(
+    monkeypatch, dead_endpoint, child_processes
+):
+    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    before = set(child_processes(os.getpid()))
+    prepared = []
+
+    with prefect_api(lambda: prepared.append(True)) as url:
+        started = set(child_processes(os.getpid())) - before
+
+    assert url is None, url
+    assert prepared == [True], "prepare did not run"
+    assert not started, f"processes started: {started}"
+
+
+@pytest.mark.server
+def test_with_an_api_url_in_prefects_settings_no_server_is_left(no_api, child_processes):
+    """A URL from ``prefect config set`` or ``prefect.toml`` counts as a configured API."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = set(_prefect_servers(child_processes))
+    prepared = []
+
+    def command() -> tuple[str | None, set[int]]:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}),
+            prefect_api(lambda: prepared.append(True)) as url,
+        ):
+            return url, set(_prefect_servers(child_processes)) - before
+
+    url, left = _in_a_fresh_thread(command)
+
+    assert url is None, url
+    assert prepared == [True], "prepare did not run"
+    assert not left, f"a temporary server runs beside the configured API: {left}"
+
+
+_SETTINGS_PROBE = textwrap.dedent(
+    """
+    from flows.server import prefect_api
+
+    class Launched(Exception):
+        pass
+
+    def prepare():
+        import os
+        if "PREFECT_API_URL" not in os.environ:
+            from prefect.settings import get_current_settings
+            if not get_current_settings().api.url:
+                raise Launched  # a temporary server boots: no need to wait for it
+
     try:
-        code, _, err = cli(["cv", "--preset", "quick", "--set", f"execution.cache_dir={tmp_path}"])
-    finally:
-        _export_api_url(prefect_api_url)  # Prefect's settings too, for the tests after this one
-    assert code == 0, err
-    assert (seen["api"] != prefect_api_url) is temporary, seen
-    assert seen["heartbeat"] == (None if temporary else 180), seen
-    assert get_current_settings().flows.heartbeat_frequency == 180, "restored after the run"
+        with prefect_api(prepare) as url:
+            print("configured", url)
+    except Launched:
+        print("launched")
+    """
+)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize(
     ("where", "text", "expected"),
     [
         (
             "profiles.toml",
             'active = "p"\n[profiles.p]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n',
-            "http://127.0.0.1:9/api",
+            "configured None",
         ),
-        ("prefect.toml", '[api]\nurl = "http://127.0.0.1:8/api"\n', "http://127.0.0.1:8/api"),
-        ("profiles.toml", 'active = "p"\n[profiles.p]\n', "None"),
+        ("prefect.toml", '[api]\nurl = "http://127.0.0.1:8/api"\n', "configured None"),
+        ("profiles.toml", 'active = "p"\n[profiles.p]\n', "launched"),
     ],
     ids=["profile", "prefect.toml", "nothing-set"],
 )
-def test_an_api_url_from_prefect_settings_files_is_used(tmp_path, where, text, expected):
-    """`prefect config set PREFECT_API_URL=...` (a profile) counts as a configured server."""
-    # Arrange: a Prefect home and a working folder of their own, nothing in the environment.
+def test_an_api_url_from_prefect_settings_files_is_used(tmp_path, reaped, where, text, expected):
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
     (home / "profiles.toml" if where == "profiles.toml" else work / where).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"))
-    code = "from flows.server import configured_api_url; print(configured_api_url())"
-
-    # Act
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env,
-        timeout=120, check=False,
-    )  # fmt: skip
-
-    # Assert
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == expected, f"{where}: {done.stdout!r}"
-
-
-def test_a_flow_called_from_python_shares_its_server_with_process_workers(tmp_path):
-    """Without PREFECT_API_URL, Prefect starts a temporary server for the flow; the workers must
-    report to it, not each start a server of their own."""
-    script = textwrap.dedent(
-        """
-        import os, threading, time
-        from pathlib import Path
-
-        def servers_below(root):
-            found = set()
-            for entry in Path("/proc").iterdir():
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    cmdline = (entry / "cmdline").read_bytes().replace(b"\\0", b" ").decode()
-                    pid, parent = int(entry.name), None
-                    while pid > 1:
-                        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                        pid = int(stat[1])
-                        if pid == os.getpid():
-                            parent = pid
-                            break
-                except (OSError, ValueError):
-                    continue
-                if parent and "uvicorn" in cmdline:
-                    found.add(int(entry.name))
-            return found
-
-        if __name__ == "__main__":
-            seen, done = set(), threading.Event()
-            def watch():
-                while not done.is_set():
-                    seen.update(servers_below(os.getpid()))
-                    time.sleep(0.2)
-            threading.Thread(target=watch, daemon=True).start()
-            from flows.pipeline_flow import cv_flow
-            from pipeline.config import preset
-            config = preset("quick").replace(
-                {"execution.runner": "process", "execution.workers": 2}
-            )
-            result = cv_flow(config)
-            done.set()
-            print("SERVERS", len(seen), "TRAINED", result["trained_folds"])
-        """
+    probe = reaped(
+        subprocess.Popen(
+            [sys.executable, "-c", _SETTINGS_PROBE],
+            cwd=work,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
     )
-    (tmp_path / "go.py").write_text(script)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "home")
 
-    done = subprocess.run(
-        [sys.executable, "go.py"], capture_output=True, text=True, cwd=tmp_path, env=env,
-        timeout=600, check=False,
-    )  # fmt: skip
+    out, err = probe.communicate(timeout=300)
 
-    assert done.returncode == 0, done.stderr[-3000:]
-    last = done.stdout.strip().splitlines()[-1]
-    assert last == "SERVERS 1 TRAINED 4", f"one temporary server for flow and workers: {last}"
+    assert probe.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == expected, f"{where}: {out!r}"
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+_LAUNCHER = textwrap.dedent(
+    """
+    import sys, time
+    from flows import server
+
+    process, url = server.launch()
+    server.wait_ready(process, url, timeout=float(sys.argv[1]))
+    print(process.pid, url, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_the_server_dies_with_the_process_that_launched_it(no_api, tmp_path, reaped):
+    launcher = reaped(
+        subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, str(BOOT_SECONDS)],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ),
+        )  # fmt: skip
+    )
+    line = launcher.stdout.readline()
+    assert line, f"the launcher printed nothing: {launcher.communicate(timeout=30)}"
+    pid, url = int(line.split()[0]), line.split()[1]
+    try:
+        assert _health(url) is True, "the launched server does not answer"
+
+        os.kill(launcher.pid, signal.SIGKILL)  # kill -9: no cleanup code runs
+        launcher.wait(timeout=30)
+
+        _wait_for(lambda: _gone(pid), "the server of a killed command", timeout=30)
+    finally:
+        if not _gone(pid):  # the test failed: stop the orphan ourselves
+            os.kill(pid, signal.SIGKILL)
+
+
+_HEAVY_IMPORTS_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import flows.server
+
+    def launch():
+        heavy = ("prefect", "mlflow", "pandas", "matplotlib")
+        print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
+        raise SystemExit(0)
+
+    flows.server.launch = launch
+    from flows.cli import main
+
+    main(["cv", "--preset", "quick", "--no-progress"])
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_command_launches_the_server_before_importing_heavy_libraries(tmp_path, reaped):
+    """The server's boot is the longest step of a run's start: nothing may delay its launch."""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    probe = reaped(
+        subprocess.Popen(
+            [sys.executable, "-c", _HEAVY_IMPORTS_PROBE],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+    )
+
+    out, err = probe.communicate(timeout=300)
+
+    assert probe.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == [], f"imported before the launch: {out}"
