@@ -101,7 +101,7 @@ def init_worker(stop: Any) -> None:
 
     def end_with_parent() -> None:
         while os.getppid() == parent:
-            time.sleep(1.0)
+            time.sleep(0.25)
         os._exit(1)
 
     threading.Thread(target=end_with_parent, name="end-with-parent", daemon=True).start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SESSION_SYS_PATH = list(sys.path)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -79,8 +81,14 @@ def shared_data_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs in its own folder: defaults like ./mlruns never land in the repo."""
+    """Every test runs in its own folder: defaults like ./mlruns never land in the repo.
+
+    ``sys.path`` starts as the session's: loading a pyfunc model (in a test or a fixture) puts
+    the model's ``code/`` folder first on it for good (MLflow's design), and the workers a
+    later test spawns would import ``pipeline`` from there.
+    """
     monkeypatch.chdir(tmp_path)
+    sys.path[:] = SESSION_SYS_PATH
 
 
 @pytest.fixture(scope="session")
@@ -216,22 +224,29 @@ def reliability_log():
 
 
 @pytest.fixture()
-def cli(capsys):
+def cli(capsys, monkeypatch):
     """Run the ``mlp-pipeline`` entry point in this process: ``cli(argv) -> (code, out, err)``.
 
     ``main()`` quiets libraries through ``os.environ`` and the mlflow logger; both are restored
-    after the test.
+    after the test. Each call gets new consoles, which read the terminal's width (``COLUMNS``)
+    as a new process would.
     """
     import logging
 
+    from rich.console import Console
+
+    import flows.cli
     from flows.cli import main  # the console script: every command registered
 
     saved_env = dict(os.environ)
     mlflow_logger = logging.getLogger("mlflow")
     saved_level = mlflow_logger.level
+    saved_raise = logging.raiseExceptions
 
     def invoke(argv: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()
+        monkeypatch.setattr(flows.cli, "out", Console(soft_wrap=True))
+        monkeypatch.setattr(flows.cli, "err", Console(stderr=True, highlight=False, soft_wrap=True))
         try:
             main(argv)
             code = 0
@@ -244,3 +259,4 @@ def cli(capsys):
     os.environ.clear()
     os.environ.update(saved_env)
     mlflow_logger.setLevel(saved_level)
+    logging.raiseExceptions = saved_raise
