@@ -27,7 +27,7 @@ from rich.table import Table
 
 from flows.interrupt import interruptible
 from mlp import MLPError
-from pipeline.config import PipelineConfig, parse_set_options, resolve_config
+from pipeline.config import PipelineConfig, parse_set_options, redact_uri, resolve_config
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -135,6 +135,11 @@ def config_from_options(
     cfg = resolve_config(preset, config, overrides)
     uri = cfg.tracking.tracking_uri
     safe = credentials_to_environment(uri)
+    if safe is not None and redact_uri(safe) != safe:
+        # A database password or a secret query key: MLflow reads those only from the URI, so
+        # the URI travels in this process's environment, which Prefect never stores.
+        os.environ["MLFLOW_TRACKING_URI"] = safe
+        safe = None
     return cfg if safe == uri else cfg.replace({"tracking.tracking_uri": safe})
 
 
@@ -361,7 +366,7 @@ def train(
     from pipeline.data import fingerprint_test_set
     from pipeline.progress import epoch_bar
     from pipeline.tracking.publish import recorded
-    from pipeline.training import load_configured_dataset, predict_test, train_final
+    from pipeline.training import check_memory, load_configured_dataset, predict_test, train_final
 
     cfg = config_from_options(
         preset, config, set_, dataset=dataset, data_dir=data_dir, hidden=hidden,
@@ -370,6 +375,7 @@ def train(
         tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
     data = load_configured_dataset(cfg.data)
+    check_memory(cfg, data)
 
     def train_and_evaluate() -> tuple[Any, Any, Any]:
         epochs_total = cfg.training.resolved_final_epochs

@@ -9,28 +9,34 @@ API in ``PREFECT_API_URL`` and executes their runs in subprocesses until it is s
 
 Both carry the whole :class:`~pipeline.config.PipelineConfig` as their single parameter
 ``config`` (JSON). Relative paths in it are made absolute when serving, so runs started in
-another working directory and ``trigger`` read and write the same stores.
+another working directory and ``trigger`` read and write the same stores. Prefect stores and
+shows parameters: a tracking URI holding a credential is refused (:func:`config_parameters`).
+
+Their runs execute :data:`served_pipeline`: the flow with state hooks that print one ``error:``
+line per failed or crashed run in the ``serve`` console (whose Prefect console logging is off).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import sys
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig, build_config
+from flows.server import START_SERVER_HINT, check_api  # noqa: F401 -- serve, trigger use it
+from pipeline.config import PipelineConfig, build_config, redact_uri
 from pipeline.errors import ConfigError, PipelineError
 
 FLOW_NAME = "mlp-pipeline"
 SCHEDULED = "scheduled"
 ON_DEMAND = "on-demand"
-START_SERVER_HINT = (
-    "start one with `prefect server start --host 127.0.0.1` and "
-    "export PREFECT_API_URL=http://127.0.0.1:4200/api"
-)
-_HEALTH_TIMEOUT_SECONDS = 5.0
+SERVED_ENTRYPOINT = "flows.deployments.served_pipeline"
 _FAILED_STATES = {"FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -53,24 +59,6 @@ def require_api_url() -> str:
         raise PipelineError(f"PREFECT_API_URL is not set: deployments need a running server; "
                             f"{START_SERVER_HINT}")  # fmt: skip
     return url.rstrip("/")
-
-
-def check_api(url: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> None:
-    """Fail fast (one line) when no Prefect server answers at ``url``.
-
-    Prefect's own client retries refused connections for a while; a single health request with a
-    short timeout tells the user at once.
-    """
-    import httpx
-
-    try:
-        response = httpx.get(f"{url}/health", timeout=timeout)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise PipelineError(
-            f"no Prefect server answers at {url} ({reason}); {START_SERVER_HINT}"
-        ) from None
 
 
 # ------------------------------------------------------------------------------ config
@@ -115,11 +103,72 @@ def _absolute_sqlite(uri: str) -> str:
 
 
 def config_parameters(config: PipelineConfig) -> dict[str, Any]:
-    """The deployment parameters carrying ``config`` (plain JSON, as the API stores them)."""
+    """The deployment parameters carrying ``config`` (plain JSON, as the API stores them).
+
+    Prefect stores parameters and shows them in its UI and API, and copies them into every flow
+    run: a tracking URI holding a credential is a one-line :class:`ConfigError` instead.
+    """
+    check_no_credentials(config.tracking.tracking_uri)
     return {"config": config.model_dump(mode="json")}
 
 
+def check_no_credentials(uri: str | None) -> None:
+    """A one-line :class:`ConfigError` when ``uri`` holds a credential (a user or password,
+    a token or password query parameter): whatever :func:`~pipeline.config.redact_uri` hides."""
+    if not uri or redact_uri(uri) == uri:
+        return
+    raise ConfigError(
+        f"the tracking URI {redact_uri(uri)} cannot carry credentials: Prefect stores "
+        "deployment and flow-run parameters. Pass them through the environment where "
+        "`mlp-pipeline serve` runs: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+        "(or MLFLOW_TRACKING_TOKEN) for an http(s) server; for a database, a URI without user "
+        "or password and the driver's own mechanism (postgresql: PGUSER, PGPASSWORD or ~/.pgpass)"
+    )
+
+
 # ------------------------------------------------------------------------------ serve
+
+
+def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """A flow-run state hook: one ``error:`` line on stderr for a failed or crashed run.
+
+    The ``serve`` console shows what its runs print (Prefect streams their output), and Prefect's
+    own console logging is off (flows/cli.py): without this line a failure passes unseen. The
+    traceback follows only with ``MLP_PIPELINE_DEBUG=1``.
+    """
+    message = " ".join((state.message or "").split()) or "no reason given"
+    print(  # noqa: T201 -- the serve console is the user's terminal
+        f"error: flow run {flow_run.name} ended {state.name}: {message}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}:
+        exc = None
+        with contextlib.suppress(Exception):  # a crash may have no exception to show
+            exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException):
+            traceback.print_exception(exc, file=sys.stderr)
+
+
+@functools.cache
+def served_flow() -> Any:
+    """The ``mlp-pipeline`` flow with :func:`report_failure` on failure and crash.
+
+    Returns
+    -------
+    prefect.Flow
+    """
+    from flows.pipeline_flow import mlp_pipeline
+
+    return mlp_pipeline.with_options(on_failure=[report_failure], on_crashed=[report_failure])
+
+
+def __getattr__(name: str) -> Any:
+    """``served_pipeline``: the served deployments' entrypoint, built on first use (importing
+    the flow is heavy, and ``trigger`` never needs it)."""
+    if name == "served_pipeline":
+        return served_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_deployments(
@@ -137,8 +186,6 @@ def build_deployments(
     """
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.pipeline_flow import mlp_pipeline
-
     if cron is not None and interval is not None:
         raise ConfigError("give either --cron or --interval, not both")
     if interval is not None and not interval > 0:
@@ -148,6 +195,7 @@ def build_deployments(
     if cron is not None:
         _check_cron(cron)
 
+    served = served_flow()
     common = {
         "parameters": config_parameters(config),
         # A module entrypoint: the installed package is found from any working directory.
@@ -158,7 +206,7 @@ def build_deployments(
     if cron is not None or interval is not None:
         schedule = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"
         deployments.append(
-            mlp_pipeline.to_deployment(
+            served.to_deployment(
                 name=name,
                 cron=cron,
                 interval=interval,
@@ -167,12 +215,16 @@ def build_deployments(
             )
         )
     deployments.append(
-        mlp_pipeline.to_deployment(
+        served.to_deployment(
             name=ON_DEMAND,
             description="The whole pipeline, run on request (mlp-pipeline trigger).",
             **common,
         )
     )
+    for deployment in deployments:
+        # The module path Prefect derives names the flow's function (flows.pipeline_flow), whose
+        # flow object has no hooks: the runs load this module's hooked one.
+        deployment.entrypoint = SERVED_ENTRYPOINT
     return deployments
 
 
@@ -243,13 +295,8 @@ def deployment_config(deployment: Any, overrides: dict[str, Any]) -> PipelineCon
     if not overrides:
         return base
     uri = overrides.get("tracking.tracking_uri")
-    if isinstance(uri, str) and "@" in urllib.parse.urlsplit(uri).netloc:
-        # Flow-run parameters are stored and shown by Prefect: no secrets in them.
-        raise ConfigError(
-            "a triggered run's tracking URI cannot carry credentials (Prefect stores its "
-            "parameters); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD where "
-            "`mlp-pipeline serve` runs"
-        )
+    if isinstance(uri, str):
+        check_no_credentials(uri)  # before the config is built: its errors could echo the URI
     # Only the paths given now are relative to this working directory; the stored ones are kept.
     given = [key for key in PATH_KEYS if key in overrides]
     return absolute_paths(build_config(base=base, overrides=overrides), given)

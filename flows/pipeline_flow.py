@@ -73,7 +73,8 @@ def run_sweep(
     reporter().sweep_started(len(keys))
     for item, key in keys.items():
         hit = cache.get(key) if config.execution.resume else None
-        if hit is not None:
+        # An entry copied under another key is sealed but not this training's result.
+        if hit is not None and (hit.l2_lambda, hit.fold) == item:
             done[item] = hit
             record.add_fold(hit)
             reporter().fold_finished(hit, cached=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import string
 import tomllib
 import typing
@@ -246,6 +247,15 @@ class TrackingConfig(_Section):
         "name (mlp-mnist, mlp-fashion-mnist). null: don't register",
     )
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _parsable(cls, value: str | None) -> str | None:
+        try:
+            urllib.parse.urlsplit(value or "").port  # noqa: B018 -- parsed on access
+        except ValueError as exc:
+            raise ValueError(f"cannot parse {redact_uri(value or '')} ({exc})") from None
+        return value
+
     @field_validator("registered_model")
     @classmethod
     def _only_the_dataset_placeholder(cls, value: str | None) -> str | None:
@@ -263,6 +273,20 @@ class TrackingConfig(_Section):
             raise ValueError(f"{exc} in {value!r}") from None
         if any(field != ("dataset", "", None) for field in fields):
             raise ValueError(f"only {{dataset}} may stand in braces (got {value!r})")
+        # MLflow's rule for registry names, checked here so a bad one fails before training.
+        name = value.format(dataset="mnist")
+        normal = posixpath.normpath(name)
+        if (
+            not name.strip()
+            or {"/", ":"} & set(name)
+            or normal != name
+            or normal == "."
+            or normal.startswith("..")
+        ):
+            raise ValueError(
+                f"{value!r} is not a valid MLflow model name: not blank, no '/' or ':', "
+                "not '.' or starting with '..'"
+            )
         return value
 
     def registered_model_for(self, dataset: str) -> str | None:
@@ -367,8 +391,11 @@ def preset(name: str) -> PipelineConfig:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file into a nested dict (errors become one-line ConfigErrors)."""
+    from pipeline.idx import require_regular_file
+
     path = Path(path)
     try:
+        require_regular_file(path, ConfigError, "cannot read the config file")  # not a FIFO
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.download import DownloadFailed, download_file, make_progress
 from pipeline.errors import ConfigError, DataError
-from pipeline.idx import is_gzip_file, read_idx, read_idx_file
+from pipeline.idx import is_gzip_file, read_idx, read_idx_file, require_regular_file
 from pipeline.normalize import Normalizer
 
 __all__ = [
@@ -75,6 +75,13 @@ class DatasetSpec:
     sha256: dict[str, str]  # role -> SHA-256 of the decompressed canonical file
     mirrors: tuple[str, ...]  # base URLs; the file URL is base + filename + ".gz"
     class_names: tuple[str, ...]
+    n_train: int = 60000
+    n_test: int = 10000
+
+    def shape(self, role: str) -> tuple[int, ...]:
+        """The shape of the canonical file ``role``: (n, 28, 28) images or (n,) labels."""
+        n = self.n_train if role.startswith("train") else self.n_test
+        return (n, *IMAGE_SHAPE) if role.endswith("images") else (n,)
 
 
 SPECS: dict[str, DatasetSpec] = {
@@ -540,9 +547,14 @@ def _stat_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
-def _read_pair(images_path: Path, labels_path: Path) -> tuple[Any, Any]:
-    """Read and cross-check an images/labels pair (shapes, dtype, counts, label range)."""
-    images, labels = read_idx_file(images_path), read_idx_file(labels_path)
+def _read_pair(spec: DatasetSpec, split: str, paths: dict[str, Path]) -> tuple[Any, Any]:
+    """Read and cross-check the images/labels pair of ``split`` (shapes, dtype, counts, labels).
+
+    A header declaring more than the canonical file holds is refused before it is read.
+    """
+    images_path, labels_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+    images = read_idx_file(images_path, expected_shape=spec.shape(f"{split}_images"))
+    labels = read_idx_file(labels_path, expected_shape=spec.shape(f"{split}_labels"))
     X, y = images.array, labels.array
     if X.ndim != 3 or X.shape[1:] != IMAGE_SHAPE or X.dtype != np.uint8:
         raise DataError(
@@ -568,8 +580,7 @@ def _read_pair(images_path: Path, labels_path: Path) -> tuple[Any, Any]:
 def _read_verified(spec: DatasetSpec, root: Path, paths: dict[str, Path]) -> Dataset:
     files = {}
     for split in ("train", "test"):
-        images, labels = _read_pair(paths[f"{split}_images"], paths[f"{split}_labels"])
-        files[f"{split}_images"], files[f"{split}_labels"] = images, labels
+        files[f"{split}_images"], files[f"{split}_labels"] = _read_pair(spec, split, paths)
     _check_checksums(spec, paths, files)
     return Dataset(
         name=spec.name,
@@ -626,7 +637,7 @@ def load_test_set(
             paths = download_dataset(name, root, roles=TEST_ROLES, progress=progress)
         else:
             paths = _require_files(spec, root, TEST_ROLES)
-        images, labels = _read_pair(paths["test_images"], paths["test_labels"])
+        images, labels = _read_pair(spec, "test", paths)
         _check_checksums(spec, paths, {"test_images": images, "test_labels": labels})
         X, y = _readonly(images.array.reshape(-1, 784)), labels.array
     limit = _check_limit(limit_test, len(y), "limit_test")
@@ -674,6 +685,9 @@ def read_sample(npz_path: Any, json_path: Any) -> Dataset:
     Parameters are paths or :mod:`importlib.resources` traversables.
     """
     try:
+        for file in (npz_path, json_path):
+            if isinstance(file, Path):  # not a package resource: may be anything
+                require_regular_file(file, DataError, "cannot read the sample")
         meta = json.loads(json_path.read_text())
         expected = meta["sha256"]
         with np.load(io.BytesIO(npz_path.read_bytes()), allow_pickle=False) as npz:
@@ -704,6 +718,9 @@ def read_sample(npz_path: Any, json_path: Any) -> Dataset:
 def dataset_status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Which dataset files are present (for ``mlp-pipeline data info``); reads 2 bytes per file.
 
+    A directory, FIFO, socket or device where a file is expected is a :class:`DataError`
+    (checked before anything opens it: reading a FIFO would block forever).
+
     Returns
     -------
     list of dict
@@ -717,6 +734,7 @@ def dataset_status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
         for role in ROLES:
             hit = _find(spec, root, role)
             path, layout = hit if hit else (None, None)
+            size = None if path is None else _regular_size(path)
             rows.append(
                 {
                     "dataset": spec.name,
@@ -725,7 +743,7 @@ def dataset_status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
                     "path": None if path is None else str(path),
                     "layout": layout,
                     "compressed": None if path is None else is_gzip_file(path),
-                    "size": path.stat().st_size if path is not None and path.is_file() else None,
+                    "size": size,
                 }
             )
     npz, _ = _sample_files()
@@ -741,6 +759,13 @@ def dataset_status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
         }
     )
     return rows
+
+
+def _regular_size(path: Path) -> int:
+    try:
+        return require_regular_file(path, DataError, "cannot read the IDX file").st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror})") from None
 
 
 def verify_dataset(name: str, data_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -780,7 +805,7 @@ def verify_dataset(name: str, data_dir: str | Path | None = None) -> list[dict[s
     paths = _require_files(spec, resolve_data_dir(data_dir))
     rows = []
     for role in ROLES:
-        actual = read_idx_file(paths[role]).sha256
+        actual = read_idx_file(paths[role], expected_shape=spec.shape(role)).sha256
         expected = spec.sha256[role]
         rows.append(
             {

@@ -12,6 +12,12 @@ Whether a file is gzip-compressed is decided by its content (the gzip magic ``1f
 name, so a raw file called ``*.gz`` reads as well as a compressed one without the suffix.
 Every problem (missing, unreadable, truncated, corrupt, trailing bytes) is one
 :class:`~pipeline.errors.DataError` whose message starts with the file's path.
+
+Nothing is read that a header merely claims: a file that is not a regular file (a FIFO, whose
+``open`` would block forever, a socket, a device, a directory) is refused before it is opened,
+and a header declaring more data than the file can hold, or than the caller expects, is refused
+before its payload is read. :func:`require_regular_file` is the check every reader of the
+package's own files uses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass
@@ -40,6 +48,78 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
+#: Deflate expands at most about 1032:1, so a gzip file of n bytes holds at most this many
+#: times n bytes of content (a little margin on top of the theoretical 1032.3).
+GZIP_MAX_RATIO = 1040
+
+
+# ------------------------------------------------------------------------- regular files
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _check_mode(
+    st: os.stat_result, path: str | Path, error_cls: type[Exception], what: str
+) -> os.stat_result:
+    if not stat.S_ISREG(st.st_mode):
+        raise error_cls(f"{path}: {what} (is {_kind(st.st_mode)}, not a regular file)")
+    return st
+
+
+def require_regular_file(
+    path: str | Path, error_cls: type[Exception] = DataError, what: str = "cannot read the file"
+) -> os.stat_result:
+    """``os.stat(path)`` if it is a regular file (symlinks followed), else one ``error_cls``.
+
+    Checked with ``stat`` before anything opens the file: opening a FIFO for reading blocks
+    until a writer appears, and a device may do anything. The message is one line,
+    ``"<path>: <what> (is a FIFO (named pipe), not a regular file)"``.
+
+    Parameters
+    ----------
+    path : str or Path
+    error_cls : type of Exception
+        Raised for a file that exists but is not regular (``DataError``, ``RecordError``,
+        ``ConfigError``...).
+    what : str
+        The start of the message, after the path (e.g. ``"unreadable record file"``).
+
+    Raises
+    ------
+    error_cls
+        The path is a directory, FIFO, socket or device.
+    OSError
+        ``stat`` itself failed (missing file, no search permission): each caller keeps its
+        own message for those.
+    """
+    return _check_mode(os.stat(path), path, error_cls, what)
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open`: never blocks, even on a FIFO swapped in after a check."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def open_regular_file(
+    path: str | Path, error_cls: type[Exception] = DataError, what: str = "cannot read the file"
+) -> BinaryIO:
+    """Open a regular file for reading in binary mode, refusing anything else.
+
+    :func:`require_regular_file` first; then the file is opened without blocking and its
+    ``fstat`` checked again, so a FIFO put in its place between the two cannot hang the
+    caller. Errors as in :func:`require_regular_file` (``OSError`` from the ``open`` too).
+    """
+    require_regular_file(path, error_cls, what)
+    handle = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 (returned to the caller)
+    try:
+        _check_mode(os.fstat(handle.fileno()), path, error_cls, what)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
 
 
 @dataclass(frozen=True, repr=False)
@@ -70,13 +150,17 @@ class IdxFile:
         )
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: str | Path, *, expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw) into a read-only array.
 
     Parameters
     ----------
     path : str or Path
         The file to read.
+    expected_shape : tuple of int, optional
+        The shape the file should hold (one byte per item, as MNIST's uint8 files). A header
+        declaring more data bytes than this is refused before its payload is read; a smaller
+        one is read (its size is bounded) and left to the caller's checks.
 
     Returns
     -------
@@ -87,28 +171,32 @@ def read_idx(path: str | Path) -> np.ndarray:
     Raises
     ------
     DataError
-        If the file is missing, unreadable, not IDX, truncated, has trailing bytes or is a
-        corrupt gzip stream. The message names the file and the problem.
+        If the file is missing, unreadable, not a regular file, not IDX, truncated, larger
+        than expected, has trailing bytes or is a corrupt gzip stream. The message names the
+        file and the problem.
     """
-    return read_idx_file(path).array
+    return read_idx_file(path, expected_shape=expected_shape).array
 
 
-def read_idx_file(path: str | Path) -> IdxFile:
+def read_idx_file(path: str | Path, *, expected_shape: tuple[int, ...] | None = None) -> IdxFile:
     """Read an IDX file once, hashing its decompressed bytes while reading.
 
     See :func:`read_idx`; this also returns the SHA-256 and whether the file was compressed.
+    Memory is bounded before the payload is read: by ``expected_shape`` when given, and in
+    any case by what the file can hold (its size for a raw file, :data:`GZIP_MAX_RATIO` times
+    its size for a gzip one).
     """
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected an IDX file")
     try:
-        with open(path, "rb") as raw:
+        with open_regular_file(path, DataError, "cannot read the IDX file") as raw:
+            size = os.fstat(raw.fileno()).st_size
             compressed = raw.read(2) == GZIP_MAGIC
             raw.seek(0)
+            limits = _Limits(expected_shape, size * GZIP_MAX_RATIO if compressed else size)
             if compressed:
                 with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                    return _parse(path, stream, compressed=True)
-            return _parse(path, raw, compressed=False)
+                    return _parse(path, stream, compressed=True, limits=limits)
+            return _parse(path, raw, compressed=False, limits=limits)
     except DataError:
         raise
     except FileNotFoundError:
@@ -122,7 +210,31 @@ def read_idx_file(path: str | Path) -> IdxFile:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
-def _parse(path: Path, stream: BinaryIO, *, compressed: bool) -> IdxFile:
+@dataclass(frozen=True)
+class _Limits:
+    """What a header may declare: at most ``expected`` items (if known), ``content`` bytes."""
+
+    expected: tuple[int, ...] | None
+    content: int  # the most (decompressed) bytes the file can hold, header included
+
+    def check(self, path: Path, dims: tuple[int, ...], dtype: np.dtype, header: int) -> None:
+        shape = "x".join(map(str, dims))
+        declared = math.prod(dims) * dtype.itemsize
+        if self.expected is not None and declared > math.prod(self.expected):
+            wanted = "x".join(map(str, self.expected))
+            raise DataError(
+                f"{path}: IDX header declares {shape} {dtype.name} ({declared} bytes), more "
+                f"than the expected {wanted} ({math.prod(self.expected)} bytes); not read"
+            )
+        if declared > self.content - header:
+            raise DataError(
+                f"{path}: truncated IDX file: header declares {shape} {dtype.name} "
+                f"({declared} data bytes), more than the file can hold "
+                f"(at most {max(self.content - header, 0)})"
+            )
+
+
+def _parse(path: Path, stream: BinaryIO, *, compressed: bool, limits: _Limits) -> IdxFile:
     """Validate the header, then read exactly the declared number of data bytes."""
     hasher = hashlib.sha256()
     magic = stream.read(4)
@@ -152,6 +264,7 @@ def _parse(path: Path, stream: BinaryIO, *, compressed: bool) -> IdxFile:
         shape = "x".join(map(str, dims))
         raise DataError(f"{path}: IDX header declares an empty dimension ({shape})")
     dtype = IDX_DTYPES[code]
+    limits.check(path, dims, dtype, header=4 + 4 * ndim)
     expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow on absurd headers
 
     # Read at most one byte past the declared size: enough to detect trailing data, and a
@@ -184,9 +297,9 @@ def _parse(path: Path, stream: BinaryIO, *, compressed: bool) -> IdxFile:
 def is_gzip_file(path: str | Path) -> bool:
     """Whether ``path`` starts with the gzip magic bytes (False if it cannot be read)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path) as f:
             return f.read(2) == GZIP_MAGIC
-    except OSError:
+    except (OSError, DataError):
         return False
 
 

@@ -16,7 +16,11 @@ Every file is written atomically (a temporary file, then a rename). JSON files a
 carrying the SHA-256 of their content; binary files are listed with theirs in the JSON written
 after them. Nothing is pickled. A file whose checksum does not match is reported and never
 trusted: a corrupt fold-cache entry is trained again. The checksums detect damage and careless
-edits; they do not authenticate (someone who can write the folder can rewrite them too).
+edits; they do not authenticate (someone who can write the folder can rewrite them too), so
+every field read back is also checked for its type and range (a resealed file holding the
+string "0.99" or a NaN where a number belongs is refused like a damaged one). Only regular
+files are read (a FIFO would block the reader), and a write that fails (a full disk, a
+read-only folder) is one :class:`RecordError` naming the file, with nothing partial left.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -32,11 +37,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -45,6 +50,7 @@ import pandas as pd
 from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.idx import open_regular_file
 from pipeline.results import Evaluation, FoldResult
 
 logger = logging.getLogger(__name__)
@@ -55,31 +61,44 @@ FORMAT = 1  # bumped when a file's layout changes: older files are then not trus
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")  # MLflow's run statuses
 
 
-# The fields of run.json and their types (besides the config, validated as one).
-_RUN_FIELDS = {
-    "id": str, "flow": str, "dataset": dict, "prefect_flow_run": dict, "params": dict,
-    "package_version": str, "host": str, "pid": int, "start_time": int, "status": str,
-    "error": str, "summary": dict,
-}  # fmt: skip
-
-
 class RecordError(PipelineError):
     """A record file is missing, unreadable, or does not match its checksum."""
 
 
 # ------------------------------------------------------------------------------------ files
-def write_bytes(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` atomically: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+@contextlib.contextmanager
+def _writing(path: Path, *, exact: bool = False) -> Iterator[None]:
+    """An ``OSError`` in the block (a full disk, a read-only folder) as one :class:`RecordError`.
+
+    It names ``path`` (if ``exact``; else the file the error names, if any) and the reason.
+    """
     try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(content)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-        raise
+        yield
+    except OSError as exc:
+        named = exc.filename if isinstance(exc.filename, str) and not exact else path
+        raise RecordError(f"cannot write {named}: {exc.strerror or exc}") from None
+
+
+def write_bytes(path: Path, content: bytes) -> None:
+    """Write ``content`` to ``path`` atomically: readers see the old file or the new one.
+
+    Raises
+    ------
+    RecordError
+        The folder cannot be made or written, or the disk is full: ``"cannot write <path>:
+        <reason>"``. The old file, if any, is kept and no temporary file is left.
+    """
+    with _writing(path, exact=True):  # not the temporary's name: it means nothing to a user
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(content)
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise
 
 
 def _canonical(data: Any) -> bytes:
@@ -107,7 +126,8 @@ def read_json(path: Path, kind: str) -> Any:
         does not match its content.
     """
     try:
-        envelope = json.loads(path.read_bytes())
+        with open_regular_file(path, RecordError, "unreadable record file") as handle:
+            envelope = json.loads(handle.read())
         found = (envelope["kind"], envelope["format"])
         data, checksum = envelope["data"], envelope["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -121,7 +141,7 @@ def read_json(path: Path, kind: str) -> Any:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open_regular_file(path, RecordError, "cannot read the record file") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -203,10 +223,10 @@ def fold_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: i
 
 
 def _fold_from(data: Any, path: Path) -> FoldResult:
-    try:
-        return FoldResult(**data)
-    except TypeError as exc:
-        raise RecordError(f"{path}: not a fold result ({exc})") from None
+    """A :class:`FoldResult` from a fold file's data, every field checked (:func:`_checked`)."""
+    diverged = isinstance(data, dict) and data.get("diverged") is True
+    fields = {**_FOLD_FIELDS, **(_DIVERGED_METRICS if diverged else _METRICS)}
+    return FoldResult(**_checked(data, path, "a fold result", fields, exact=True))
 
 
 class FoldCache:
@@ -275,7 +295,8 @@ class RunRecord:
         stamp = datetime.fromtimestamp(started / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
         root = Path(config.execution.cache_dir).resolve() / RUNS
         record = cls(root / f"{stamp}-{secrets.token_hex(4)}")
-        record.folder.mkdir(parents=True)
+        with _writing(record.folder):
+            record.folder.mkdir(parents=True)
         record._write_run(
             {
                 "id": record.folder.name,
@@ -306,7 +327,8 @@ class RunRecord:
 
     def add_cv(self, table: pd.DataFrame, best_l2_lambda: float) -> None:
         """The CV table and the chosen lambda, with their figure."""
-        figure = plots.plot_cv_lambda(table, best_l2_lambda, self.folder / "cv_lambda.png")
+        with _writing(self.folder / "cv_lambda.png"):
+            figure = plots.plot_cv_lambda(table, best_l2_lambda, self.folder / "cv_lambda.png")
         write_json(
             self.folder / "cv.json",
             "cv",
@@ -332,19 +354,22 @@ class RunRecord:
         ``final`` is a :class:`pipeline.training.FinalModel`; ``test_images`` are raw pixels,
         shape (n_test, 784); ``test_set`` the fingerprint of the test set it was scored on.
         """
-        (self.folder / "final").mkdir(exist_ok=True)
-        files = [
-            final.network.save(self.folder / "final" / "weights.npz"),
-            self.folder / "final" / "normalizer.json",
-        ]
-        write_bytes(files[1], json.dumps(final.normalizer.to_dict()).encode())
-        files += [
-            plots.plot_training_curves(final.history, self.folder / "training_curves.png"),
-            plots.plot_confusion_matrix(evaluation.confusion, self.folder / "confusion_matrix.png"),
-            plots.plot_misclassified(
-                test_images, test_labels, predicted, self.folder / "misclassified.png"
-            ),
-        ]
+        with _writing(self.folder / "final"):  # the files written by other modules
+            (self.folder / "final").mkdir(exist_ok=True)
+            files = [
+                final.network.save(self.folder / "final" / "weights.npz"),
+                self.folder / "final" / "normalizer.json",
+            ]
+            write_bytes(files[1], json.dumps(final.normalizer.to_dict()).encode())
+            files += [
+                plots.plot_training_curves(final.history, self.folder / "training_curves.png"),
+                plots.plot_confusion_matrix(
+                    evaluation.confusion, self.folder / "confusion_matrix.png"
+                ),
+                plots.plot_misclassified(
+                    test_images, test_labels, predicted, self.folder / "misclassified.png"
+                ),
+            ]
         write_json(
             self.folder / "final.json",
             "final",
@@ -387,14 +412,13 @@ class RunRecord:
     def run(self) -> dict[str, Any]:
         """``run.json``, checked; a RUNNING record whose process is gone reads as FAILED."""
         path = self.folder / "run.json"
-        run = read_json(path, "run")
+        # git_commit: older records lack it.
+        run = _checked(read_json(path, "run"), path, "a run record", _RUN_FIELDS,
+                       optional=("git_commit",))  # fmt: skip
         try:
             PipelineConfig.model_validate(run["config"])
-            wrong = [key for key, kind in _RUN_FIELDS.items() if not isinstance(run[key], kind)]
-        except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
+        except ValueError as exc:  # ValidationError is a ValueError
             raise RecordError(f"{path}: not a run record ({' '.join(str(exc).split())})") from None
-        if wrong:
-            raise RecordError(f"{path}: not a run record (wrong type: {', '.join(wrong)})")
         if run["status"] not in STATUSES:
             raise RecordError(f"{path}: unknown status {run['status']!r}")
         if not re.fullmatch(r"[\w.=-]+", run["id"]):
@@ -418,7 +442,14 @@ class RunRecord:
         path = self.folder / "cv.json"
         if not path.exists():
             return None
-        cv = _with_keys(read_json(path, "cv"), path, "table", "best_l2_lambda", "time", "files")
+        cv = _checked(read_json(path, "cv"), path, "a CV record", _CV_FIELDS)
+        rows = {row["l2_lambda"]: row for row in cv["table"]}
+        best = rows.get(cv["best_l2_lambda"])
+        if best is None or not _real(0, 1)(best.get("mean_val_accuracy")):
+            chosen = cv["best_l2_lambda"]
+            raise RecordError(
+                f"{path}: not a CV record (the chosen lambda {chosen!r} has no valid table row)"
+            )
         check_files(self.folder, cv["files"])
         return {**cv, "table": pd.DataFrame(cv["table"])}
 
@@ -427,22 +458,162 @@ class RunRecord:
         path = self.folder / "final.json"
         if not path.exists():
             return None
-        final = _with_keys(read_json(path, "final"), path, *_FINAL_KEYS)
-        _with_keys(final["evaluation"], path, "accuracy", "loss", "n_samples", "confusion")
+        final = _checked(read_json(path, "final"), path, "a final-model record", _FINAL_FIELDS)
+        evaluation = _checked(final["evaluation"], path, "a test evaluation", _EVALUATION_FIELDS)
+        if sum(map(sum, evaluation["confusion"])) != evaluation["n_samples"]:
+            n = evaluation["n_samples"]
+            raise RecordError(
+                f"{path}: not a test evaluation (its confusion matrix does not count {n} samples)"
+            )
         check_files(self.folder, final["files"])
         return final
 
 
-_FINAL_KEYS = ("l2_lambda", "history", "seconds", "evaluation", "test_set", "time", "files",
-               "input_example")  # fmt: skip
+# ---------------------------------------------------------------------------- field checks
+# What each field read back must hold. The checksum only says a file is as written; these say
+# it is what this code writes, so a resealed file with a string, a NaN, an infinity or a
+# negative count where a number belongs fails here, naming the file, not later in a format
+# string or a comparison far from it.
+Check = Callable[[Any], bool]
 
 
-def _with_keys(data: Any, path: Path, *keys: str) -> Any:
-    """``data`` if it is a mapping holding ``keys``, else a :class:`RecordError`."""
-    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
-    if missing:
-        raise RecordError(f"{path}: not a complete record file (missing {', '.join(missing)})")
+def _number(value: Any) -> bool:
+    """A JSON number: int or float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _real(low: float = -math.inf, high: float = math.inf, *, nan: bool = False) -> Check:
+    """A finite number in [low, high] (NaN too if ``nan``: a diverged training's metrics)."""
+
+    def check(value: Any) -> bool:
+        if not _number(value):
+            return False
+        if math.isnan(value):
+            return nan
+        return math.isfinite(value) and low <= value <= high
+
+    return check
+
+
+def _count(low: int = 0) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _type(kind: type) -> Check:
+    return lambda v: type(v) is kind
+
+
+def _list_of(check: Check) -> Check:
+    return lambda v: isinstance(v, list) and all(map(check, v))
+
+
+def _series(value: Any) -> bool:
+    """Per-epoch values: numbers, NaN allowed (a metric an epoch did not compute)."""
+    return isinstance(value, list) and all(map(_number, value))
+
+
+def _history(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _series(v) for k, v in value.items()
+    )
+
+
+def _files(value: Any) -> bool:
+    """File name -> SHA-256, names relative to the record folder and inside it."""
+
+    def inside(name: str) -> bool:
+        parts = PurePosixPath(name).parts
+        return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts
+
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and inside(k) and isinstance(v, str) and len(v) == 64
+        for k, v in value.items()
+    )
+
+
+def _row(value: Any) -> bool:
+    """A CV table row: numbers (NaN for a lambda without valid folds), a finite lambda."""
+    return (
+        isinstance(value, dict)
+        and all(isinstance(k, str) and _number(v) for k, v in value.items())
+        and _real(0)(value.get("l2_lambda"))
+    )
+
+
+def _optional(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+def _summary(value: Any) -> bool:
+    return isinstance(value, dict) and _real(0)(value.get("wall_seconds", 0))
+
+
+# run.json: the config is validated as one, by PipelineConfig.
+_RUN_FIELDS: dict[str, Check] = {
+    "id": _type(str), "flow": _type(str), "config": _type(dict), "dataset": _type(dict),
+    "prefect_flow_run": _type(dict), "params": _type(dict), "package_version": _type(str),
+    "git_commit": _optional(_type(str)), "host": _type(str), "pid": _count(1),
+    "start_time": _count(), "end_time": _optional(_count()), "status": _type(str),
+    "error": _type(str), "summary": _summary,
+}  # fmt: skip
+_FOLD_FIELDS: dict[str, Check] = {
+    "l2_lambda": _real(0), "fold": _count(), "seed": _count(), "epochs": _count(),
+    "seconds": _real(0), "history": _history, "diverged": _type(bool), "message": _type(str),
+}  # fmt: skip
+_METRICS: dict[str, Check] = {
+    "val_accuracy": _real(0, 1), "val_loss": _real(0),
+    "train_accuracy": _real(0, 1), "train_loss": _real(0),
+}  # fmt: skip
+_DIVERGED_METRICS = {
+    "val_accuracy": _real(0, 1, nan=True), "val_loss": _real(0, nan=True),
+    "train_accuracy": _real(0, 1, nan=True), "train_loss": _real(0, nan=True),
+}  # fmt: skip
+_CV_FIELDS: dict[str, Check] = {
+    "table": lambda v: _list_of(_row)(v) and len(v) > 0, "best_l2_lambda": _real(0),
+    "time": _count(), "files": _files,
+}  # fmt: skip
+_FINAL_FIELDS: dict[str, Check] = {
+    "l2_lambda": _real(0), "history": lambda v: _history(v) and "epoch" in v,
+    "seconds": _real(0), "evaluation": _type(dict), "test_set": _type(str), "time": _count(),
+    "files": _files, "input_example": _list_of(_list_of(_real())),
+}  # fmt: skip
+_EVALUATION_FIELDS: dict[str, Check] = {
+    "accuracy": _real(0, 1), "loss": _real(0), "n_samples": _count(1),
+    "confusion": _list_of(_list_of(_count())),
+}  # fmt: skip
+
+
+def _checked(
+    data: Any,
+    path: Path,
+    what: str,
+    fields: dict[str, Check],
+    *,
+    exact: bool = False,
+    optional: tuple[str, ...] = (),
+) -> Any:
+    """``data`` if it is a mapping whose ``fields`` pass their checks, else one RecordError.
+
+    ``exact``: no other key either (the data is passed whole to a constructor); ``optional``:
+    fields that may be absent (checked when present).
+    """
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: not {what} (a {type(data).__name__}, not a mapping)")
+    problems = []
+    if missing := [key for key in fields if key not in data and key not in optional]:
+        problems.append(f"missing {', '.join(missing)}")
+    if exact and (unknown := [key for key in data if key not in fields]):
+        problems.append(f"unknown {', '.join(map(repr, unknown))}")
+    if wrong := [key for key, ok in fields.items() if key in data and not ok(data[key])]:
+        problems.append("invalid " + ", ".join(f"{key}={_short(data[key])}" for key in wrong))
+    if problems:
+        raise RecordError(f"{path}: not {what} ({'; '.join(problems)})")
     return data
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _one_line(exc: BaseException) -> str:

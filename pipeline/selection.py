@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -14,7 +15,10 @@ from pipeline.results import FoldResult
 def cv_table(results: Iterable[FoldResult]) -> pd.DataFrame:
     """One row per lambda: mean and std of validation accuracy and loss, then per-fold values.
 
-    Diverged trainings count in ``diverged_folds`` and are left out of the means.
+    Diverged trainings count in ``diverged_folds`` and are left out of the means. A mean is the
+    correctly rounded sum (``math.fsum``) over the count: the same fold values in any order give
+    the same mean, to the last bit, so a tie between lambdas is a tie whatever order the folds
+    finished in.
     """
     frame = pd.DataFrame(
         [
@@ -33,9 +37,9 @@ def cv_table(results: Iterable[FoldResult]) -> pd.DataFrame:
     grouped = frame.groupby("l2_lambda", sort=True)
     table = pd.DataFrame(
         {
-            "mean_val_accuracy": grouped["val_accuracy"].mean(),
+            "mean_val_accuracy": grouped["val_accuracy"].agg(_exact_mean),
             "std_val_accuracy": grouped["val_accuracy"].std(ddof=1),
-            "mean_val_loss": grouped["val_loss"].mean(),
+            "mean_val_loss": grouped["val_loss"].agg(_exact_mean),
             "std_val_loss": grouped["val_loss"].std(ddof=1),
             "n_folds": grouped["fold"].count(),
             "diverged_folds": grouped["diverged"].sum().astype(int),
@@ -48,13 +52,19 @@ def cv_table(results: Iterable[FoldResult]) -> pd.DataFrame:
     return table.reset_index()
 
 
+def _exact_mean(values: pd.Series) -> float:
+    present = values.dropna()
+    return math.fsum(present) / len(present) if len(present) else math.nan
+
+
 def select_lambda(table: pd.DataFrame) -> float:
     """The lambda with the highest mean validation accuracy; ties go to the larger lambda.
 
     Larger lambda on a tie: the simpler (more regularized) model generalizes at least as well.
-    A lambda with any diverged fold is not eligible.
+    A lambda with a diverged fold, or with fewer folds than the others, is not eligible.
     """
-    eligible = table[(table["diverged_folds"] == 0) & table["mean_val_accuracy"].notna()]
+    complete = table["n_folds"] == table["n_folds"].max()
+    eligible = table[complete & (table["diverged_folds"] == 0) & table["mean_val_accuracy"].notna()]
     if eligible.empty:
         raise PipelineError("every lambda diverged in at least one fold: try a smaller training.lr")
     best = eligible["mean_val_accuracy"].max()

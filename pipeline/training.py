@@ -6,6 +6,9 @@ tracking: workers call them and return small results; the flow process records t
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +20,8 @@ import numpy as np
 from mlp import MLP, DivergenceError, fit
 from mlp.losses import cross_entropy
 from pipeline.config import DataConfig, PipelineConfig
-from pipeline.data import Dataset, DatasetRef, Normalizer, load_dataset
-from pipeline.errors import DataError
+from pipeline.data import N_CLASSES, Dataset, DatasetRef, Normalizer, load_dataset
+from pipeline.errors import ConfigError, DataError
 from pipeline.folds import fold_seed, make_folds, train_indices
 from pipeline.results import WALL_TIME, Evaluation, FoldResult
 
@@ -59,11 +62,45 @@ def dataset_from_ref(data: DataConfig, ref: DatasetRef) -> Dataset:
 
 
 def load_data_checked(config: PipelineConfig) -> Dataset:
-    """Load, verify and subset the dataset; check the folds fit it before any training."""
+    """Load, verify and subset the dataset; check the folds and the trainings fit it."""
     dataset = load_configured_dataset(config.data)
     cv = config.cv
     make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
+    check_memory(config, dataset, trainings=config.execution.resolved_workers())
     return dataset
+
+
+def training_bytes(config: PipelineConfig, n_features: int, n_samples: int) -> int:
+    """A lower bound on the memory one training needs: parameters and activations.
+
+    Weights, their gradients and the optimizer's state (one buffer per parameter; Adam two),
+    and per layer the batch's pre-activations, activations and their gradients (a full batch
+    without ``training.batch_size``).
+    """
+    sizes = [n_features, *config.model.hidden_sizes, N_CLASSES]
+    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(sizes))
+    copies = 4 if config.training.optimizer == "adam" else 3
+    batch = min(config.training.batch_size or n_samples, n_samples)
+    itemsize = np.dtype(config.model.dtype).itemsize
+    return itemsize * (copies * parameters + 3 * batch * sum(sizes[1:]))
+
+
+def check_memory(config: PipelineConfig, dataset: Dataset, trainings: int = 1) -> None:
+    """Refuse, before any run exists, a network that cannot fit in this machine's memory.
+
+    ``trainings``: how many train at once (the sweep's workers).
+    """
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # unknown: don't guess
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = trainings * training_bytes(config, dataset.n_features, len(dataset.y_train))
+        if need > machine:
+            shape = "-".join(map(str, [dataset.n_features, *config.model.hidden_sizes, N_CLASSES]))
+            at_once = f" ({trainings} trainings at once)" if trainings > 1 else ""
+            raise ConfigError(
+                f"the network {shape} needs at least {need / 2**30:.1f} GiB{at_once}, more "
+                f"than this machine's {machine / 2**30:.1f} GiB: choose smaller "
+                "model.hidden_sizes, a training.batch_size or fewer execution.workers"
+            )
 
 
 def _fit_network(

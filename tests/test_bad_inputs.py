@@ -425,9 +425,26 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "execution.retries": ["x", -1],
     "execution.resume": ["maybe", 2],
     "execution.cache_dir": [5, None, ""],
-    "tracking.tracking_uri": [5, ["sqlite://"]],
+    "tracking.tracking_uri": [
+        5,
+        ["sqlite://"],
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "http://h:port/",
+    ],
     "tracking.experiment": [5, None, ""],
-    "tracking.registered_model": [5, ["mlp"], "", "mlp-{model}", "mlp-{dataset!r}", "mlp-{"],
+    "tracking.registered_model": [
+        5,
+        ["mlp"],
+        "",
+        "mlp-{model}",
+        "mlp-{dataset!r}",
+        "mlp-{",
+        "team/mlp",
+        "mlp:{dataset}",
+        "..",
+        "   ",
+    ],
 }
 CONFIG_VALUE_CASES = [(key, value) for key, values in FIELD_BAD_VALUES.items() for value in values]
 CONFIG_VALUE_IDS = [f"{key}={json.dumps(value)}" for key, value in CONFIG_VALUE_CASES]
@@ -529,6 +546,7 @@ TOML_FILE_CASES: list[tuple[str, Callable[..., Path], str]] = [
     ("duplicate-key", lambda t, m: _write(t, "[cv]\nfolds = 3\nfolds = 4\n"), "not valid TOML"),
     ("missing", lambda t, m: t / "missing.toml", "does not exist"),
     ("directory", lambda t, m: t, "is a directory"),
+    ("fifo", lambda t, m: _fifo(t), "FIFO"),  # a blocking open would wait for a writer
     ("not-utf8", lambda t, m: _bytes(t, b'[data]\ndataset = "mn\xffist"\n'), "not UTF-8"),
     ("no-read-permission-simulated", lambda t, m: _denied(t, m), "permission denied"),
     ("unknown-section", lambda t, m: _write(t, "[optimizer]\nlr = 0.1\n"), "'optimizer.lr'"),
@@ -544,6 +562,12 @@ TOML_FILE_CASES: list[tuple[str, Callable[..., Path], str]] = [
 ]  # fmt: skip
 _cases("test_bad_config_file_is_config_error", [c[0] for c in TOML_FILE_CASES])
 _cases("test_bad_config_file_cli_exits_2_and_writes_nothing", [c[0] for c in TOML_FILE_CASES])
+
+
+def _fifo(tmp: Path) -> Path:
+    path = tmp / "pipe.toml"
+    os.mkfifo(path)
+    return path
 
 
 def _bytes(tmp: Path, content: bytes) -> Path:
@@ -626,6 +650,12 @@ FLAG_CASES: list[tuple[str, list[str], str]] = [
     ("cv-lambdas-renamed-setting", ["cv", "--set", "cv.lambdas=1e-3"], "cv.l2_lambdas"),
     ("run-lambdas-renamed-in-toml",
      ["run", "--config", "{tmp}/old.toml"], "cv.l2_lambdas"),
+    ("train-network-too-big", ["train", "--hidden", "200000,200000"], "GiB"),
+    ("train-registered-model-slash",
+     ["train", "--set", "tracking.registered_model=team/mlp"], "tracking.registered_model"),
+    ("run-tracking-uri-bad-port",
+     ["run", "--tracking-uri", "http://127.0.0.1:99999"], "Port out of range"),
+    ("runs-tracking-uri-bad-ipv6", ["runs", "--tracking-uri", "http://[::1"], "Invalid IPv6"),
     ("evaluate-without-model", ["evaluate"], "--model"),
     ("evaluate-limit-test-zero",
      ["evaluate", "--model", "runs:/0/model", "--limit-test", "0"], "data.limit_test"),

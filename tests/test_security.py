@@ -418,7 +418,7 @@ def test_credentials_in_the_environment_never_reach_the_record_or_mlflow(
 
 # ------------------------------------------------------------------------------ paths in URIs
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["exp?v2", "a#b"])
+@pytest.mark.parametrize("name", ["exp?v2", "a#b", "a%20b"])
 def test_a_project_folder_with_uri_characters_keeps_its_store_inside(tmp_path, name):
     # Arrange: a project folder whose name means something in a URI.
     project = tmp_path / name

@@ -45,9 +45,12 @@ def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -
         mlflow.pyfunc.save_model(
             str(destination),
             python_model=str(MODEL_CODE),
+            # Copies in the temporary folder: MLflow decodes a '%' in an artifact's path (the
+            # record's folder may have one), and passes file: URIs on unread when it infers
+            # the signature.
             artifacts={
-                "weights": str(final_dir / "weights.npz"),
-                "normalizer": str(final_dir / "normalizer.json"),
+                name: str(shutil.copy2(final_dir / file, code / file))
+                for name, file in (("weights", "weights.npz"), ("normalizer", "normalizer.json"))
             },
             code_paths=[str(code / package) for package in packages],
             input_example=np.asarray(input_example, dtype=np.float32),

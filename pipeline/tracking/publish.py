@@ -332,10 +332,15 @@ class LivePublisher:
         """Raise :class:`NotPublishedError`, naming the record's folder, if MLflow stayed away."""
         if self.error is not None or self.published is None:
             reason = one_line(self.error or RuntimeError("not published"))
+            later = f"publish them with `mlp-pipeline publish {self.record.folder}`"
+            if self.published is not None:  # the parent exists: not left RUNNING (best effort)
+                client, run_id = self.store[0], self.published.run_id
+                with contextlib.suppress(Exception):
+                    client.set_tag(run_id, "error", f"not all published ({reason}); {later}")
+                    client.set_terminated(run_id, "FAILED")
             raise NotPublishedError(
                 f"the pipeline finished but MLflow at {redact_uri(self.tracking_uri)} could not "
-                f"record it ({reason}); the results are in {self.record.folder}: publish them "
-                f"with `mlp-pipeline publish {self.record.folder}`"
+                f"record it ({reason}); the results are in {self.record.folder}: {later}"
             )
 
 

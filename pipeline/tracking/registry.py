@@ -85,10 +85,10 @@ def _challenge(client, tracking_uri, name, version, tags, test_set) -> tuple[boo
         return True, ""
     if str(current.version) == version:  # an earlier publish moved the alias, then failed
         return True, current.tags.get("champion_comparison", "")
-    if current.tags.get("test_set") == tags["test_set"]:
-        theirs = float(current.tags.get("test_accuracy", "nan"))
-        measured = f"{theirs:.4f}"
-    else:
+    recorded = _finite(current.tags.get("test_accuracy"))
+    if current.tags.get("test_set") == tags["test_set"] and recorded is not None:
+        theirs, measured = recorded, f"{recorded:.4f}"
+    else:  # another test set, or a figure that is missing or was edited into nonsense
         try:
             images_labels = test_set()
             if images_labels is None:
@@ -113,6 +113,15 @@ def _challenge(client, tracking_uri, name, version, tags, test_set) -> tuple[boo
     if champion:
         client.set_registered_model_alias(name, CHAMPION, version)
     return champion, note
+
+
+def _finite(text: str | None) -> float | None:
+    """A tag's finite number, or None."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _alias_not_found(exc: Any) -> bool:

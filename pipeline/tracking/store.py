@@ -43,7 +43,12 @@ def credentials_to_environment(uri: str | None) -> str | None:
     they must not carry secrets; MLflow reads ``MLFLOW_TRACKING_USERNAME`` and
     ``MLFLOW_TRACKING_PASSWORD`` itself. Returns the URI without credentials.
     """
-    parts = urllib.parse.urlsplit(uri or "")
+    try:
+        parts = urllib.parse.urlsplit(uri or "")
+        parts.port  # noqa: B018 -- parsed on access: a port out of range or not a number
+    except ValueError as exc:
+        safe = redact_uri(uri or "")
+        raise TrackingError(f"cannot parse the tracking URI {safe}: {exc}") from None
     # Only MLflow's HTTP client reads these variables; a database URI keeps its password.
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return uri

@@ -435,3 +435,17 @@ def prefect_api_in_every_thread(prefect_api_url: str) -> Iterator[str]:
         yield prefect_api_url
     finally:
         refresh_global_settings_context()
+
+
+@pytest.fixture()
+def one_error_line():
+    """``one_error_line(err, out="") -> line``: stderr is one ``error:`` line, no traceback."""
+
+    def check(err: str, out: str = "") -> str:
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected one error line, got: {err!r}"
+        assert lines[0].startswith("error: "), lines
+        assert "Traceback" not in err + out, err
+        return lines[0]
+
+    return check

@@ -332,9 +332,12 @@ def test_the_renamed_lambdas_flag_names_l2_grid(cli):
 
 
 @pytest.mark.parametrize("command", ["run", "cv"])
-def test_l2_grid_sets_cv_l2_lambdas(cli, monkeypatch, no_prefect_server, closed_port, command):
-    # Arrange: the command stops at the MLflow store check (a closed port), after its config.
+def test_l2_grid_sets_cv_l2_lambdas(cli, monkeypatch, prefect_api_url, closed_port, command):
+    # Arrange: the command stops at the MLflow store check (a closed port), after its config
+    # and its Prefect API's (the session's live server).
     import flows.pipeline_flow
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
 
     prepared = _spy(monkeypatch, flows.pipeline_flow, "prepare_run")
     argv = [command, "--preset", "quick", "--l2-grid", "1e-2, 1e-3,0.5", "--no-progress",
@@ -504,6 +507,34 @@ def test_credentials_leave_the_config_from_every_source(monkeypatch, tmp_path, s
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PLAIN_SECRET, "the password was lost"
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [f"postgresql://bob:{SECRET}@127.0.0.1:5432/mlflow",
+     f"http://127.0.0.1:5000/?token={SECRET}&x=1"],
+    ids=["database-password", "secret-query-key"],
+)  # fmt: skip
+def test_a_secret_only_mlflow_reads_from_the_uri_travels_in_the_environment(
+    monkeypatch, tmp_path, uri
+):
+    """MLflow reads a database password only from the URI: the URI goes to this process's
+    environment (MLFLOW_TRACKING_URI, which Prefect never stores), not into the config."""
+    # Arrange: registered with monkeypatch so it is restored after the test.
+    from flows.cli import config_from_options
+    from pipeline.tracking.store import default_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[tracking]\ntracking_uri = "{uri}"\n', encoding="utf-8")
+
+    # Act
+    cfg = config_from_options(None, toml, None)
+
+    # Assert
+    assert cfg.tracking.tracking_uri is None, cfg.tracking
+    assert SECRET not in cfg.model_dump_json(), cfg.model_dump_json()
+    assert default_tracking_uri(cfg.tracking.tracking_uri) == uri, "the store was lost"
+
+
 # (command, module and function that receive the command's whole config, extra arguments)
 CONFIG_RECEIVERS = {
     "run": ("flows.pipeline_flow", "prepare_run", ["--preset", "quick"]),
@@ -515,17 +546,27 @@ CONFIG_RECEIVERS = {
 
 @pytest.mark.parametrize("command", list(CONFIG_RECEIVERS))
 def test_credentials_never_reach_the_config_of_any_command(
-    cli, monkeypatch, no_prefect_server, closed_port, command
+    cli, monkeypatch, prefect_api_url, no_prefect_server, closed_port, command
 ):
     # Arrange: a store with credentials on a closed port; each command stops at a check.
+    # `run` and `cv` check their Prefect API first: the session's live one (set up before
+    # no_prefect_server, a session fixture) lets them reach the store.
     import importlib
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = contextlib.nullcontext()
+    if command in {"run", "cv"}:
+        monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+        settings = temporary_settings(updates={PREFECT_API_URL: prefect_api_url})
 
     module, function, extra = CONFIG_RECEIVERS[command]
     received = _spy(monkeypatch, importlib.import_module(module), function)
     uri = f"http://bob:{SECRET}@127.0.0.1:{closed_port}"
 
     # Act
-    code, out, err = cli([command, *extra, "--set", f"tracking.tracking_uri={uri}"])
+    with settings:
+        code, out, err = cli([command, *extra, "--set", f"tracking.tracking_uri={uri}"])
 
     # Assert
     _assert_one_error_line(code, err, "127.0.0.1")  # the store or Prefect API is unreachable

@@ -354,11 +354,11 @@ def test_the_local_cluster_runs_the_sweep_like_threads(
 
 
 def test_an_unreachable_scheduler_is_one_line_before_anything_is_created(
-    cli, monkeypatch, tmp_path, dead_endpoint
+    cli, monkeypatch, tmp_path, dead_endpoint, prefect_api_url
 ):
     closed = f"tcp://127.0.0.1:{dead_endpoint('closed').port}"
-    # A Prefect API is set (never reached): the command launches no temporary server.
-    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    # The session's Prefect API: the command launches no temporary server.
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     store = tmp_path / "store" / "mlflow.db"
 
     code, out, err = cli(

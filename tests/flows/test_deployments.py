@@ -40,14 +40,6 @@ SECRET = "s3cret-pa55"
 # ------------------------------------------------------------------------------ helpers
 
 
-def _one_error_line(err: str, out: str = "") -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got: {err!r}"
-    assert lines[0].startswith("error: "), lines
-    assert "Traceback" not in err + out, err
-    return lines[0]
-
-
 def _stored(config) -> SimpleNamespace:
     """A deployment as the API returns it: the two attributes ``deployment_config`` reads."""
     return SimpleNamespace(name="on-demand", parameters=dep.config_parameters(config))
@@ -161,14 +153,25 @@ def test_deployment_config_applies_overrides_to_the_stored_config(tmp_path):
         dep.deployment_config(broken, {})
 
 
-def test_a_triggered_run_takes_no_credentials_in_its_tracking_uri():
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"http://alice:{SECRET}@h:5000",
+        f"http://127.0.0.1:5000/?token={SECRET}",
+        f"postgresql://alice:{SECRET}@127.0.0.1/db",
+    ],
+    ids=["userinfo", "token-query", "database-password"],
+)
+def test_a_triggered_run_takes_no_credentials_in_its_tracking_uri(uri):
     """Prefect stores and shows flow-run parameters: a password there would be in its UI."""
     stored = _stored(preset("quick"))
 
     with pytest.raises(ConfigError, match="cannot carry credentials") as failure:
-        dep.deployment_config(stored, {"tracking.tracking_uri": f"http://alice:{SECRET}@h:5000"})
+        dep.deployment_config(stored, {"tracking.tracking_uri": uri})
 
     assert SECRET not in str(failure.value) and "alice" not in str(failure.value), failure.value
+    assert "MLFLOW_TRACKING_PASSWORD" in str(failure.value), failure.value
+    assert "PGPASSWORD" in str(failure.value), failure.value
     taken = dep.deployment_config(stored, {"tracking.tracking_uri": "http://h:5000"})
     assert taken.tracking.tracking_uri == "http://h:5000", taken.tracking
 
@@ -186,8 +189,54 @@ def test_build_deployments_carry_the_config():
     assert not served[1].schedules, served[1].schedules
     for deployment in served:
         assert deployment.parameters == {"config": cfg.model_dump(mode="json")}, deployment
-        assert deployment.entrypoint == "flows.pipeline_flow.mlp_pipeline", deployment
+        assert deployment.entrypoint == dep.SERVED_ENTRYPOINT, deployment
     assert [d.name for d in dep.build_deployments(cfg)] == ["on-demand"], "no schedule"
+
+
+def test_the_served_flow_reports_failures_and_crashes():
+    """Runs load the deployments' entrypoint: the flow with the hooks, not the bare one."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.pipeline_flow import mlp_pipeline
+
+    served = load_flow_from_entrypoint(dep.SERVED_ENTRYPOINT)
+
+    assert served.name == mlp_pipeline.name, served.name
+    assert served.fn is mlp_pipeline.fn, "not the pipeline's flow function"
+    assert dep.report_failure in served.on_failure_hooks, served.on_failure_hooks
+    assert dep.report_failure in served.on_crashed_hooks, served.on_crashed_hooks
+
+
+@pytest.mark.parametrize(
+    ("how", "value"),
+    [
+        ("environment", f"postgresql://alice:{SECRET}@127.0.0.1/db"),
+        ("toml", f"postgresql://alice:{SECRET}@127.0.0.1/db"),
+        ("set", f"http://127.0.0.1:5000/?token={SECRET}"),
+    ],
+)
+def test_serve_refuses_a_tracking_uri_with_credentials(
+    cli, dead_endpoint, monkeypatch, tmp_path, how, value, one_error_line
+):
+    """Whatever its source, a credential would be stored in both deployments' parameters."""
+    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["serve", "--interval", "60", "--preset", "quick"]
+    if how == "environment":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    elif how == "toml":
+        config = tmp_path / "serve.toml"
+        config.write_text(f'[tracking]\ntracking_uri = "{value}"\n')
+        args += ["--config", str(config)]
+    else:
+        args += ["--set", f"tracking.tracking_uri={value}"]
+
+    code, out, err = cli(args)
+
+    assert code == 2, out + err
+    line = one_error_line(err, out)
+    assert "cannot carry credentials" in line, line
+    assert SECRET not in out + err and "alice" not in out + err, "the credential was printed"
 
 
 @pytest.mark.parametrize(
@@ -400,7 +449,7 @@ def test_serve_registers_both_deployments_with_absolute_paths(serve, prefect_api
     assert interval == 3600, scheduled["schedules"]
     assert on_demand["schedules"] == [], on_demand["schedules"]
     for deployment in (scheduled, on_demand):
-        assert deployment["entrypoint"] == "flows.pipeline_flow.mlp_pipeline", deployment
+        assert deployment["entrypoint"] == dep.SERVED_ENTRYPOINT, deployment
         config = deployment["parameters"]["config"]
         assert config["execution"]["cache_dir"] == str(workdir / "cache"), config["execution"]
         assert config["tracking"]["tracking_uri"] == (
@@ -441,7 +490,9 @@ def test_trigger_wait_prints_the_accuracy_the_model_and_the_run(
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_trigger_wait_on_a_failing_run_exits_1_in_one_line(serve, cli, prefect_api_url, tmp_path):
+def test_trigger_wait_on_a_failing_run_exits_1_in_one_line(
+    serve, cli, prefect_api_url, tmp_path, workdir, one_error_line
+):
     # A run that fails at once: its data folder has no MNIST (and no download).
     empty = tmp_path / "no-data"
     empty.mkdir()
@@ -456,12 +507,22 @@ def test_trigger_wait_on_a_failing_run_exits_1_in_one_line(serve, cli, prefect_a
     assert started, out
     name, flow_run_id = started.groups()
     assert "state: Failed" in out, out
-    line = _one_error_line(err, out)
+    line = one_error_line(err, out)
     assert line.startswith(f"error: flow run {name} ended Failed: "), line
     assert f"not found under {empty}" in line, line
     flow_run = httpx.get(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=10).json()
     assert flow_run["state_type"] == "FAILED", flow_run["state_type"]
     assert serve.poll() is None, "serve ended with the failed run"
+    # The serve console: one line for the failed run (its hook prints once the state is set).
+    console = workdir / "scheduled.err"
+    expected = f"error: flow run {name} ended Failed: "
+    deadline = time.monotonic() + 60
+    while expected not in console.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    printed = [line for line in console.read_text().splitlines() if name in line]
+    assert len(printed) == 1 and printed[0].startswith(expected), console.read_text()[-3000:]
+    assert f"not found under {empty}" in printed[0], printed
+    assert "Traceback" not in console.read_text(), console.read_text()[-3000:]
 
 
 @pytest.mark.slow
@@ -501,17 +562,17 @@ def test_prefect_deployment_run_with_a_whole_config(
 )
 @pytest.mark.slow
 @pytest.mark.server
-def test_trigger_errors_are_one_line(serve, cli, prefect_api_url, args, expected):
+def test_trigger_errors_are_one_line(serve, cli, prefect_api_url, args, expected, one_error_line):
     code, out, err = cli(["trigger", *args])
 
     assert code == 2, out + err
-    line = _one_error_line(err, out)
+    line = one_error_line(err, out)
     assert expected in line, line
 
 
 @pytest.mark.slow
 @pytest.mark.server
-def test_trigger_refuses_credentials_and_starts_no_run(serve, cli, prefect_api_url):
+def test_trigger_refuses_credentials_and_starts_no_run(serve, cli, prefect_api_url, one_error_line):
     on_demand = _deployment(prefect_api_url, "on-demand")["id"]
     before = _flow_runs_of(prefect_api_url, on_demand)
 
@@ -520,7 +581,7 @@ def test_trigger_refuses_credentials_and_starts_no_run(serve, cli, prefect_api_u
     )
 
     assert code == 2, out + err
-    assert "cannot carry credentials" in _one_error_line(err, out), err
+    assert "cannot carry credentials" in one_error_line(err, out), err
     assert SECRET not in out + err, "the password was printed"
     assert _flow_runs_of(prefect_api_url, on_demand) == before, "a run was created anyway"
 
@@ -530,7 +591,9 @@ def test_trigger_refuses_credentials_and_starts_no_run(serve, cli, prefect_api_u
     [("closed", "Connection refused"), ("hangs up", "Server disconnected without sending")],
     ids=["closed", "hangs-up"],
 )
-def test_trigger_without_a_server_fails_fast_in_one_line(cli, dead_endpoint, kind, reason):
+def test_trigger_without_a_server_fails_fast_in_one_line(
+    cli, dead_endpoint, kind, reason, one_error_line
+):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     dead = dead_endpoint(kind)
@@ -538,7 +601,7 @@ def test_trigger_without_a_server_fails_fast_in_one_line(cli, dead_endpoint, kin
         code, out, err = cli(["trigger"])
 
     assert code == 2, out + err
-    line = _one_error_line(err, out)
+    line = one_error_line(err, out)
     assert line.startswith(f"error: no Prefect server answers at {dead.url}/api ("), line
     assert reason in line, line
     assert "prefect server start --host 127.0.0.1" in line, line
@@ -546,11 +609,11 @@ def test_trigger_without_a_server_fails_fast_in_one_line(cli, dead_endpoint, kin
         assert dead.connections == 1, f"{dead.connections} connections to the Prefect API"
 
 
-def test_serve_without_an_api_url_exits_2(cli, no_api_anywhere):
+def test_serve_without_an_api_url_exits_2(cli, no_api_anywhere, one_error_line):
     code, out, err = cli(["serve", "--interval", "60", "--preset", "quick"])
 
     assert code == 2, out + err
-    line = _one_error_line(err, out)
+    line = one_error_line(err, out)
     assert "PREFECT_API_URL is not set" in line, line
     assert "prefect server start --host 127.0.0.1" in line, line
 
@@ -614,7 +677,7 @@ def test_prefect_yaml_deploys_to_a_process_pool(own_prefect_server, tmp_path, tr
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     on_demand = _deployment(api, "on-demand")
     assert on_demand["work_pool_name"] == "mlp-pipeline-pool", on_demand
-    assert on_demand["entrypoint"] == "flows/pipeline_flow.py:mlp_pipeline", on_demand
+    assert on_demand["entrypoint"] == "flows/deployments.py:served_pipeline", on_demand
     pull = on_demand["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == str(REPO_ROOT), pull
     scheduled = _deployment(api, "scheduled")

@@ -469,6 +469,25 @@ def test_a_damaged_cache_entry_is_logged_and_trained_again(
     assert read_json(damaged, "fold")["l2_lambda"] in LAMBDAS, "the entry was not rewritten"
 
 
+def test_a_sealed_entry_copied_under_another_key_is_trained_again(
+    pipeline_run, prefect_api_url, tmp_path, tracking_uri, sample_flow_config
+):
+    # Arrange: someone with write access copies one valid entry over another (the checksum
+    # holds: it is a real result, of another training).
+    cache = _copy_fold_cache(pipeline_run, tmp_path)
+    first, second = _cache_entries(cache)[:2]
+    assert read_json(first, "fold") != read_json(second, "fold"), "two different trainings"
+    shutil.copyfile(first, second)
+    config = sample_flow_config(cache, tracking_uri)
+
+    # Act
+    summary = cv_flow(config)
+
+    # Assert: the copy is not taken for the result it replaced; the table is the true one.
+    assert (summary["trained_folds"], summary["cached_folds"]) == (1, len(FOLD_FILES) - 1), summary
+    pd.testing.assert_frame_equal(pd.DataFrame(summary["cv_table"]), pipeline_run.table)
+
+
 def test_adding_a_lambda_reuses_the_other_lambdas_folds(
     pipeline_run, prefect_api_url, tmp_path, tracking_uri, sample_flow_config
 ):

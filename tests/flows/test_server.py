@@ -286,10 +286,11 @@ def test_a_server_killed_mid_block_turns_the_failure_into_one_line(no_api, child
     assert failure.value.__suppress_context__, "the ConnectionError's traceback is noise"
 
 
+@pytest.mark.server
 def test_with_an_api_url_in_the_environment_nothing_is_launched(
-    monkeypatch, dead_endpoint, child_processes
+    monkeypatch, prefect_api_url, child_processes
 ):
-    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     before = set(child_processes(os.getpid()))
     prepared = []
 
@@ -302,7 +303,9 @@ def test_with_an_api_url_in_the_environment_nothing_is_launched(
 
 
 @pytest.mark.server
-def test_with_an_api_url_in_prefects_settings_no_server_is_left(no_api, child_processes):
+def test_with_an_api_url_in_prefects_settings_no_server_is_left(
+    no_api, child_processes, prefect_api_url
+):
     """A URL from ``prefect config set`` or ``prefect.toml`` counts as a configured API."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -311,7 +314,7 @@ def test_with_an_api_url_in_prefects_settings_no_server_is_left(no_api, child_pr
 
     def command() -> tuple[str | None, set[int]]:
         with (
-            temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}),
+            temporary_settings(updates={PREFECT_API_URL: prefect_api_url}),
             prefect_api(lambda: prepared.append(True)) as url,
         ):
             return url, set(_prefect_servers(child_processes)) - before
@@ -326,6 +329,7 @@ def test_with_an_api_url_in_prefects_settings_no_server_is_left(no_api, child_pr
 _SETTINGS_PROBE = textwrap.dedent(
     """
     from flows.server import prefect_api
+    from pipeline.errors import ConfigError
 
     class Launched(Exception):
         pass
@@ -342,6 +346,8 @@ _SETTINGS_PROBE = textwrap.dedent(
             print("configured", url)
     except Launched:
         print("launched")
+    except ConfigError as exc:  # the configured API is checked: nothing listens there
+        print("checked", str(exc).split(" (")[0])
     """
 )
 
@@ -354,9 +360,13 @@ _SETTINGS_PROBE = textwrap.dedent(
         (
             "profiles.toml",
             'active = "p"\n[profiles.p]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n',
-            "configured None",
+            "checked no Prefect server answers at http://127.0.0.1:9/api",
         ),
-        ("prefect.toml", '[api]\nurl = "http://127.0.0.1:8/api"\n', "configured None"),
+        (
+            "prefect.toml",
+            '[api]\nurl = "http://127.0.0.1:8/api"\n',
+            "checked no Prefect server answers at http://127.0.0.1:8/api",
+        ),
         ("profiles.toml", 'active = "p"\n[profiles.p]\n', "launched"),
     ],
     ids=["profile", "prefect.toml", "nothing-set"],

@@ -950,6 +950,32 @@ def test_a_champion_tested_elsewhere_is_scored_on_this_test_set(
     assert parent.data.tags["champion_comparison"] == registrations[1].note, parent.data.tags
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("figure", ["abc", "nan", None])
+def test_a_champion_whose_recorded_figure_is_nonsense_is_scored_from_its_weights(
+    reference, trained, fresh, tmp_path, figure
+):
+    """Anyone who can write the registry can edit a tag: an unusable figure is not trusted
+    (nor fatal to every later publish); the champion is scored again from its weights."""
+    # Arrange
+    on_this = trained.evaluation.accuracy
+    publish(_claiming(reference.record, tmp_path, "v1", 0.99), fresh.uri)
+    if figure is None:
+        fresh.client.delete_model_version_tag(MODEL_NAME, "1", "test_accuracy")
+    else:
+        fresh.client.set_model_version_tag(MODEL_NAME, "1", "test_accuracy", figure)
+    challenger = _claiming(reference.record, tmp_path, "v2", on_this + 0.001)
+
+    # Act
+    registration = publish(challenger, fresh.uri).registration
+
+    # Assert
+    assert registration.champion, registration
+    assert registration.note == f"beats version 1, {on_this:.4f} on this test set", (
+        registration.note
+    )
+
+
 def _model_dir(client: MlflowClient, run_id: str) -> Path:
     return Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
 
@@ -1244,6 +1270,54 @@ def test_mlflow_lost_during_the_run_is_exit_3_and_a_later_publish_records_it(
     parent = fresh.client.get_run(published.run_id)
     assert parent.info.status == "FINISHED", parent.info.status
     assert "best_l2_lambda" in parent.data.metrics, parent.data.metrics
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A real, nearly full filesystem (a 64 KiB tmpfs) at a folder: ``full_disk(path)``."""
+    mounted: list[Path] = []
+
+    def mount(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_artifact_disk_ends_the_parent_failed_and_a_later_publish_finishes_it(
+    trained, fresh, tmp_path, full_disk
+):
+    # Arrange: the store's database has room, its artifacts' disk does not.
+    full_disk(tmp_path / "store" / "artifacts")
+    config = _config_for(trained, fresh.uri, tmp_path)
+
+    # Act
+    with (
+        pytest.raises(NotPublishedError) as info,
+        recorded(config, flow="mlp-pipeline", dataset=_dataset(trained)) as (record, _),
+    ):
+        _fill(record, trained)
+    (parent,) = _runs(fresh.client, _experiment_id(fresh.client), "pipeline")
+    subprocess.run(["umount", "-l", str(tmp_path / "store" / "artifacts")], check=True)
+    republished = publish(record, fresh.uri)
+
+    # Assert: not left RUNNING; the error names the way out; the later publish completes it.
+    assert "No space left on device" in str(info.value), info.value
+    assert parent.info.status == "FAILED", parent.info.status
+    assert f"mlp-pipeline publish {record.folder}" in parent.data.tags["error"], parent.data.tags
+    after = fresh.client.get_run(republished.run_id)
+    assert after.info.status == "FINISHED", after.info.status
+    assert "error" not in after.data.tags, after.data.tags
+    assert {a.path for a in fresh.client.list_artifacts(republished.run_id)} >= {"model"}
 
 
 def test_recorded_refuses_an_unusable_store_before_any_record(trained, tmp_path):

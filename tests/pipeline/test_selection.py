@@ -210,3 +210,36 @@ def test_select_lambda_with_lambda_zero():
 
     # Assert
     assert chosen == 0.0, f"lambda 0 had the best mean but {chosen} was chosen"
+
+
+def test_fold_values_in_any_order_give_the_same_mean_so_a_tie_stays_a_tie():
+    # Arrange: two lambdas whose fold accuracies are permutations of each other, in orders
+    # whose naive left-to-right float sums differ in the last bit.
+    rng = np.random.default_rng(0)
+    accuracies = [0.9791, 0.9813, 0.9807, 0.9799, 0.9802]
+    orders = [rng.permutation(accuracies) for _ in range(300)]
+    naive = {sum(order) for order in orders}
+    assert len(naive) > 1, "the orders must disagree under a naive sum, or the test shows nothing"
+
+    # Act
+    chosen = []
+    for order in orders:
+        shuffled = rng.permutation(accuracies)
+        grid = {1e-4: [(a, 0.1) for a in order], 1e-3: [(a, 0.1) for a in shuffled]}
+        chosen.append(select_lambda(_table(grid)))
+
+    # Assert: every tie goes to the larger lambda, whatever the orders.
+    assert set(chosen) == {1e-3}, f"{chosen.count(1e-4)} of 300 ties went to the smaller lambda"
+
+
+def test_a_lambda_with_a_missing_fold_is_not_eligible():
+    # Arrange: 1e-2 has the best mean but only 3 of the 4 folds.
+    grid = {**GRID, 1e-2: [(0.99, 0.1), (0.99, 0.1), (0.99, 0.1)]}
+    table = _table(grid)
+
+    # Act
+    chosen = select_lambda(table)
+
+    # Assert
+    assert table.set_index("l2_lambda").loc[1e-2, "n_folds"] == 3
+    assert chosen == 1e-3

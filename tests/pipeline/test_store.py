@@ -142,6 +142,21 @@ def test_half_credentials_are_refused(no_credentials, uri, fragment):
     assert "MLFLOW_TRACKING_USERNAME" not in os.environ, "nothing should be set on refusal"
 
 
+@pytest.mark.parametrize(
+    "uri", ["http://bob:s3cret@127.0.0.1:99999", "http://[::1", "http://127.0.0.1:port/"]
+)
+def test_an_unparsable_uri_from_the_environment_is_a_tracking_error(
+    monkeypatch, no_credentials, uri
+):
+    # Arrange: MLFLOW_TRACKING_URI bypasses the config's own check.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    # Act / Assert
+    with pytest.raises(TrackingError, match="cannot parse the tracking URI") as info:
+        default_tracking_uri()
+    assert "s3cret" not in str(info.value), f"a secret leaked: {info.value}"
+
+
 def test_a_user_in_the_uri_pairs_with_the_password_in_the_environment(monkeypatch):
     # Arrange: the password kept out of the URI, as MLflow's docs advise.
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "earlier-user")

@@ -12,7 +12,7 @@ from mlp import MLP, DivergenceError, fit
 from pipeline import training
 from pipeline.config import PipelineConfig, build_config
 from pipeline.data import DatasetRef, Normalizer, load_dataset
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.folds import fold_seed, make_folds, train_indices
 from pipeline.training import evaluation_from, predict_test, train_final, train_fold
 
@@ -395,3 +395,35 @@ def test_load_configured_dataset_applies_limits():
     # Assert
     assert dataset.X_train.shape == (300, 784), f"train shape {dataset.X_train.shape}"
     assert dataset.X_test.shape == (100, 784), f"test shape {dataset.X_test.shape}"
+
+
+# ------------------------------------------------------------------------------ memory
+def test_training_bytes_is_a_lower_bound_of_a_real_trainings_peak(sample):
+    """Measured against the real thing: a training's peak of traced NumPy allocations."""
+    import tracemalloc
+
+    # Arrange: a network big enough that its parameters dominate.
+    cfg = _config(**{"model.hidden_sizes": [2000, 2000], "training.final_epochs": 1})
+    bound = training.training_bytes(cfg, sample.n_features, len(sample.y_train))
+
+    # Act
+    tracemalloc.start()
+    try:
+        train_final(cfg, sample, 1e-4)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Assert: a bound, and a useful one.
+    assert bound <= peak <= 3 * bound, f"bound {bound / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB"
+
+
+def test_a_network_that_cannot_fit_in_memory_is_refused_before_training(sample):
+    # Arrange
+    cfg = _config(**{"model.hidden_sizes": [200_000, 200_000]})
+
+    # Act / Assert
+    with pytest.raises(ConfigError, match=r"784-200000-200000-10 needs at least .* GiB") as info:
+        training.check_memory(cfg, sample, trainings=2)
+    assert "2 trainings at once" in str(info.value), info.value
+    training.check_memory(_config(), sample, trainings=2)  # the default fits
