@@ -42,8 +42,9 @@ HARDENING = {
     "champion tags edited into nonsense; a sealed cache entry under another key":
         ["tests/pipeline/test_publish.py::test_a_champion_whose_recorded_figure_is_nonsense_is_scored_from_its_weights",
          "tests/flows/test_pipeline_flow.py::test_a_sealed_entry_copied_under_another_key_is_trained_again"],
-    "full artifact disk: the parent ends FAILED, a later publish finishes it":
-        ["tests/pipeline/test_publish.py::test_a_full_artifact_disk_ends_the_parent_failed_and_a_later_publish_finishes_it"],
+    "full artifact disk (the parent ends FAILED, a later publish finishes it); store locked":
+        ["tests/pipeline/test_publish.py::test_a_full_artifact_disk_ends_the_parent_failed_and_a_later_publish_finishes_it",
+         "tests/pipeline/test_publish.py::test_a_store_locked_for_seconds_mid_run_delays_the_publish_and_loses_nothing"],
     "paths with URI characters; networks that cannot fit in memory":
         ["tests/test_security.py::test_a_project_folder_with_uri_characters_keeps_its_store_inside",
          "tests/pipeline/test_training.py::test_a_network_that_cannot_fit_in_memory_is_refused_before_training"],

@@ -451,6 +451,7 @@ def download_dataset(
                     spec.sha256[role],
                     progress=bar,
                     timeout=timeout,
+                    expected_shape=spec.shape(role),
                 )
             except DownloadFailed as exc:
                 if created is not None:  # do not leave empty folders behind when offline

@@ -62,6 +62,7 @@ def download_file(
     *,
     progress: Progress | None = None,
     timeout: float = 30.0,
+    expected_shape: tuple[int, ...] | None = None,
 ) -> Path:
     """Download ``filename`` from the first mirror that serves the right content.
 
@@ -81,6 +82,8 @@ def download_file(
         Bar to report to; None downloads silently.
     timeout : float
         Socket timeout in seconds per mirror.
+    expected_shape : tuple of int, optional
+        The content's shape: a header declaring more is refused before it is read.
 
     Returns
     -------
@@ -103,7 +106,7 @@ def download_file(
         try:
             with os.fdopen(fd, "wb") as out:
                 _fetch(url, out, progress=progress, timeout=timeout, label=filename)
-            reason = _check(tmp, expected_sha256)
+            reason = _check(tmp, expected_sha256, expected_shape)
             if reason is None:
                 final = dest_dir / (filename + (".gz" if _is_gzip(tmp) else ""))
                 os.replace(tmp, final)
@@ -130,10 +133,12 @@ def _fetch(url: str, out, *, progress: Progress | None, timeout: float, label: s
                 progress.advance(task, len(chunk))
 
 
-def _check(path: Path, expected_sha256: str) -> str | None:
+def _check(
+    path: Path, expected_sha256: str, expected_shape: tuple[int, ...] | None = None
+) -> str | None:
     """Why the downloaded file is unusable, or None if it is the canonical content."""
     try:
-        actual = read_idx_file(path).sha256
+        actual = read_idx_file(path, expected_shape=expected_shape).sha256
     except DataError as exc:
         return f"downloaded file is not a valid IDX file ({str(exc).removeprefix(f'{path}: ')})"
     if actual != expected_sha256:

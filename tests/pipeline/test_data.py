@@ -335,10 +335,11 @@ def test_bad_and_unreachable_mirrors_fall_through(
 def test_only_bad_mirrors_give_one_error_and_leave_nothing(
     mnist_copy, bad_mirror, closed_port_url, serve, tmp_path
 ):
-    (mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    labels = mnist_copy / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    real = labels.read_bytes()
+    labels.unlink()
     truncated = tmp_path / "truncated"
     truncated.mkdir()
-    real = (mnist_copy / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()
     (truncated / "t10k-labels-idx1-ubyte.gz").write_bytes(real[:1000])
     mirrors = [bad_mirror, serve(truncated), serve(tmp_path / "copy"), closed_port_url]
     with pytest.raises(DataError) as excinfo:
@@ -617,3 +618,36 @@ def test_a_failed_download_leaves_no_folder_it_made(closed_port_url, tmp_path):
 
     # Assert
     assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.rglob('*'))}"
+
+
+def test_a_mirror_serving_an_oversized_header_is_refused_before_reading(
+    mnist_copy, serve, tmp_path
+):
+    """A small gzip whose header declares 5 million images: the download's check refuses it
+    from the header (the expected shape is known), without reading the payload."""
+    import struct
+    import tracemalloc
+
+    # Arrange
+    (mnist_copy / "mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    header = struct.pack(">I3I", 0x00000803, 5_000_000, 28, 28)
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(40 << 20)))
+
+    # Act
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as excinfo:
+            download_dataset("mnist", mnist_copy, mirrors=[serve(folder)], progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Assert
+    message = str(excinfo.value)
+    assert (
+        "declares 5000000x28x28 uint8 (3920000000 bytes), more than the expected 10000x28x28"
+        in message
+    ), message
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB traced: the payload was read"

@@ -1320,6 +1320,51 @@ def test_a_full_artifact_disk_ends_the_parent_failed_and_a_later_publish_finishe
     assert {a.path for a in fresh.client.list_artifacts(republished.run_id)} >= {"model"}
 
 
+@pytest.mark.slow
+def test_a_store_locked_for_seconds_mid_run_delays_the_publish_and_loses_nothing(
+    trained, reference, fresh, tmp_path
+):
+    """Another process holds the SQLite store's write lock longer than MLflow waits for it
+    (a backup, a long query): the live publish fails quietly, the record goes on, and the
+    publish after the lock is gone completes the runs, once each."""
+    import sqlite3
+
+    # Arrange
+    config = _config_for(trained, fresh.uri, tmp_path)
+    database = tmp_path / "store" / "mlflow.db"
+
+    # Act
+    with recorded(config, flow="mlp-pipeline", dataset=_dataset(trained)) as (record, publisher):
+        holder = sqlite3.connect(database, timeout=30)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            _fill(record, trained, ("folds", "cv"))
+            publisher.request()
+            deadline = time.monotonic() + 120  # a hang guard
+            while publisher.error is None:
+                assert time.monotonic() < deadline, "the publish never met the lock"
+                time.sleep(0.1)
+            error = publisher.error
+        finally:
+            holder.rollback()
+            holder.close()
+        _fill(record, trained, ("final",))
+
+    # Assert
+    assert "locked" in str(error), error
+    assert publisher.error is None and publisher.published is not None, publisher.error
+    state = mlflow_state(fresh.client, _experiment_id(fresh.client))
+    assert _counts(state) == {
+        (f"parent {record.run()['id']}" if part.startswith("parent") else part): count
+        for part, count in _counts(reference.state).items()
+    }, _counts(state)
+    assert fresh.client.get_run(publisher.published.run_id).info.status == "FINISHED"
+    empty = [
+        path for path in record.folder.rglob("*") if path.is_file() and not path.stat().st_size
+    ]
+    assert empty == [], f"empty files in the record: {empty}"
+
+
 def test_recorded_refuses_an_unusable_store_before_any_record(trained, tmp_path):
     config = _config_for(trained, "sqlite:///:memory:", tmp_path)
     with (
