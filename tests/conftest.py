@@ -152,7 +152,7 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def child_processes():
     """A function listing (pid, command line) of the child processes of a process."""
     return _children

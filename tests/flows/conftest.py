@@ -356,7 +356,7 @@ _SERVER_COMMANDS = ("prefect server start", "uvicorn", "prefect.server")
 
 
 @pytest.fixture(scope="session")
-def new_prefect_servers():
+def new_prefect_servers(child_processes):
     """``with new_prefect_servers(pid) as seen:``: the Prefect servers started meanwhile.
 
     A thread samples the descendants of ``pid`` every 0.1 s while the block runs; ``seen``
@@ -366,7 +366,7 @@ def new_prefect_servers():
     """
 
     def servers(root: int) -> dict[int, str]:
-        commands = {pid: _command_line(pid) for pid in _descendants(root, _child_processes)}
+        commands = {pid: _command_line(pid) for pid in _descendants(root, child_processes)}
         return {
             pid: command
             for pid, command in commands.items()
@@ -401,22 +401,6 @@ def _command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def _child_processes(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the live children of ``pid``, from ``/proc``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 4 is the parent pid; the command name (field 2) may contain spaces.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append((int(entry.name), _command_line(int(entry.name))))
-    return found
 
 
 @pytest.fixture()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from run_helpers import fold_cache, folds_recorded, records, rewritten, wait_for
 from threadpoolctl import threadpool_limits
 
 from pipeline.config import PipelineConfig
@@ -57,41 +58,6 @@ def _env(prefect_api_url: str | None) -> dict[str, str]:
     if prefect_api_url:
         env["PREFECT_API_URL"] = prefect_api_url
     return env
-
-
-def _wait_for(process, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
-    """Block until ``ready()``; fail if the command ends first (or a hang guard expires)."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None:
-            _, stderr = process.communicate()
-            pytest.fail(f"the command ended (exit {process.returncode}) before {what}: {stderr}")
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
-
-
-def _records(cache: Path) -> list[RunRecord]:
-    """The run records under ``cache``, oldest first (their folder names start with the time)."""
-    root = cache / "runs"
-    return [RunRecord(folder) for folder in sorted(root.iterdir())] if root.is_dir() else []
-
-
-def _folds_recorded(cache: Path) -> int:
-    return len(list(cache.glob("runs/*/folds/*.json")))
-
-
-def _fold_cache(cache: Path) -> dict[str, tuple[int, int]]:
-    """(inode, mtime) of every fold-cache entry: an entry written again gets a new inode."""
-    return {
-        path.name: (path.stat().st_ino, path.stat().st_mtime_ns)
-        for path in (cache / "folds").glob("*.json")
-    }
-
-
-def _rewritten(before: dict[str, tuple[int, int]], cache: Path) -> int:
-    """How many of the entries in ``before`` were written again since (trained again)."""
-    after = _fold_cache(cache)
-    return sum(after.get(name) != stamp for name, stamp in before.items())
 
 
 def _alive(pid: int) -> bool:
@@ -180,17 +146,17 @@ def test_a_killed_pool_worker_is_replaced_and_the_sweep_ends_with_the_same_table
         _sweep_args(tracking_uri, cache, "process"), tmp_path, _env(prefect_api_url)
     )
     # A fold is done: the pool is up and the next trainings have started.
-    _wait_for(pipeline, lambda: _folds_recorded(cache) >= 1, "a first fold recorded")
+    wait_for(pipeline, lambda: folds_recorded(cache) >= 1, "a first fold recorded")
     workers = pool_workers(pipeline.pid)
     assert len(workers) == 2, f"pool workers of the pipeline: {workers}"
-    finished = _fold_cache(cache)
+    finished = fold_cache(cache)
 
     os.kill(workers[0], signal.SIGKILL)  # the OOM killer, say
     stdout, stderr = pipeline.communicate(timeout=300)
 
     assert pipeline.returncode == 0, f"exit {pipeline.returncode}: {stderr[-3000:]}"
     assert "worker pool restarted 1 time(s)" in stdout, stdout + stderr[-3000:]
-    (record,) = _records(cache)
+    (record,) = records(cache)
     run = record.run()
     assert run["status"] == "FINISHED", run["status"]
     assert run["summary"]["worker_restarts"] == 1, run["summary"]
@@ -204,7 +170,7 @@ def test_a_killed_pool_worker_is_replaced_and_the_sweep_ends_with_the_same_table
         if r.data.tags.get("stage") == "cv"
     )
     assert children == pairs, f"MLflow fold runs {children}, recorded {pairs}"
-    retrained = _rewritten(finished, cache)
+    retrained = rewritten(finished, cache)
     assert retrained == 0, f"{retrained} folds finished before the fault were trained again"
     # The same sweep without a fault gives the same table.
     table = record.cv()["table"]
@@ -227,7 +193,7 @@ def test_workers_dying_past_the_retries_fail_in_one_line_and_keep_the_finished_f
         "--set", "execution.retries=0",
     ]  # fmt: skip
     pipeline = start_command(args, tmp_path, _env(prefect_api_url))
-    _wait_for(pipeline, lambda: _folds_recorded(cache) >= 1, "a first fold recorded")
+    wait_for(pipeline, lambda: folds_recorded(cache) >= 1, "a first fold recorded")
     workers = pool_workers(pipeline.pid)
     assert len(workers) == 1, f"pool workers of the pipeline: {workers}"
 
@@ -237,14 +203,14 @@ def test_workers_dying_past_the_retries_fail_in_one_line_and_keep_the_finished_f
     # 1, not 2: a dying worker is no bad input.
     assert pipeline.returncode == 1, f"exit {pipeline.returncode}: {stderr[-3000:]}"
     line = _one_error_line(stderr)
-    (record,) = _records(cache)
+    (record,) = records(cache)
     recorded = len(record.folds())
     assert line.startswith("error: a worker process died 1 time ("), line
     assert line.endswith(f"); {TRAININGS - recorded} trainings unfinished"), (line, recorded)
     run = record.run()
     assert run["status"] == "FAILED", run["status"]
     assert "a worker process died" in run["error"], run["error"]
-    assert len(_fold_cache(cache)) == recorded >= 1, "the finished folds are cached"
+    assert len(fold_cache(cache)) == recorded >= 1, "the finished folds are cached"
     parents = _parents(_mlflow_runs(tracking_uri))
     assert [p.info.status for p in parents] == ["FAILED"], parents
     assert "a worker process died" in parents[0].data.tags.get("error", ""), parents[0].data.tags
@@ -253,7 +219,7 @@ def test_workers_dying_past_the_retries_fail_in_one_line_and_keep_the_finished_f
     reliability_log(
         "pool worker SIGKILL with no retries left: one-line failure",
         survived=True,
-        results_lost=recorded - len(_fold_cache(cache)),
+        results_lost=recorded - len(fold_cache(cache)),
     )
 
 
@@ -264,13 +230,13 @@ def test_a_pipeline_killed_outright_is_marked_failed_and_the_next_run_resumes(
     cache = tmp_path / "cache"
     args = _sweep_args(tracking_uri, cache, "thread", epochs=200)
     first = start_command(args, tmp_path, _env(prefect_api_url))
-    _wait_for(first, lambda: _folds_recorded(cache) >= 1, "a first fold recorded")
-    _wait_for(first, _busy([first.pid], cpu_seconds, 0.5), "the next trainings under way")
+    wait_for(first, lambda: folds_recorded(cache) >= 1, "a first fold recorded")
+    wait_for(first, _busy([first.pid], cpu_seconds, 0.5), "the next trainings under way")
 
     first.kill()  # SIGKILL: no handler runs, the record and the MLflow runs stay RUNNING
     first.communicate(timeout=60)
-    finished = _fold_cache(cache)  # nothing writes there any more
-    (dead,) = _records(cache)
+    finished = fold_cache(cache)  # nothing writes there any more
+    (dead,) = records(cache)
     raw = read_json(dead.folder / "run.json", "run")
     (dead_parent,) = _parents(_mlflow_runs(tracking_uri))
     assert (raw["status"], dead_parent.info.status) == ("RUNNING", "RUNNING"), "premise"
@@ -285,7 +251,7 @@ def test_a_pipeline_killed_outright_is_marked_failed_and_the_next_run_resumes(
     trained, reused = _trainings(stdout)
     assert reused == len(finished), f"{reused} reused, {len(finished)} had finished: {stdout}"
     assert trained + reused == TRAININGS, stdout
-    retrained = _rewritten(finished, cache)
+    retrained = rewritten(finished, cache)
     assert retrained == 0, f"{retrained} finished folds were trained again"
     parents = _parents(_mlflow_runs(tracking_uri))
     assert [p.info.run_id for p in parents][0] == dead_parent.info.run_id, parents
@@ -314,10 +280,10 @@ def test_pool_workers_end_when_the_pipeline_is_killed_outright(
     cache = tmp_path / "cache"
     args = _sweep_args(tracking_uri, cache, "process", epochs=300, workers=1)
     pipeline = start_command(args, tmp_path, _env(prefect_api_url))
-    _wait_for(pipeline, lambda: _folds_recorded(cache) >= 1, "a first fold recorded")
+    wait_for(pipeline, lambda: folds_recorded(cache) >= 1, "a first fold recorded")
     workers = pool_workers(pipeline.pid)
     assert len(workers) == 1, f"pool workers of the pipeline: {workers}"
-    _wait_for(pipeline, _busy(workers, cpu_seconds, 0.3), "the next trainings under way")
+    wait_for(pipeline, _busy(workers, cpu_seconds, 0.3), "the next trainings under way")
     at_kill = {worker: cpu_seconds(worker) for worker in workers}
 
     pipeline.kill()
@@ -356,7 +322,7 @@ def test_a_diverged_l2_strength_is_recorded_and_left_out_of_the_choice(
     ])  # fmt: skip
 
     assert code == 0, f"exit {code}: {err}"
-    (record,) = _records(cache)
+    (record,) = records(cache)
     diverged = [fold for fold in record.folds() if fold.diverged]
     assert sorted((f.l2_lambda, f.fold) for f in diverged) == [(50.0, 0), (50.0, 1)], diverged
     assert all(math.isnan(f.val_accuracy) and math.isnan(f.val_loss) for f in diverged), diverged
@@ -396,7 +362,7 @@ def test_every_l2_strength_diverging_is_a_one_line_error(
     line = _one_error_line(err)
     assert line.startswith("error: every lambda diverged"), line
     assert "smaller training.lr" in line, line
-    (record,) = _records(cache)
+    (record,) = records(cache)
     run = record.run()
     assert run["status"] == "FAILED", run["status"]
     assert "diverged" in run["error"], run["error"]
@@ -460,13 +426,13 @@ def test_the_temporary_prefect_server_lost_mid_run_is_one_line_and_no_hang(
     pipeline = start_command(
         _sweep_args(tracking_uri, cache, "thread", epochs=30), tmp_path, _env(None)
     )
-    _wait_for(pipeline, lambda: any(cache.glob("runs/*/run.json")), "the flow's record")
+    wait_for(pipeline, lambda: any(cache.glob("runs/*/run.json")), "the flow's record")
     servers = [pid for pid, cmdline in child_processes(pipeline.pid) if "server start" in cmdline]
     assert len(servers) == 1, f"the temporary Prefect server: {child_processes(pipeline.pid)}"
 
     os.kill(servers[0], signal.SIGKILL)  # the OOM killer, say
-    (record,) = _records(cache)
-    _wait_for(pipeline, lambda: record.run()["status"] != "RUNNING", "the record closed")
+    (record,) = records(cache)
+    wait_for(pipeline, lambda: record.run()["status"] != "RUNNING", "the record closed")
     # No hang: what is left after the record is closed takes seconds, not Prefect's retries.
     _, stderr = pipeline.communicate(timeout=20)
 
@@ -474,10 +440,10 @@ def test_the_temporary_prefect_server_lost_mid_run_is_one_line_and_no_hang(
     line = _one_error_line(stderr)
     assert line.startswith("error: the temporary Prefect server stopped during the run"), line
     assert "run the command again to resume" in line, line
-    assert len(_fold_cache(cache)) == len(record.folds()), "every finished fold is cached"
+    assert len(fold_cache(cache)) == len(record.folds()), "every finished fold is cached"
     _assert_nothing_running(tracking_uri)
     reliability_log(
         "the temporary Prefect server SIGKILLed mid-run: one line, no hang",
         survived=True,
-        results_lost=len(record.folds()) - len(_fold_cache(cache)),
+        results_lost=len(record.folds()) - len(fold_cache(cache)),
     )

@@ -15,12 +15,12 @@ import re
 import resource
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from run_helpers import fold_cache, folds_recorded, records, rewritten, wait_for
 
 from pipeline.record import RunRecord
 
@@ -50,49 +50,6 @@ def _sweep_args(tracking_uri: str, cache: Path, runner: str, workers: int = WORK
         "--workers", str(workers), "--tracking-uri", tracking_uri, "--experiment", EXPERIMENT,
         "--no-progress", "--set", f"execution.cache_dir={cache}",
     ]  # fmt: skip
-
-
-def _wait_for(
-    process,
-    ready: Callable[[], bool],
-    what: str,
-    timeout: float = 300,
-    meanwhile: Callable[[], None] = lambda: None,
-) -> None:
-    """Block until ``ready()``, calling ``meanwhile()`` (a check) on the way; fail if the
-    command ends first (or a hang guard expires).
-    """
-    deadline = time.monotonic() + timeout
-    while not (meanwhile() or ready()):
-        if process.poll() is not None:
-            _, stderr = process.communicate()
-            pytest.fail(f"the command ended (exit {process.returncode}) before {what}: {stderr}")
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
-
-
-def _records(cache: Path) -> list[RunRecord]:
-    """The run records under ``cache``, oldest first (their folder names start with the time)."""
-    root = cache / "runs"
-    return [RunRecord(folder) for folder in sorted(root.iterdir())] if root.is_dir() else []
-
-
-def _folds_recorded(cache: Path) -> int:
-    return len(list(cache.glob("runs/*/folds/*.json")))
-
-
-def _fold_cache(cache: Path) -> dict[str, tuple[int, int]]:
-    """(inode, mtime) of every fold-cache entry: an entry written again gets a new inode."""
-    return {
-        path.name: (path.stat().st_ino, path.stat().st_mtime_ns)
-        for path in (cache / "folds").glob("*.json")
-    }
-
-
-def _rewritten(before: dict[str, tuple[int, int]], cache: Path) -> int:
-    """How many of the entries in ``before`` were written again since (trained again)."""
-    after = _fold_cache(cache)
-    return sum(after.get(name) != stamp for name, stamp in before.items())
 
 
 def _descendants(pid: int, child_processes) -> dict[int, str]:
@@ -149,7 +106,7 @@ def _wait_for_training(
     def busy() -> bool:  # a unit seen for the first time started since: all its time counts
         return sum(cpu - start.get(unit, 0.0) >= seconds for unit, cpu in used().items()) >= count
 
-    _wait_for(process, busy, f"{count} trainings {seconds} CPU-s further", meanwhile=meanwhile)
+    wait_for(process, busy, f"{count} trainings {seconds} CPU-s further", meanwhile=meanwhile)
 
 
 def _children_cpu() -> float:
@@ -239,7 +196,7 @@ def _interrupt_mid_sweep(
     pipeline = start_command(
         _sweep_args(tracking_uri, cache, runner, workers), tmp_path, _env(prefect_api_url)
     )
-    _wait_for(pipeline, lambda: _folds_recorded(cache) >= 1, "a first fold recorded")
+    wait_for(pipeline, lambda: folds_recorded(cache) >= 1, "a first fold recorded")
     # Mid-training: the trainings that started after the first fold are a little way in.
     units = lambda: _units(pipeline.pid, runner, pool_workers)  # noqa: E731
     _wait_for_training(pipeline, units, cpu_seconds, count=workers, seconds=0.3)
@@ -249,7 +206,7 @@ def _interrupt_mid_sweep(
     assert len(pool) == (workers if runner == "process" else 0), f"pool workers: {pool}"
     worker_cpu = {worker: cpu_seconds(worker) for worker in pool}
     cpu_at_signal = cpu_seconds(pipeline.pid) + sum(worker_cpu.values())
-    folds_finished = _folds_recorded(cache)
+    folds_finished = folds_recorded(cache)
     if to_group:
         os.killpg(pipeline.pid, SIGNALS[signame])
     else:
@@ -265,7 +222,7 @@ def _interrupt_mid_sweep(
     after_signal = _children_cpu() - cpu_before - cpu_at_signal
 
     _assert_ended_interrupted(pipeline, stderr, 129 if signame == "SIGHUP" else 130)
-    (record,) = _records(cache)
+    (record,) = records(cache)
     recorded = len(record.folds())
     assert folds_finished <= recorded < TRAININGS, (
         f"{recorded} folds recorded, {folds_finished} before the signal: the running trainings "
@@ -273,7 +230,7 @@ def _interrupt_mid_sweep(
     )
     assert record.cv() is None, "an interrupted sweep records no CV table"
     _assert_killed_everywhere(record, tracking_uri, recorded)
-    assert len(_fold_cache(cache)) == recorded, "every finished fold is in the fold cache"
+    assert len(fold_cache(cache)) == recorded, "every finished fold is in the fold cache"
     # The trainings stopped at their next epoch: a training left running would spend over 2
     # CPU-s more (EPOCHS epochs), a stopped run a few tenths.
     assert after_signal < AFTER_SIGNAL_CPU[runner], (
@@ -285,7 +242,7 @@ def _interrupt_mid_sweep(
             f"pool worker {worker} spent {spent:.2f} CPU-s after the signal"
         )
     _wait_gone(tree, f"processes of the run ({tree})")
-    return Interruption(recorded, _fold_cache(cache))
+    return Interruption(recorded, fold_cache(cache))
 
 
 # ------------------------------------------------------------------------------ mid-sweep
@@ -356,9 +313,9 @@ def test_the_same_command_after_a_signal_resumes_from_the_fold_cache(
         f"{reused} folds reused, {interruption.folds_finished} had finished: {stdout}"
     )
     assert trained + reused == TRAININGS, stdout
-    retrained = _rewritten(interruption.fold_cache, cache)
+    retrained = rewritten(interruption.fold_cache, cache)
     assert retrained == 0, f"{retrained} finished folds were trained again"
-    first, second = _records(cache)
+    first, second = records(cache)
     assert (first.run()["status"], second.run()["status"]) == ("KILLED", "FINISHED")
     assert len(second.folds()) == TRAININGS, "the resumed record holds every fold"
     parents = _parents(_mlflow_runs(tracking_uri))
@@ -391,18 +348,18 @@ def test_a_signal_during_the_final_training_stops_it_and_the_folds_stay_cached(
     ]  # fmt: skip
     cpu_before = _children_cpu()
     pipeline = start_command([*args, "--final-epochs", "400"], tmp_path, _env(prefect_api_url))
-    _wait_for(pipeline, lambda: any(cache.glob("runs/*/cv.json")), "the CV table recorded")
+    wait_for(pipeline, lambda: any(cache.glob("runs/*/cv.json")), "the CV table recorded")
     _wait_for_training(pipeline, lambda: [(pipeline.pid, None)], cpu_seconds, 1, seconds=0.5)
     tree = _descendants(pipeline.pid, child_processes)
     cpu_at_signal = cpu_seconds(pipeline.pid)
-    fold_cache = _fold_cache(cache)
+    cached = fold_cache(cache)
 
     pipeline.send_signal(signal.SIGTERM)
     _, stderr = pipeline.communicate(timeout=120)
     after_signal = _children_cpu() - cpu_before - cpu_at_signal
 
     _assert_ended_interrupted(pipeline, stderr, 130)
-    (record,) = _records(cache)
+    (record,) = records(cache)
     assert record.final() is None, "an interrupted final training records no final model"
     assert not (record.folder / "final" / "weights.npz").exists(), "no weights of a cut training"
     _assert_killed_everywhere(record, tracking_uri, TRAININGS)
@@ -422,7 +379,7 @@ def test_a_signal_during_the_final_training_stops_it_and_the_folds_stay_cached(
     trained, reused = _trainings(stdout)
     assert (trained, reused) == (0, TRAININGS), stdout
     assert "test accuracy" in stdout, stdout
-    retrained = _rewritten(fold_cache, cache)
+    retrained = rewritten(cached, cache)
     assert retrained == 0, f"{retrained} finished folds were trained again"
     reliability_log(
         "SIGTERM during the final training, then the run again",
@@ -474,7 +431,7 @@ def test_ctrl_c_in_a_terminal_ends_the_run_and_its_temporary_server_cleanly(
         servers = _prefect_servers(tree)
         assert len(servers) <= 1, f"more than one Prefect server: {[tree[p] for p in servers]}"
 
-    _wait_for(pipeline, lambda: _folds_recorded(cache) >= 1, "a first fold", meanwhile=one_server)
+    wait_for(pipeline, lambda: folds_recorded(cache) >= 1, "a first fold", meanwhile=one_server)
     units = lambda: _units(pipeline.pid, runner, pool_workers)  # noqa: E731
     _wait_for_training(pipeline, units, cpu_seconds, workers, seconds=0.3, meanwhile=one_server)
     tree = _descendants(pipeline.pid, child_processes)
@@ -487,12 +444,12 @@ def test_ctrl_c_in_a_terminal_ends_the_run_and_its_temporary_server_cleanly(
     _assert_ended_interrupted(pipeline, stderr, 130)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines == ["error: interrupted"], f"stderr holds more than the one line: {lines}"
-    (record,) = _records(cache)
+    (record,) = records(cache)
     _assert_killed_everywhere(record, tracking_uri, len(record.folds()))
     _wait_gone(servers, "the temporary Prefect server")
     _wait_gone(tree, f"processes of the run ({tree})")
     reliability_log(
         f"Ctrl-C to the whole process group mid-sweep ({runner} runner, temporary server)",
         survived=True,
-        results_lost=len(record.folds()) - len(_fold_cache(cache)),
+        results_lost=len(record.folds()) - len(fold_cache(cache)),
     )
