@@ -378,21 +378,26 @@ def test_an_api_url_from_prefect_settings_files_is_used(tmp_path, reaped, where,
     (home / "profiles.toml" if where == "profiles.toml" else work / where).write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"))
+    last = _probe(reaped, _SETTINGS_PROBE, work, env)
+
+    assert last == expected, f"{where}: {last!r}"
+
+
+def _probe(reaped, code: str, cwd, env: dict[str, str]) -> str:
+    """Run ``code`` in a new interpreter; returns the last line it printed (it must succeed)."""
     probe = reaped(
         subprocess.Popen(
-            [sys.executable, "-c", _SETTINGS_PROBE],
-            cwd=work,
+            [sys.executable, "-c", code],
+            cwd=cwd,
             env=env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
     )
-
     out, err = probe.communicate(timeout=300)
-
     assert probe.returncode == 0, err[-3000:]
-    assert out.strip().splitlines()[-1] == expected, f"{where}: {out!r}"
+    return out.strip().splitlines()[-1]
 
 
 # ------------------------------------------------------------------------------ processes
@@ -462,18 +467,6 @@ _HEAVY_IMPORTS_PROBE = textwrap.dedent(
 def test_the_command_launches_the_server_before_importing_heavy_libraries(tmp_path, reaped):
     """The server's boot is the longest step of a run's start: nothing may delay its launch."""
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    probe = reaped(
-        subprocess.Popen(
-            [sys.executable, "-c", _HEAVY_IMPORTS_PROBE],
-            cwd=tmp_path,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-    )
+    last = _probe(reaped, _HEAVY_IMPORTS_PROBE, tmp_path, env)
 
-    out, err = probe.communicate(timeout=300)
-
-    assert probe.returncode == 0, err[-3000:]
-    assert json.loads(out.strip().splitlines()[-1]) == [], f"imported before the launch: {out}"
+    assert json.loads(last) == [], f"imported before the launch: {last}"
