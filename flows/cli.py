@@ -560,12 +560,13 @@ def serve(
     Needs a Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL.
     """
     from flows import deployments as dep
+    from flows.server import check_api
     from pipeline.tracking.store import redact_uri
 
     url = dep.require_api_url()
     cfg = dep.absolute_paths(config_from_options(preset, config, set_))
     served = dep.build_deployments(cfg, name=name, cron=cron, interval=interval)
-    dep.check_api(url)
+    check_api(url)
     for deployment in served:
         schedule = ", ".join(dep.describe_schedule(s) for s in deployment.schedules)
         out.print(f"serving {dep.FLOW_NAME}/{deployment.name} ({schedule or 'on request'})",
@@ -601,10 +602,11 @@ def trigger(
     from prefect.client.orchestration import get_client
 
     from flows import deployments as dep
+    from flows.server import check_api
 
     overrides = parse_set_options(set_ or [])
     url = dep.require_api_url()
-    dep.check_api(url)
+    check_api(url)
     name = dep.full_name(deployment)
     with get_client(sync_client=True) as client:
         found = dep.read_deployment(client, name)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flows.server import START_SERVER_HINT, check_api  # noqa: F401 -- serve, trigger use it
+from flows.server import START_SERVER_HINT
 from pipeline.config import PipelineConfig, build_config, redact_uri
 from pipeline.errors import ConfigError, PipelineError
 

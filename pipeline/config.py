@@ -250,10 +250,8 @@ class TrackingConfig(_Section):
     @field_validator("tracking_uri")
     @classmethod
     def _parsable(cls, value: str | None) -> str | None:
-        try:
-            urllib.parse.urlsplit(value or "").port  # noqa: B018 -- parsed on access
-        except ValueError as exc:
-            raise ValueError(f"cannot parse {redact_uri(value or '')} ({exc})") from None
+        if value and (why := uri_parse_error(value)):
+            raise ValueError(f"cannot parse {redact_uri(value)} ({why})")
         return value
 
     @field_validator("registered_model")
@@ -362,6 +360,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "execution": {"runner": "thread"},
     },
 }
+
+
+def uri_parse_error(uri: str) -> str | None:
+    """Why ``uri`` cannot be parsed (a port out of range or not a number, a bad IPv6 host)."""
+    try:
+        urllib.parse.urlsplit(uri).port  # noqa: B018 -- the port is parsed on access
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def redact_uri(uri: str) -> str:

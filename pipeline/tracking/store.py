@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import redact_uri
+from pipeline.config import redact_uri, uri_parse_error
 from pipeline.errors import TrackingError
 
 DEFAULT_STORE_DIR = "mlruns"
@@ -43,12 +43,9 @@ def credentials_to_environment(uri: str | None) -> str | None:
     they must not carry secrets; MLflow reads ``MLFLOW_TRACKING_USERNAME`` and
     ``MLFLOW_TRACKING_PASSWORD`` itself. Returns the URI without credentials.
     """
-    try:
-        parts = urllib.parse.urlsplit(uri or "")
-        parts.port  # noqa: B018 -- parsed on access: a port out of range or not a number
-    except ValueError as exc:
-        safe = redact_uri(uri or "")
-        raise TrackingError(f"cannot parse the tracking URI {safe}: {exc}") from None
+    if uri and (why := uri_parse_error(uri)):  # MLFLOW_TRACKING_URI skips the config's check
+        raise TrackingError(f"cannot parse the tracking URI {redact_uri(uri)}: {why}")
+    parts = urllib.parse.urlsplit(uri or "")
     # Only MLflow's HTTP client reads these variables; a database URI keeps its password.
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return uri
