@@ -84,7 +84,7 @@ def run_one(config: PipelineConfig, l2: float, threads: int) -> dict[str, Any]:
     """Train the final model of ``config`` with ``l2`` on 60k, evaluate on the test set."""
     with threadpool_limits(limits=threads):
         dataset = load_configured_dataset(config.data)
-        final = train_final(config, dataset, l2)
+        final = train_final(config, dataset, {"training.l2_lambda": l2})
         evaluation, _ = predict_test(final, dataset)
     epoch_seconds = final.history["seconds"]
     return {

@@ -7,7 +7,7 @@ Measures, on this machine, the ``default`` preset (4 lambdas x 4 folds + final +
 - ``warm``: the same as a second run, on the store the first one created (fresh fold cache);
 - ``server``: the same as ``run``, with ``PREFECT_API_URL`` set to a running
   ``prefect server start`` (started once, before the rounds, as deployments have one);
-- ``plain``: the same pipeline functions (``train_fold``, ``cv_table``, ``select_lambda``,
+- ``plain``: the same pipeline functions (``train_fold``, ``cv_table``, ``select_candidate``,
   ``train_final``, ``predict_test``) in a plain ``multiprocessing`` pool with the same workers
   and BLAS threads, forked after the data is loaded as the CLI's are, no Prefect, no MLflow:
   the overhead of orchestration and tracking is ``run / plain - 1``;
@@ -296,7 +296,8 @@ def _plain_fold(job: tuple) -> object:
 
     config, l2_lambda, fold, blas = job
     set_blas_threads(blas)
-    return train_fold(config, load_configured_dataset(config.data), l2_lambda, fold)
+    dataset = load_configured_dataset(config.data)
+    return train_fold(config, dataset, {"training.l2_lambda": l2_lambda}, fold)
 
 
 def run_plain(config) -> dict:
@@ -304,7 +305,7 @@ def run_plain(config) -> dict:
 
     Run in its own process by :func:`run_child`, which measures its CPU and memory.
     """
-    from pipeline.selection import cv_table, select_lambda
+    from pipeline.selection import cv_table, select_candidate
     from pipeline.threads import cpu_count, set_blas_threads
     from pipeline.training import load_configured_dataset, predict_test, train_final
 
@@ -318,12 +319,13 @@ def run_plain(config) -> dict:
     with get_context("fork").Pool(workers) as pool:
         results = pool.map(_plain_fold, jobs, chunksize=1)
     table = cv_table(results)
-    best = select_lambda(table)
+    best = select_candidate(table)
     set_blas_threads(config.execution.resolved_final_blas_threads(cores))
     final = train_final(config, dataset, best)
     evaluation, _ = predict_test(final, dataset)
     return {"wall_seconds": time.perf_counter() - started,
-            "test_accuracy": evaluation.accuracy, "best_l2_lambda": best}  # fmt: skip
+            "test_accuracy": evaluation.accuracy,
+            "best_l2_lambda": best["training.l2_lambda"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ ephemeral

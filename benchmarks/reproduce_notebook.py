@@ -54,7 +54,7 @@ from threadpoolctl import threadpool_limits
 from pipeline import notebook
 from pipeline.config import PipelineConfig, build_config, preset
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
 
 # The notebook's printed figures (mean CV accuracy in %, per lambda).
@@ -74,14 +74,15 @@ def _init_worker() -> None:
 
 def _fold_task(args: tuple[PipelineConfig, float, int]) -> FoldResult:
     config, l2_lambda, fold = args
-    return train_fold(config, load_configured_dataset(config.data), l2_lambda, fold)
+    dataset = load_configured_dataset(config.data)
+    return train_fold(config, dataset, {"training.l2_lambda": l2_lambda}, fold)
 
 
 def _final_task(args: tuple[str, PipelineConfig, float]) -> tuple[str, float, float, float, dict]:
     """(name, test accuracy, seconds, l2, last-epoch history record) of one final model."""
     name, config, l2_lambda = args
     dataset = load_configured_dataset(config.data)
-    final = train_final(config, dataset, l2_lambda)
+    final = train_final(config, dataset, {"training.l2_lambda": l2_lambda})
     evaluation, _ = predict_test(final, dataset)
     last = {key: values[-1] for key, values in final.history.items()}
     return name, evaluation.accuracy, final.seconds, l2_lambda, last
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             cv_seconds = time.perf_counter() - started
             table = cv_table(results)
-            best = select_lambda(table)
+            best = select_candidate(table)["training.l2_lambda"]
             show = pd.DataFrame({
                 "lambda": table["l2_lambda"],
                 "ours acc %": 100 * table["mean_val_accuracy"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import json
 import logging
 import math
 import os
@@ -28,7 +29,8 @@ from rich.table import Table
 from flows.interrupt import interruptible
 from mlp import MLPError
 from pipeline.config import PipelineConfig, parse_set_options, redact_uri, resolve_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.search import L2_KEY
 
 app = typer.Typer(
     name="mlp-pipeline",
@@ -81,6 +83,21 @@ L2Grid = Annotated[
     str | None,
     typer.Option("--l2-grid", help="L2 strengths to cross-validate, comma-separated: 1e-4,1e-3"),
 ]
+Grid = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--grid",
+        help="Search a setting: --grid 'training.lr=[0.05,0.1]' (a JSON list, or a distribution "
+        "like '{\"log_uniform\": [1e-5, 1e-1]}'; repeatable)",
+    ),
+]
+Strategy = Annotated[
+    str | None, typer.Option("--strategy", help="Search strategy: grid, random or halving")
+]
+Selection = Annotated[
+    str | None,
+    typer.Option("--selection", help="best, or one-se: the most regularized within 1 std error"),
+]
 Folds = Annotated[int | None, typer.Option(help="Number of CV folds")]
 Runner = Annotated[str | None, typer.Option(help="sequential, thread, process or dask")]
 Workers = Annotated[int | None, typer.Option(help="Parallel workers (default: cores)")]
@@ -110,6 +127,8 @@ SETTINGS = {
     "final_epochs": "training.final_epochs",
     "batch_size": "training.batch_size",
     "l2_grid": "cv.l2_lambdas",
+    "strategy": "search.strategy",
+    "selection": "cv.selection",
     "folds": "cv.folds",
     "seed": "cv.seed",
     "runner": "execution.runner",
@@ -121,9 +140,17 @@ SETTINGS = {
 
 
 def config_from_options(
-    preset: str | None, config: Path | None, set_: list[str] | None, **flags: Any
+    preset: str | None,
+    config: Path | None,
+    set_: list[str] | None,
+    grid: list[str] | None = None,
+    **flags: Any,
 ) -> PipelineConfig:
-    """The config of a command: preset, file, ``--set`` and flags; no credentials left in it."""
+    """The config of a command: preset, file, ``--set`` and flags; no credentials left in it.
+
+    ``--grid`` entries join the search space of the preset and file (a key named again is
+    replaced).
+    """
     from pipeline.tracking.store import credentials_to_environment
 
     overrides = parse_set_options(set_ or [])
@@ -132,7 +159,12 @@ def config_from_options(
             overrides[SETTINGS[flag]] = (
                 _numbers(flag, value) if flag in {"hidden", "l2_grid"} else value
             )
+    searched = parse_grid_options(grid or [])
+    if L2_KEY in searched and "cv.l2_lambdas" in overrides:
+        raise ConfigError(f"--l2-grid and --grid {L2_KEY}=... both set the L2 strengths: keep one")
     cfg = resolve_config(preset, config, overrides)
+    if searched:
+        cfg = cfg.replace({"search.space": {**cfg.search.space, **searched}})
     uri = cfg.tracking.tracking_uri
     safe = credentials_to_environment(uri)
     if safe is not None and redact_uri(safe) != safe:
@@ -141,6 +173,23 @@ def config_from_options(
         os.environ["MLFLOW_TRACKING_URI"] = safe
         safe = None
     return cfg if safe == uri else cfg.replace({"tracking.tracking_uri": safe})
+
+
+def parse_grid_options(items: list[str]) -> dict[str, Any]:
+    """``--grid KEY=JSON`` entries as a search space: a JSON list, or a distribution object."""
+    searched: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        try:
+            values = json.loads(raw) if sep and key.strip() else None
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, list | dict):
+            raise ConfigError(
+                f"--grid expects KEY=JSON_LIST, like 'training.lr=[0.05,0.1]' (got {item!r})"
+            )
+        searched[key.strip()] = values
+    return searched
 
 
 def _numbers(flag: str, text: str) -> list[float] | list[int]:
@@ -183,23 +232,32 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> None:
     _print_summary(summary, cfg)
 
 
-def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
-    from pipeline import notebook
+SHOWN_CANDIDATES = 10  # the summary's CV table shows the best few of a large search
+SHORT_NAMES = {"model.hidden_sizes": "hidden"}  # column headers of searched settings
 
-    best = summary["best_l2_lambda"]
-    rows = [
-        (row["l2_lambda"], row["mean_val_accuracy"], row["std_val_accuracy"],
-         row["mean_val_loss"], row["diverged_folds"])
-        for row in summary["cv_table"]
-    ]  # fmt: skip
-    _print_cv_table(f"cross-validation ({cfg.cv.folds} folds)", rows, best)
+
+def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
+    import pandas as pd
+
+    from pipeline import notebook
+    from pipeline.search import label
+
+    best = summary["best"]
+    table = pd.DataFrame(summary["cv_table"])
+    _print_cv_table(f"cross-validation ({cfg.cv.folds} folds, {cfg.search.strategy})", table,
+                    best)  # fmt: skip
     beside_notebook = notebook.follows_protocol(cfg)
     if beside_notebook:  # the notebook's protocol: its published figures beside ours
-        published = [
-            (l2, percent / 100, None, notebook.CV_LOSS[l2], None)
+        published = pd.DataFrame(
+            {
+                "l2_lambda": l2,
+                "mean_val_accuracy": percent / 100,
+                "mean_val_loss": notebook.CV_LOSS[l2],
+            }
             for l2, percent in sorted(notebook.CV_ACCURACY_PERCENT.items())
-        ]
-        _print_cv_table("the homework notebook, as published", published, notebook.BEST_LAMBDA)
+        )
+        _print_cv_table("the homework notebook, as published", published,
+                        {L2_KEY: notebook.BEST_LAMBDA})  # fmt: skip
     out.print(
         f"trainings: {summary['trained_folds']} run, {summary['cached_folds']} reused from cache; "
         f"wall time {summary['wall_seconds']:.1f} s"
@@ -211,7 +269,7 @@ def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
         )
     if "test_accuracy" in summary:
         out.print(
-            f"[bold]test accuracy {summary['test_accuracy']:.4f}[/bold] (λ={best:g}, "
+            f"[bold]test accuracy {summary['test_accuracy']:.4f}[/bold] ({escape(label(best, 'λ'))}, "
             f"test loss {summary['test_loss']:.4f})"
         )
         if beside_notebook:
@@ -222,22 +280,58 @@ def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
     _print_published(summary["published"])
 
 
-def _print_cv_table(title: str, rows: list[tuple], best: float) -> None:
-    """Rows of (lambda, mean accuracy, std or None, mean loss, diverged folds or None)."""
-    table = Table(title=title)
-    for column in ("λ", "val accuracy (mean ± std)", "val loss", "diverged", ""):
-        table.add_column(column, justify="right")
-    for l2_lambda, mean, std, loss, diverged in rows:
-        chosen = l2_lambda == best
-        table.add_row(
-            f"{l2_lambda:g}",
-            f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}"),
-            f"{loss:.4f}",
-            "" if diverged is None else str(diverged),
+def _print_cv_table(title: str, table: Any, best: dict[str, Any]) -> None:
+    """One row per candidate, the best first (the best few of a large search), chosen marked.
+
+    ``table``: a CV table (:func:`pipeline.selection.cv_table`); the notebook's published one
+    has only lambda, mean accuracy and mean loss.
+    """
+    from pipeline.search import candidate_id
+    from pipeline.selection import candidate_of, ranked, searched_columns
+
+    settings = searched_columns(table)
+    budget = "budget" in table and table["budget"].nunique() > 1  # halving: epochs reached
+    diverged = "diverged_folds" in table and bool(table["diverged_folds"].fillna(0).any())
+    if "n_folds" in table:
+        table = ranked(table)
+    chosen_id = candidate_id(best)
+    shown = table.head(SHOWN_CANDIDATES)
+    rest = table.iloc[SHOWN_CANDIDATES:]
+    chosen_rows = [row for _, row in rest.iterrows()
+                   if candidate_id(candidate_of(row, settings)) == chosen_id]  # fmt: skip
+    view = Table(title=title)
+    headers = ["λ", *(SHORT_NAMES.get(key, key.split(".")[-1]) for key in settings),
+               *(["epochs"] if budget else []), "val acc ± std", "val loss",
+               *(["diverged"] if diverged else []), ""]  # fmt: skip
+    for column in headers:
+        view.add_column(column, justify="right")
+    for _, row in [*shown.iterrows(), *((None, row) for row in chosen_rows)]:
+        candidate = candidate_of(row, settings)
+        chosen = candidate_id(candidate) == chosen_id
+        std = row.get("std_val_accuracy")
+        view.add_row(
+            f"{candidate[L2_KEY]:g}",
+            *(_cell(candidate[key]) for key in settings),
+            *([str(int(row["budget"]))] if budget else []),
+            f"{row['mean_val_accuracy']:.4f}" + ("" if _absent(std) else f" ± {std:.4f}"),
+            f"{row['mean_val_loss']:.4f}",
+            *([str(int(row["diverged_folds"]))] if diverged else []),
             "[bold green]← chosen[/bold green]" if chosen else "",
             style="bold" if chosen else None,
         )
-    out.print(table)
+    out.print(view)
+    if len(rest):
+        out.print(f"... and {len(rest)} more candidates (cv_results.csv in the MLflow run)")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return escape(f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _print_published(published: Any) -> None:
@@ -284,6 +378,9 @@ def run(
     final_epochs: FinalEpochs = None,
     batch_size: BatchSize = None,
     l2_grid: L2Grid = None,
+    grid: Grid = None,
+    strategy: Strategy = None,
+    selection: Selection = None,
     folds: Folds = None,
     seed: Seed = None,
     runner: Runner = None,
@@ -293,9 +390,11 @@ def run(
     experiment: Experiment = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Run the whole pipeline: CV over lambda, final model, test evaluation, MLflow record."""
+    """Run the whole pipeline: the cross-validated search, final model, test evaluation, MLflow
+    record."""
     cfg = config_from_options(
-        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        preset, config, set_, grid, strategy=strategy, selection=selection, dataset=dataset,
+        data_dir=data_dir, limit_train=limit_train,
         limit_test=limit_test, hidden=hidden, activation=activation, optimizer=optimizer, lr=lr,
         epochs=epochs, final_epochs=final_epochs, batch_size=batch_size, l2_grid=l2_grid,
         folds=folds, seed=seed, runner=runner, workers=workers, dask_address=dask_address,
@@ -319,6 +418,9 @@ def cv(
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     l2_grid: L2Grid = None,
+    grid: Grid = None,
+    strategy: Strategy = None,
+    selection: Selection = None,
     folds: Folds = None,
     seed: Seed = None,
     runner: Runner = None,
@@ -328,9 +430,10 @@ def cv(
     experiment: Experiment = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Run only the cross-validation sweep and record its table."""
+    """Run only the cross-validated search and record its table."""
     cfg = config_from_options(
-        preset, config, set_, dataset=dataset, data_dir=data_dir, limit_train=limit_train,
+        preset, config, set_, grid, strategy=strategy, selection=selection, dataset=dataset,
+        data_dir=data_dir, limit_train=limit_train,
         hidden=hidden, activation=activation, optimizer=optimizer, lr=lr, epochs=epochs,
         batch_size=batch_size, l2_grid=l2_grid, folds=folds, seed=seed, runner=runner,
         workers=workers, dask_address=dask_address, tracking_uri=tracking_uri,
@@ -380,7 +483,7 @@ def train(
     def train_and_evaluate() -> tuple[Any, Any, Any]:
         epochs_total = cfg.training.resolved_final_epochs
         with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_epoch:
-            final = train_final(cfg, data, l2, callback=on_epoch)
+            final = train_final(cfg, data, {L2_KEY: l2}, callback=on_epoch)
         evaluation, predicted = predict_test(final, data)
         out.print(
             f"test accuracy {evaluation.accuracy:.4f}  test loss {evaluation.loss:.4f}  "

@@ -1,7 +1,8 @@
 """The Prefect flows: ``mlp-pipeline`` (the whole workflow) and ``cv`` (the sweep only).
 
-data -> train_fold for every (lambda, fold), in parallel -> CV table and lambda -> final model on
-all training data -> test evaluation. Every result goes to the run record as it arrives
+data -> train_fold for every (candidate, fold) of the search, in parallel (rung by rung in
+successive halving) -> CV table and the chosen candidate -> final model on all training data ->
+test evaluation. Every result goes to the run record as it arrives
 (:mod:`pipeline.record`), which MLflow mirrors (:mod:`pipeline.tracking.publish`). Workers
 return small :class:`~pipeline.results.FoldResult` records; only the flow process writes.
 """
@@ -25,10 +26,17 @@ from pipeline.errors import PipelineError
 from pipeline.progress import reporter
 from pipeline.record import FoldCache, RunRecord, check_cache_dir, fold_key
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.search import L2_KEY, candidate_config, candidate_id, candidates, label, rungs
+from pipeline.selection import cv_table, ranked, select_candidate
 from pipeline.threads import cpu_count, set_blas_threads
 from pipeline.tracking.publish import LivePublisher, recorded
-from pipeline.training import load_data_checked, predict_test, train_final
+from pipeline.training import (
+    Checkpoint,
+    load_data_checked,
+    parameter_count,
+    predict_test,
+    train_final,
+)
 
 
 class WorkersLost(PipelineError):
@@ -39,49 +47,116 @@ class WorkersLost(PipelineError):
 
 @dataclass
 class Sweep:
-    """Every (lambda, fold) result, and how many were trained now vs. reused from the cache."""
+    """Every candidate's fold results (its last rung's), and how they were obtained."""
 
     results: list[FoldResult]
     trained: int
     cached: int
     worker_restarts: int
+    parameters: dict[str, int]
 
 
 load_data = step(load_data_checked, name="load_data")
 cv_table_task = step(cv_table, name="cv_table")
-select_lambda_task = step(select_lambda, name="select_lambda")
+select_candidate_task = step(select_candidate, name="select_candidate")
 train_final_task = step(train_final, name="train_final")
 evaluate_task = step(predict_test, name="evaluate")
+
+Item = tuple[str, int]  # (candidate id, fold)
 
 
 def run_sweep(
     config: PipelineConfig, dataset: Dataset, record: RunRecord, publisher: LivePublisher
 ) -> Sweep:
-    """Train every (lambda, fold) not in the fold cache; record each result as it arrives.
+    """Train every (candidate, fold) of the search; record each result once it is final.
 
-    A worker process that dies breaks its whole pool and bypasses Prefect's retries, so the
-    unfinished trainings are resubmitted to a fresh runner, up to ``execution.retries`` times.
+    One rung for ``grid`` and ``random``; successive halving trains every candidate for the
+    first rung's epochs, then only the best ``1/eta`` go on, continuing from their weights and
+    optimizer state (:func:`pipeline.search.rungs`). A pruned candidate's results are recorded
+    when it is pruned; the last rung's as they arrive. Results come from the fold cache when
+    they are there.
+    """
+    logger = get_run_logger()
+    searched = {candidate_id(c): c for c in candidates(config)}
+    plan = rungs(config, len(searched))
+    folds = range(config.cv.folds)
+    halving = len(plan) > 1
+    logger.info(
+        "search: %d candidate(s) x %d folds (%s)%s", len(searched), config.cv.folds,
+        config.search.strategy,
+        "; rungs (epochs, candidates): " + ", ".join(map(str, plan)) if halving else "",
+    )  # fmt: skip
+    reporter().sweep_started(sum(count for _, count in plan) * config.cv.folds)
+    alive = list(searched)
+    checkpoints: dict[Item, Checkpoint] = {}
+    results: list[FoldResult] = []  # each candidate's last rung
+    trained = cached = restarts = 0
+    for number, (epochs, _) in enumerate(plan):
+        last = number == len(plan) - 1
+        stop = epochs if halving else None
+        jobs = {(key, fold): searched[key] for key in alive for fold in folds}
+        rung = _train_rung(config, dataset, jobs, stop, checkpoints, record if last else None,
+                           publisher)  # fmt: skip
+        trained, cached = trained + rung.trained, cached + rung.cached
+        restarts += rung.worker_restarts
+        if last:
+            results += rung.results
+            break
+        table = cv_table(rung.results)
+        keep = plan[number + 1][1]
+        alive = list(ranked(table)["candidate"][:keep])
+        for result in rung.results:
+            if candidate_id(result.candidate) not in alive:
+                record.add_fold(result)  # pruned here: its final result
+                results.append(result)
+                checkpoints.pop((candidate_id(result.candidate), result.fold), None)
+        publisher.request()
+        logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
+                    len(alive), len(table))  # fmt: skip
+    parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
+                  for key, c in searched.items()}  # fmt: skip
+    return Sweep(results, trained, cached, restarts, parameters)
+
+
+def _train_rung(
+    config: PipelineConfig,
+    dataset: Dataset,
+    jobs: dict[Item, dict[str, Any]],
+    stop: int | None,
+    checkpoints: dict[Item, Checkpoint],
+    record: RunRecord | None,
+    publisher: LivePublisher,
+) -> Sweep:
+    """Train ``jobs`` (up to epoch ``stop``), from the fold cache where it has them.
+
+    ``record``: where each result goes as it arrives (the last rung). A worker process that
+    dies breaks its whole pool and bypasses Prefect's retries, so the unfinished trainings are
+    resubmitted to a fresh runner, up to ``execution.retries`` times.
     """
     logger = get_run_logger()
     cache = FoldCache(config.execution.cache_dir)
     keys = {
-        (l2_lambda, fold): fold_key(config, dataset.fingerprint, l2_lambda, fold)
-        for l2_lambda in config.cv.l2_lambdas
-        for fold in range(config.cv.folds)
+        item: fold_key(config, dataset.fingerprint, candidate, item[1], stop)
+        for item, candidate in jobs.items()
     }
-    done: dict[tuple[float, int], FoldResult] = {}
-    reporter().sweep_started(len(keys))
+    done: dict[Item, FoldResult] = {}
+
+    def finished(item: Item, result: FoldResult, cached: bool) -> None:
+        done[item] = result
+        if record is not None:
+            record.add_fold(result)
+            publisher.request()
+        reporter().fold_finished(result, cached=cached)
+
     for item, key in keys.items():
         hit = cache.get(key) if config.execution.resume else None
         # An entry copied under another key is sealed but not this training's result.
-        if hit is not None and (hit.l2_lambda, hit.fold) == item:
-            done[item] = hit
-            record.add_fold(hit)
-            reporter().fold_finished(hit, cached=True)
+        if hit is not None and (candidate_id(hit.candidate), hit.fold) == item:
+            checkpoints.pop(item, None)  # a later rung starts again from this rung's epochs
+            finished(item, hit, cached=True)
     cached = len(done)
     if cached:
         logger.info("%d of %d trainings reused from the fold cache", cached, len(keys))
-        publisher.request()
     pending = [item for item in keys if item not in done]
     blas = config.execution.resolved_blas_threads(cpu_count())
     restarts = 0
@@ -94,24 +169,25 @@ def run_sweep(
                         parameters={
                             "config": config,
                             "ref": dataset.ref,
-                            "l2_lambda": l2_lambda,
-                            "fold": fold,
+                            "candidate": jobs[item],
+                            "fold": item[1],
                             "blas_threads": blas,
+                            "stop_epoch": stop,
+                            "resume": checkpoints.get(item),
                         },
-                    ): (l2_lambda, fold)
-                    for l2_lambda, fold in pending
+                    ): item
+                    for item in pending
                 }
                 for future in as_completed(list(futures)):
-                    result: FoldResult = future.result()
+                    result, checkpoint = future.result()
                     item = futures[future]
                     cache.put(keys[item], result)
-                    record.add_fold(result)
-                    publisher.request()
-                    done[item] = result
-                    reporter().fold_finished(result, cached=False)
+                    if checkpoint is not None:
+                        checkpoints[item] = checkpoint
+                    finished(item, result, cached=False)
                     logger.info(
-                        "lambda=%g fold %d: val accuracy %.4f (%.1f s)",
-                        result.l2_lambda, result.fold, result.val_accuracy, result.seconds,
+                        "%s fold %d: val accuracy %.4f (%.1f s)",
+                        label(result.candidate), result.fold, result.val_accuracy, result.seconds,
                     )  # fmt: skip
             pending = []
         except BrokenExecutor as exc:
@@ -126,8 +202,7 @@ def run_sweep(
                 "a worker process died; resubmitting %d unfinished trainings to a fresh pool",
                 len(pending),
             )
-    results = [done[item] for item in sorted(done)]
-    return Sweep(results, len(keys) - cached, cached, restarts)
+    return Sweep([done[item] for item in keys], len(keys) - cached, cached, restarts, {})
 
 
 def prepare_run(config: PipelineConfig) -> None:
@@ -166,13 +241,14 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         prefect_flow_run=prefect_run,
     ) as (record, publisher):
         sweep = run_sweep(config, dataset, record, publisher)
-        table = cv_table_task(sweep.results)
-        best = select_lambda_task(table)
+        table = cv_table_task(sweep.results, sweep.parameters)
+        best = select_candidate_task(table, config.cv.selection)
         record.add_cv(table, best)
         publisher.request()
-        logger.info("chosen lambda %g", best)
+        logger.info("chosen: %s (%s rule)", label(best), config.cv.selection)
         summary: dict[str, Any] = {
-            "best_l2_lambda": best,
+            "best_l2_lambda": best[L2_KEY],
+            "best": best,
             "cv_table": table.to_dict(orient="records"),
             "trained_folds": sweep.trained,
             "cached_folds": sweep.cached,
@@ -181,10 +257,10 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         if final_model:
             # The pool is gone now: the final model may use every core.
             set_blas_threads(config.execution.resolved_final_blas_threads(cpu_count()))
-            reporter().final_started(config.training.resolved_final_epochs, best)
+            reporter().final_started(config.training.resolved_final_epochs, label(best, "λ"))
             final = train_final_task(config, dataset, best, callback=reporter().final_epoch)
             evaluation, predicted = evaluate_task(final, dataset)
-            logger.info("test accuracy %.4f (lambda %g)", evaluation.accuracy, best)
+            logger.info("test accuracy %.4f (%s)", evaluation.accuracy, label(best))
             test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)
             record.add_final(final, evaluation, dataset.X_test, dataset.y_test, predicted, test_set)
             summary.update(test_accuracy=evaluation.accuracy, test_loss=evaluation.loss)
@@ -195,11 +271,11 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
 
 @flow(name="cv", log_prints=False)
 def cv_flow(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
-    """Cross-validate every lambda and record the CV table (no final model)."""
+    """Cross-validate every candidate and record the CV table (no final model)."""
     return run_pipeline(config, "cv", final_model=False)
 
 
 @flow(name="mlp-pipeline", log_prints=False)
 def mlp_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008
-    """The whole workflow: cross-validated lambda, final model, test evaluation, MLflow record."""
+    """The whole workflow: cross-validated search, final model, test evaluation, MLflow record."""
     return run_pipeline(config, "mlp-pipeline", final_model=True)

@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from flows.interrupt import TrainingStopped, raise_if_stopped
 from mlp import MLPError
@@ -13,8 +14,9 @@ from pipeline.config import PipelineConfig
 from pipeline.data import DatasetRef
 from pipeline.errors import PipelineError
 from pipeline.results import FoldResult
+from pipeline.search import label
 from pipeline.threads import set_blas_threads
-from pipeline.training import dataset_from_ref, train_fold
+from pipeline.training import Checkpoint, dataset_from_ref, train_rung
 
 
 def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -28,26 +30,42 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _task_run_name() -> str:
+    """``train_fold lambda=0.0001 lr=0.05 fold=2`` (``@10`` in a halving rung of 10 epochs)."""
+    parameters = task_run.parameters
+    stop = parameters.get("stop_epoch")
+    rung = f" @{stop}" if stop else ""
+    return f"train_fold {label(parameters['candidate'])} fold={parameters['fold']}{rung}"
+
+
 # No Prefect caching or result persistence (its files are pickles): the flow keeps finished
 # folds in its own checksummed cache (pipeline.record.FoldCache).
 @task(
     name="train_fold",
-    task_run_name="train_fold lambda={l2_lambda:g} fold={fold}",
+    task_run_name=_task_run_name,
     cache_policy=NO_CACHE,
     persist_result=False,
     retry_condition_fn=_retry_unless_user_error,
 )
 def train_fold_task(
-    config: PipelineConfig, ref: DatasetRef, l2_lambda: float, fold: int, blas_threads: int = 1
-) -> FoldResult:
-    """Train and validate one (lambda, fold); the worker loads the dataset once per process.
+    config: PipelineConfig,
+    ref: DatasetRef,
+    candidate: dict[str, Any],
+    fold: int,
+    blas_threads: int = 1,
+    stop_epoch: int | None = None,
+    resume: Checkpoint | None = None,
+) -> tuple[FoldResult, Checkpoint | None]:
+    """Train and validate one (candidate, fold); the worker loads the dataset once per process.
 
-    An interrupted run sets the stop flag: the training then ends at its next epoch.
+    ``stop_epoch`` and ``resume``: a rung of successive halving (:func:`train_rung`). An
+    interrupted run sets the stop flag: the training then ends at its next epoch.
     """
     raise_if_stopped()
     set_blas_threads(blas_threads)
     dataset = dataset_from_ref(config.data, ref)
-    return train_fold(config, dataset, l2_lambda, fold, callback=raise_if_stopped)
+    return train_rung(config, dataset, candidate, fold, stop_epoch, resume=resume,
+                      callback=raise_if_stopped)  # fmt: skip
 
 
 def step(fn: Any, *, name: str) -> Task:

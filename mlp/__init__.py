@@ -11,7 +11,7 @@ from mlp.errors import DivergenceError, MLPError, ModelFileError
 from mlp.network import MLP, Loss, load, save
 from mlp.optimizers import SGD, Adam, Optimizer, make_optimizer
 from mlp.schedules import make_schedule
-from mlp.training import History, fit
+from mlp.training import History, TrainingState, fit
 
 __all__ = [
     "MLP",
@@ -23,6 +23,7 @@ __all__ = [
     "MLPError",
     "ModelFileError",
     "Optimizer",
+    "TrainingState",
     "fit",
     "load",
     "make_optimizer",

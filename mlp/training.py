@@ -8,6 +8,12 @@ from the forward passes already done: for mini-batches they are the sample-weigh
 over the epoch's batches (weights change during the epoch, and dropout, if any, is
 active); for full-batch GD they are the values at that epoch's single forward pass,
 before its update.
+
+A training can stop and continue later, bit for bit (successive halving: a first rung of
+epochs, then the survivors carry on): ``fit(..., stop_epoch=k)`` runs epochs 1..k of the
+``epochs`` budget and returns, in ``History.state``, a :class:`TrainingState` (optimizer
+state and random streams); ``fit(..., state=that_state)`` on the same network carries on at
+epoch k + 1, the schedule still spanning the whole budget.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +29,7 @@ import numpy as np
 from mlp.errors import DivergenceError, MLPError
 from mlp.losses import log_softmax
 from mlp.network import MLP
-from mlp.optimizers import Optimizer, make_optimizer
+from mlp.optimizers import Optimizer, check_state_arrays, make_optimizer
 from mlp.schedules import make_schedule
 from mlp.validation import check_number, check_X, check_y
 from mlp.workspace import Workspace, train_step
@@ -40,6 +46,169 @@ RECORD_KEYS = (
 )
 
 
+# The random streams of _TrainingLoop, by name, in the order they are spawned from the seed.
+RNG_STREAMS = ("shuffle", "dropout")
+
+# Version of the flat layout of TrainingState.to_arrays (checked by from_arrays).
+STATE_FORMAT_VERSION = 1
+
+_WORD = (1 << 64) - 1  # a PCG64 128-bit state or increment is stored as two 64-bit words
+
+
+@dataclass(eq=False)  # compared by identity: == on dicts of arrays has no single truth value
+class TrainingState:
+    """Where a training stopped: enough for :func:`fit` to continue it bit for bit.
+
+    The network's weights are not part of it: the caller keeps the network (or its
+    ``get_state()``) and hands it back to ``fit`` together with this state.
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs done so far (0 = none); ``fit(..., state=state)`` starts at ``epoch + 1``.
+    optimizer : dict of str to ndarray
+        The optimizer's state, from :meth:`mlp.Optimizer.state_arrays` (step count ``t``
+        included).
+    rng : dict of str to ndarray
+        ``"shuffle"`` and ``"dropout"``: each random stream's PCG64 bit-generator state as
+        a uint64 array of 6 words ``[state_hi, state_lo, inc_hi, inc_lo, has_uint32,
+        uinteger]``.
+
+    Notes
+    -----
+    Constructing one checks the fields (MLPError on anything malformed). Whether the
+    optimizer state fits a given network and optimizer is checked by ``fit``.
+    """
+
+    epoch: int
+    optimizer: dict[str, np.ndarray]
+    rng: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        epoch = self.epoch
+        if isinstance(epoch, np.ndarray) and epoch.shape == () and epoch.dtype.kind in "iu":
+            epoch = int(epoch)
+        if isinstance(epoch, bool | np.bool_) or not isinstance(epoch, int | np.integer):
+            raise MLPError(f"training state: epoch must be an integer, got {self.epoch!r}")
+        if epoch < 0:
+            raise MLPError(f"training state: epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+        self.optimizer = check_state_arrays(self.optimizer)
+        if not isinstance(self.rng, Mapping) or set(self.rng) != set(RNG_STREAMS):
+            got = sorted(self.rng) if isinstance(self.rng, Mapping) else type(self.rng).__name__
+            raise MLPError(f"training state: rng must hold {list(RNG_STREAMS)}, got {got}")
+        self.rng = {name: _check_rng_words(name, self.rng[name]) for name in RNG_STREAMS}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """One flat dict of plain numeric arrays (the state's own arrays, not copies).
+
+        Keys: ``version`` and ``epoch`` (0-d int64), ``optimizer.<name>`` for each optimizer
+        array, ``rng.shuffle`` and ``rng.dropout``. ``np.savez(file, **state.to_arrays())``
+        then ``TrainingState.from_arrays(np.load(file, allow_pickle=False))`` round-trips it.
+        """
+        arrays = {
+            "version": np.array(STATE_FORMAT_VERSION, dtype=np.int64),
+            "epoch": np.array(self.epoch, dtype=np.int64),
+        }
+        arrays.update({f"optimizer.{name}": a for name, a in self.optimizer.items()})
+        arrays.update({f"rng.{name}": a for name, a in self.rng.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TrainingState:
+        """Inverse of :meth:`to_arrays`: check the arrays and build the state (copies).
+
+        Parameters
+        ----------
+        arrays : mapping of str to ndarray
+            A dict or an open ``np.load(..., allow_pickle=False)`` archive.
+
+        Raises
+        ------
+        MLPError
+            Missing or unexpected names, object (pickled) arrays, wrong dtypes, shapes or
+            values, in one line naming the array. The optimizer arrays' fit to a network
+            (count, shapes, dtype) and optimizer (kind, settings) is checked by :func:`fit`.
+        """
+        if not isinstance(arrays, Mapping):
+            raise MLPError(f"training state must be a mapping of arrays, got {type(arrays)}")
+        loaded = {name: _read_state_array(arrays, name) for name in arrays}
+        required = ["version", "epoch", *(f"rng.{name}" for name in RNG_STREAMS)]
+        missing = [name for name in required if name not in loaded]
+        if missing:
+            raise MLPError(f"training state: missing arrays {missing}")
+        unexpected = sorted(
+            name for name in loaded if name not in required and not name.startswith("optimizer.")
+        )
+        if unexpected:
+            raise MLPError(f"training state: unexpected arrays {unexpected}")
+        version = loaded["version"]
+        if version.shape != () or version.dtype.kind not in "iu" or version != STATE_FORMAT_VERSION:
+            raise MLPError(
+                f"training state: format version {version!r}, expected {STATE_FORMAT_VERSION}"
+            )
+        epoch = loaded["epoch"]
+        if epoch.shape != () or epoch.dtype.kind not in "iu":
+            raise MLPError(f"training state: epoch must be a 0-d integer array, got {epoch!r}")
+        optimizer = {
+            name.removeprefix("optimizer."): a
+            for name, a in loaded.items()
+            if name.startswith("optimizer.")
+        }
+        rng = {name: loaded[f"rng.{name}"] for name in RNG_STREAMS}
+        return cls(epoch=int(epoch), optimizer=optimizer, rng=rng)
+
+
+def _read_state_array(arrays: Mapping[str, np.ndarray], name) -> np.ndarray:
+    """A copy of ``arrays[name]``, refusing object arrays (and, from np.load, pickles)."""
+    if not isinstance(name, str):
+        raise MLPError(f"training state: array names must be strings, got {name!r}")
+    try:
+        a = arrays[name]
+    except ValueError as exc:  # np.load(allow_pickle=False) refusing an object array
+        raise MLPError(f"training state: array {name!r} cannot be read ({exc})") from None
+    if not isinstance(a, np.ndarray):
+        raise MLPError(f"training state: {name!r} is a {type(a).__name__}, not an ndarray")
+    if a.dtype.kind not in "biuf":
+        raise MLPError(f"training state: array {name!r} has dtype {a.dtype}, not real numbers")
+    return np.array(a, order="C")
+
+
+def _check_rng_words(name: str, words) -> np.ndarray:
+    """The stream's 6 uint64 words (see :class:`TrainingState`), checked; a copy."""
+    if not (isinstance(words, np.ndarray) and words.dtype == np.uint64 and words.shape == (6,)):
+        raise MLPError(
+            f"training state: rng {name!r} must be a uint64 array of shape (6,), got "
+            f"{getattr(words, 'dtype', type(words).__name__)} {np.shape(words)}"
+        )
+    inc_lo, has_uint32, uinteger = int(words[3]), int(words[4]), int(words[5])
+    # PCG64 streams always have an odd increment; the buffered half-word is 32 bits.
+    if inc_lo % 2 == 0 or has_uint32 not in (0, 1) or uinteger >= 1 << 32:
+        raise MLPError(f"training state: rng {name!r} is not a valid PCG64 state")
+    return words.copy()
+
+
+def _rng_words(rng: np.random.Generator) -> np.ndarray:
+    """A generator's PCG64 state as 6 uint64 words (128-bit integers split in two)."""
+    state = rng.bit_generator.state
+    if state["bit_generator"] != "PCG64":  # default_rng's bit generator; nothing else is saved
+        raise MLPError(f"cannot save a {state['bit_generator']} random stream")
+    s, inc = state["state"]["state"], state["state"]["inc"]
+    words = [s >> 64, s & _WORD, inc >> 64, inc & _WORD, state["has_uint32"], state["uinteger"]]
+    return np.array(words, dtype=np.uint64)
+
+
+def _set_rng_words(rng: np.random.Generator, words: np.ndarray) -> None:
+    """Put a state saved by :func:`_rng_words` into ``rng``'s PCG64 bit generator."""
+    w = [int(x) for x in words]
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": w[0] << 64 | w[1], "inc": w[2] << 64 | w[3]},
+        "has_uint32": w[4],
+        "uinteger": w[5],
+    }
+
+
 @dataclass
 class History:
     """What :func:`fit` saw, one record per epoch run.
@@ -54,13 +223,19 @@ class History:
     stopped_epoch : int or None
         Epoch after which early stopping ended training; None if all epochs ran.
     best_epoch : int or None
-        Epoch with the lowest ``val_loss`` (None without validation data); with
-        ``restore_best`` the returned network holds that epoch's weights.
+        Epoch with the lowest ``val_loss`` among the epochs of this call (None without
+        validation data); with ``restore_best`` the returned network holds its weights.
+    state : TrainingState or None
+        The optimizer state and random streams after the last epoch run (set whenever
+        :func:`fit` returns): pass it back as ``fit(..., state=...)`` with the network to
+        continue. After early stopping with ``restore_best`` it belongs to the last epoch,
+        not to the restored weights.
     """
 
     records: list[dict] = field(default_factory=list)
     stopped_epoch: int | None = None
     best_epoch: int | None = None
+    state: TrainingState | None = None
 
     def as_columns(self) -> dict[str, list]:
         """Column-oriented view: ``pd.DataFrame(history.as_columns())`` works."""
@@ -91,6 +266,8 @@ def fit(
     shuffle: bool = True,
     seed: int = 0,
     callback: Callable[[dict], None] | None = None,
+    stop_epoch: int | None = None,
+    state: TrainingState | None = None,
 ) -> History:
     """Train ``net`` in place on ``(X, y)``.
 
@@ -122,24 +299,40 @@ def fit(
     X_val, y_val : ndarray, optional
         Validation data, evaluated after every epoch (no dropout).
     early_stopping : int, optional
-        Patience: stop after this many epochs without a lower ``val_loss``.
+        Patience: stop after this many epochs without a lower ``val_loss``. Not with a
+        partial run (``stop_epoch < epochs`` or ``state``).
     restore_best : bool
-        With validation data, put back the weights of the best epoch at the end.
+        With validation data, put back the weights of the best epoch at the end. Must be
+        False for a partial run with validation data (the weights handed back must be the
+        last epoch's for the training to continue).
     shuffle : bool
         Visit the samples in a new random order every epoch.
     seed : int
-        Seeds the shuffling and dropout streams (the initial weights come from ``net``).
+        Seeds the shuffling and dropout streams (the initial weights come from ``net``);
+        not used with ``state``, whose streams carry on.
     callback : callable, optional
         ``callback(record)`` after every epoch (progress bars, tracking).
+    stop_epoch : int, optional
+        Return after this (1-based) epoch of the ``epochs`` budget; default ``epochs``.
+        Must be greater than ``state.epoch`` (0 without ``state``) and at most ``epochs``.
+    state : TrainingState, optional
+        Continue a training stopped with ``stop_epoch``: pass its ``History.state`` and
+        the network as it was returned (or a copy). Training resumes at ``state.epoch + 1``
+        with the saved optimizer state (loaded into an ``Optimizer`` instance if one is
+        given) and random streams; every other argument must be those of the first call,
+        ``epochs`` included (the schedule spans the whole budget). Epochs 1-3, then 4-7,
+        then 8-10 give the weights and records (``seconds`` aside) of one 10-epoch run.
 
     Returns
     -------
     History
+        The records of the epochs run by this call, and ``state`` after the last one.
 
     Raises
     ------
     MLPError
-        Invalid argument (message names it and the value received).
+        Invalid argument (message names it and the value received), or a ``state`` that
+        does not fit the network or optimizer.
     DivergenceError
         The training loss of an epoch is not finite (raised at the end of that epoch).
     """
@@ -160,13 +353,18 @@ def fit(
     if X_val is not None:
         X_val = check_X(X_val, net.n_features, net.dtype, name="X_val", finite=True)
         y_val = check_y(y_val, X_val.shape[0], net.n_classes, name="y_val")
+    first, last = _check_continuation(
+        epochs, stop_epoch, state, early_stopping, restore_best and X_val is not None
+    )
     opt = _make_optimizer(optimizer, lr, momentum)
     lr_at = _make_lr_schedule(schedule, lr, epochs, schedule_kwargs)
     loop = _TrainingLoop(net, opt, X, y, batch_size, l2, dropout, shuffle, seed)
+    if state is not None:
+        loop.load_state(state)
 
     history = History()
     best = _BestEpoch(keep_params=restore_best)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first, last + 1):
         record = _train_epoch(loop, epoch, lr_at(epoch))
         if X_val is not None:
             record["val_loss"], record["val_accuracy"] = _validate_epoch(net, X_val, y_val)
@@ -178,6 +376,7 @@ def fit(
         if early_stopping is not None and best.bad_epochs >= early_stopping:
             history.stopped_epoch = epoch
             break
+    history.state = loop.state(epoch)
     best.restore(net.params)
     return history
 
@@ -210,6 +409,42 @@ def _check_arguments(net, X_val, y_val, callback, **values) -> None:
         raise MLPError("pass both X_val and y_val, or neither")
     if callback is not None and not callable(callback):
         raise MLPError(f"callback must be callable, got {callback!r}")
+
+
+def _check_continuation(
+    epochs: int,
+    stop_epoch: int | None,
+    state: TrainingState | None,
+    early_stopping: int | None,
+    restores_best: bool,
+) -> tuple[int, int]:
+    """The first and last epoch :func:`fit` runs; MLPError if they or the options clash."""
+    if state is not None and not isinstance(state, TrainingState):
+        raise MLPError(f"state must be an mlp.TrainingState, got {type(state).__name__}")
+    if stop_epoch is not None:
+        check_number("stop_epoch", stop_epoch, low=1, high=epochs, integer=True)
+    stop = epochs if stop_epoch is None else int(stop_epoch)
+    done = 0 if state is None else state.epoch
+    if done >= stop:
+        raise MLPError(
+            f"the state is after epoch {done}, so stop_epoch must be > {done}, got {stop}"
+            + (f" (epochs={epochs})" if stop_epoch is None else "")
+        )
+    if stop < epochs or state is not None:
+        # Early stopping may end a rung before stop_epoch, and restore_best hands back other
+        # weights than the last epoch's: the next rung would not continue what ran.
+        if early_stopping is not None:
+            raise MLPError(
+                "early_stopping cannot be combined with stop_epoch < epochs or a state "
+                "(a training to be continued must run its epochs to the end)"
+            )
+        if restores_best:
+            raise MLPError(
+                "restore_best=True with validation data cannot be combined with stop_epoch < "
+                "epochs or a state (the weights handed back must be the last epoch's); pass "
+                "restore_best=False"
+            )
+    return done + 1, stop
 
 
 def _make_optimizer(optimizer: str | Optimizer, lr: float, momentum: float) -> Optimizer:
@@ -263,6 +498,23 @@ class _TrainingLoop:
         self.shuffle_rng, self.dropout_rng = np.random.default_rng(seed).spawn(2)
         self.params = net.params
         self._workspaces: dict[int, Workspace] = {}
+
+    def load_state(self, state: TrainingState) -> None:
+        """Continue from ``state``: its optimizer state and random streams replace ours."""
+        # Checked again (the dataclass's fields may have been replaced since it was made), and
+        # before the optimizer takes its state: a refused state leaves an Optimizer unchanged.
+        rng = {name: _check_rng_words(name, state.rng[name]) for name in RNG_STREAMS}
+        try:
+            self.opt.load_state_arrays(state.optimizer, self.params)
+        except MLPError as exc:
+            raise MLPError(f"state does not fit: {exc}") from None
+        _set_rng_words(self.shuffle_rng, rng["shuffle"])
+        _set_rng_words(self.dropout_rng, rng["dropout"])
+
+    def state(self, epoch: int) -> TrainingState:
+        """The state after ``epoch`` epochs: copies of the optimizer state and the streams."""
+        rng = {"shuffle": _rng_words(self.shuffle_rng), "dropout": _rng_words(self.dropout_rng)}
+        return TrainingState(epoch=epoch, optimizer=self.opt.state_arrays(), rng=rng)
 
     def _workspace(self, rows: int) -> Workspace:
         if rows not in self._workspaces:

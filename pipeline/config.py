@@ -133,6 +133,12 @@ class TrainingConfig(_Section):
         None, gt=0, le=MAX_EPOCHS, description="Epochs of the final model (default: same as epochs)"
     )
     dropout: float = Field(0.0, ge=0, lt=1)
+    l2_lambda: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="L2 strength of one training; the search sets it from cv.l2_lambdas",
+    )
     early_stopping: int | None = Field(
         None,
         gt=0,
@@ -146,19 +152,25 @@ class TrainingConfig(_Section):
 
 
 class CVConfig(_Section):
-    """The k-fold cross-validation over the L2 strength."""
+    """The k-fold cross-validation: the L2 strengths it compares, its folds and its choice."""
 
     l2_lambdas: list[float] = Field(
         # On MNIST (benchmarks/README.md) 1e-5 acts like 0 and 1e-2 underfits.
         [1e-4, 3e-4, 1e-3, 3e-3],
         min_length=1,
-        description="L2 strengths (lambda) to compare",
+        description="L2 strengths (lambda) to compare: the grid over training.l2_lambda, "
+        "unless search.space names that key",
     )
     folds: int = Field(4, ge=2, le=MAX_COUNT)
     shuffle: bool = Field(True, description="Shuffle before splitting (false: contiguous folds)")
     stratify: bool = Field(True, description="Keep class proportions in every fold")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seeds folds, initializations and batch order"
+    )
+    selection: Literal["best", "one-se"] = Field(
+        "best",
+        description="best: the highest mean validation accuracy; one-se: the most regularized "
+        "candidate within one standard error of it",
     )
 
     @field_validator("l2_lambdas")
@@ -170,6 +182,90 @@ class CVConfig(_Section):
         if len(set(l2_lambdas)) != len(l2_lambdas):
             raise ValueError(f"L2 strengths must be distinct (got {l2_lambdas})")
         return sorted(l2_lambdas)
+
+
+# Distributions a random search samples from: {name = [arguments]}.
+DISTRIBUTIONS = {"log_uniform": 2, "uniform": 2, "int": 2, "choice": None}
+# Settings a search may vary: the network and its training. Not the final model's epochs (no
+# cross-validation training uses them), nor the L2 strength of ``train`` alone.
+SEARCHABLE_SECTIONS = ("model", "training")
+NOT_SEARCHABLE = {"training.final_epochs"}
+
+
+class SearchConfig(_Section):
+    """Which settings the cross-validation compares, and how it explores them."""
+
+    strategy: Literal["grid", "random", "halving"] = Field(
+        "grid",
+        description="grid: every combination; random: search.n_candidates samples; halving: "
+        "successive halving over epochs, the best 1/eta going on at each rung",
+    )
+    space: dict[str, list[Any] | dict[str, list[Any]]] = Field(
+        {},
+        description="Dotted model.* and training.* settings and the values to try: a list, or "
+        "a distribution {log_uniform | uniform | int = [low, high]} or {choice = [...]}; "
+        "training.l2_lambda defaults to cv.l2_lambdas",
+    )
+    n_candidates: int = Field(
+        10, ge=1, le=10_000, description="Candidates sampled when the space has distributions"
+    )
+    eta: int = Field(3, ge=2, le=100, description="Halving: 1/eta of the candidates go on")
+    min_epochs: int | None = Field(
+        None,
+        gt=0,
+        le=MAX_EPOCHS,
+        description="Halving: epochs of the first rung (default: training.epochs / eta^(rungs-1))",
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _known_settings(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, values in space.items():
+            section, _, name = key.partition(".")
+            fields = {"model": ModelConfig, "training": TrainingConfig}.get(section)
+            if fields is None or name not in fields.model_fields or key in NOT_SEARCHABLE:
+                raise ValueError(
+                    f"{key!r} cannot be searched: search model.* and training.* settings "
+                    "(not training.final_epochs)"
+                )
+            if isinstance(values, list):
+                if not values:
+                    raise ValueError(f"{key}: no values to try")
+                continue
+            if len(values) != 1 or next(iter(values)) not in DISTRIBUTIONS:
+                raise ValueError(
+                    f"{key}: a distribution is one of {', '.join(DISTRIBUTIONS)} (got {values!r})"
+                )
+            ((kind, arguments),) = values.items()
+            if kind == "choice" and not arguments:
+                raise ValueError(f"{key}: choice needs values")
+            if kind != "choice" and not (
+                len(arguments) == 2
+                and all(_is_number(bound) for bound in arguments)
+                and arguments[0] <= arguments[1]
+                and (kind != "log_uniform" or arguments[0] > 0)
+                and (kind != "int" or all(isinstance(bound, int) for bound in arguments))
+            ):
+                raise ValueError(
+                    f"{key}: {kind} needs [low, high] with low <= high"
+                    + (" and low > 0" if kind == "log_uniform" else "")
+                    + (", whole numbers" if kind == "int" else "")
+                    + f" (got {arguments!r})"
+                )
+        return space
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the space holds a distribution (then candidates are drawn, not listed)."""
+        return any(isinstance(values, dict) for values in self.space.values())
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and float("-inf") < value < float("inf")
+    )
 
 
 class ExecutionConfig(_Section):
@@ -301,8 +397,31 @@ class PipelineConfig(_Section):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     cv: CVConfig = CVConfig()
+    search: SearchConfig = SearchConfig()
     execution: ExecutionConfig = ExecutionConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _search_fits_training(self) -> PipelineConfig:
+        search = self.search
+        if search.strategy == "grid" and search.sampled:
+            raise ValueError(
+                "search.space has a distribution: sample it with search.strategy random or halving"
+            )
+        if search.strategy == "halving":
+            if self.training.early_stopping is not None:
+                raise ValueError(
+                    "search.strategy halving and training.early_stopping both stop trainings "
+                    "early: choose one"
+                )
+            if "training.epochs" in search.space:
+                raise ValueError("search.strategy halving spends training.epochs: don't search it")
+            if (search.min_epochs or 0) > self.training.epochs:
+                raise ValueError(
+                    f"search.min_epochs={search.min_epochs} is more than "
+                    f"training.epochs={self.training.epochs}"
+                )
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The config as ``{"section.key": value}`` (for MLflow params and tables), redacted."""
@@ -444,6 +563,15 @@ def resolve_config(
     for dotted, value in (overrides or {}).items():
         _assign(values, dotted, value, None)
         from_file.discard(dotted)
+    for layer, where in ((file_values, config_file), (overrides or {}, None)):
+        named = dict(_flatten(layer)) if layer is file_values else dict(layer)
+        space = values["search"]["space"] or {}
+        if "cv.l2_lambdas" in named and isinstance(space, dict) and "training.l2_lambda" in space:
+            source = f"config file {where}: " if where else ""
+            raise ConfigError(
+                f"{source}cv.l2_lambdas and search.space's training.l2_lambda both set the L2 "
+                "strengths to try: keep one"
+            )
     try:
         return PipelineConfig.model_validate(values)
     except ValidationError as exc:
@@ -551,6 +679,6 @@ def _describe(exc: ValidationError, source: str | Path | None) -> str:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":  # our own validators already quote the bad value
             message += f" (got {error.get('input')!r})"
-        problems.append(f"{location}: {message}")
+        problems.append(f"{location}: {message}" if location else message)
     where = f"config file {source}: " if source else "invalid configuration: "
     return where + "; ".join(problems)

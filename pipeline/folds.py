@@ -1,4 +1,4 @@
-"""K-fold splits and per-(lambda, fold) seeds.
+"""K-fold splits and per-(candidate, fold) seeds.
 
 Folds are recomputed from the labels and a few small values wherever they are needed, so the
 parallel tasks receive a fold *number*, never index arrays.
@@ -6,7 +6,11 @@ parallel tasks receive a fold *number*, never index arrays.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -73,14 +77,23 @@ def train_indices(folds: list[np.ndarray], fold: int) -> np.ndarray:
     return np.sort(np.concatenate([part for i, part in enumerate(folds) if i != fold]))
 
 
-def fold_seed(seed: int, l2_lambda: float, fold: int) -> int:
-    """A seed derived from (seed, lambda, fold) only, never from execution order.
+def fold_seed(
+    seed: int, l2_lambda: float, fold: int, settings: Mapping[str, Any] | None = None
+) -> int:
+    """A seed derived from (seed, the candidate's values, fold) only, never from execution order.
 
-    Every runner (sequential, threads, processes, Dask) therefore trains bit-identical networks.
+    Every runner (sequential, threads, processes, Dask) therefore trains bit-identical networks,
+    and adding a candidate to a search changes no other candidate's seeds. ``settings``: the
+    candidate's searched values besides lambda (none: the seed of a search over lambda alone).
     ``fold=-1`` is the final model trained on all the training data.
     """
     if fold < -1:
         raise ValueError(f"fold must be >= -1 (got {fold})")
     lam_bits = struct.unpack("<2I", struct.pack("<d", float(l2_lambda)))
-    sequence = np.random.SeedSequence([seed, fold + 1, *lam_bits])
+    words: list[int] = []
+    if settings:
+        text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(text.encode()).digest()[:16]
+        words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    sequence = np.random.SeedSequence([seed, fold + 1, *lam_bits, *words])
     return int(sequence.generate_state(1, dtype=np.uint32)[0])

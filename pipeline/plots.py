@@ -11,6 +11,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,16 +44,21 @@ def warm_up() -> None:
     figure.clear()
 
 
-def plot_cv_lambda(table: pd.DataFrame, best_lambda: float | None, path: str | Path) -> Path:
-    """Mean validation accuracy against the L2 strength, error bars one std over folds.
+def plot_cv_search(table: pd.DataFrame, best: Mapping[str, Any] | None, path: str | Path) -> Path:
+    """Mean validation accuracy against each searched setting, one panel per setting.
+
+    In each panel every candidate is a faint point; the line joins, for each value of the
+    setting, the best candidate with that value (error bars one std over its folds). Over
+    lambda alone that is the classic validation curve.
 
     Parameters
     ----------
     table : pandas.DataFrame
-        One row per lambda with columns ``l2_lambda``, ``mean_val_accuracy`` and
-        ``std_val_accuracy`` (as made by :func:`pipeline.selection.cv_table`).
-    best_lambda : float or None
-        The chosen lambda, marked on the plot (None: nothing marked).
+        The CV table of :func:`pipeline.selection.cv_table`: ``l2_lambda``, one dotted column
+        per other searched setting, ``mean_val_accuracy`` and ``std_val_accuracy``.
+    best : mapping or None
+        The chosen candidate (``training.l2_lambda`` and the dotted settings), marked in every
+        panel (None: nothing marked).
     path : str or Path
         Where the PNG goes.
 
@@ -61,39 +67,65 @@ def plot_cv_lambda(table: pd.DataFrame, best_lambda: float | None, path: str | P
     Path
         ``path``.
     """
-    data = table.sort_values("l2_lambda")
-    lambdas = data["l2_lambda"].to_numpy(dtype=float)
-    means = data["mean_val_accuracy"].to_numpy(dtype=float)
-    stds = np.nan_to_num(data["std_val_accuracy"].to_numpy(dtype=float), nan=0.0)
+    settings = ["l2_lambda"] + [column for column in table.columns if "." in column]
+    figure = _new_figure(5.0 * len(settings), 4.0)
+    chosen = None
+    if best is not None:
+        wanted = {"l2_lambda": best.get("training.l2_lambda"), **best}
+        matches = table.index[
+            np.logical_and.reduce([table[c].map(repr) == repr(wanted.get(c)) for c in settings])
+        ]
+        chosen = matches[0] if len(matches) else None
+    for number, setting in enumerate(settings, start=1):
+        axes = figure.add_subplot(1, len(settings), number)
+        _plot_setting(axes, table, setting, chosen)
+    figure.suptitle("Cross-validation: mean validation accuracy per searched setting")
+    return _save(figure, path)
 
-    figure = _new_figure(6.0, 4.0)
-    axes = figure.add_subplot()
-    axes.errorbar(lambdas, means, yerr=stds, marker="o", capsize=4, label="mean over folds")
-    positive = lambdas[lambdas > 0]
-    if len(positive) and len(positive) == len(lambdas):
-        axes.set_xscale("log")
-    elif len(positive):
-        # A log axis cannot show lambda = 0: symlog is linear below the smallest positive lambda.
-        axes.set_xscale("symlog", linthresh=float(positive.min()))
-    if best_lambda is not None and best_lambda in set(lambdas.tolist()):
-        best_mean = float(means[lambdas == best_lambda][0])
-        axes.scatter(
-            [best_lambda],
-            [best_mean],
-            s=160,
-            facecolors="none",
-            edgecolors="tab:red",
-            zorder=3,
-            linewidths=2,
-            label=f"chosen lambda = {best_lambda:g}",
-        )
-        axes.axvline(best_lambda, color="tab:red", linestyle=":", linewidth=1)
-    axes.set_xlabel("L2 strength lambda")
+
+def _plot_setting(axes: Any, table: pd.DataFrame, setting: str, chosen: Any) -> None:
+    values = table[setting].tolist()
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if numeric:
+        positions = np.asarray(values, dtype=float)
+        ticks = None
+    else:  # lists (hidden sizes) and names: one slot per distinct value, in table order
+        names = list(dict.fromkeys(map(_tick, values)))
+        positions = np.asarray([names.index(_tick(v)) for v in values], dtype=float)
+        ticks = names
+    means = table["mean_val_accuracy"].to_numpy(dtype=float)
+    stds = np.nan_to_num(table["std_val_accuracy"].to_numpy(dtype=float), nan=0.0)
+    axes.scatter(positions, means, alpha=0.35, color="tab:blue", label="candidates")
+    # The profile: the best candidate at each value.
+    order = pd.DataFrame({"x": positions, "mean": means, "std": stds}).dropna(subset=["mean"])
+    top = order.sort_values("mean").groupby("x").tail(1).sort_values("x")
+    axes.errorbar(top["x"], top["mean"], yerr=top["std"], marker="o", capsize=4,
+                  label="best at each value")  # fmt: skip
+    if ticks is not None:
+        axes.set_xticks(range(len(ticks)), ticks, rotation=20)
+    else:
+        positive = positions[positions > 0]
+        if len(positive) == len(positions) and positions.max() > 4 * positions.min():
+            axes.set_xscale("log")
+        elif len(positive) and setting == "l2_lambda":
+            # A log axis cannot show lambda = 0: symlog is linear below the smallest positive.
+            axes.set_xscale("symlog", linthresh=float(positive.min()))
+    if chosen is not None:
+        where = table.index.get_loc(chosen)
+        axes.scatter([positions[where]], [means[where]], s=160, facecolors="none",
+                     edgecolors="tab:red", zorder=3, linewidths=2,
+                     label=f"chosen: {_tick(values[where])}")  # fmt: skip
+        axes.axvline(positions[where], color="tab:red", linestyle=":", linewidth=1)
+    axes.set_xlabel("L2 strength lambda" if setting == "l2_lambda" else setting)
     axes.set_ylabel("validation accuracy")
-    axes.set_title("Cross-validation: accuracy vs lambda")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(loc="best")
-    return _save(figure, path)
+
+
+def _tick(value: Any) -> str:
+    if isinstance(value, list):
+        return "-".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: str | Path) -> Path:

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -83,7 +84,7 @@ class Reporter:
 
     def fold_finished(self, result: Any, cached: bool) -> None: ...
 
-    def final_started(self, epochs: int, l2_lambda: float) -> None: ...
+    def final_started(self, epochs: int, candidate: str) -> None: ...
 
     def final_epoch(self, record: dict[str, Any]) -> None: ...
 
@@ -104,14 +105,17 @@ class ConsoleReporter(Reporter):
 
     def fold_finished(self, result: Any, cached: bool) -> None:
         how = "cached" if cached else f"{result.seconds:.0f} s"
-        status = (
-            f"λ={result.l2_lambda:g} fold {result.fold}: val acc {result.val_accuracy:.4f} ({how})"
-        )
+        from pipeline.search import label
+
+        what = label(result.candidate, l2_name="λ")
+        status = f"{what} fold {result.fold}: val acc {result.val_accuracy:.4f}"
+        status = escape(f"{status} ({how})")
         self._progress.update(self._sweep, advance=1, status=status)
 
-    def final_started(self, epochs: int, l2_lambda: float) -> None:
+    def final_started(self, epochs: int, candidate: str) -> None:
+        """``candidate``: its label (``lambda=0.0001 lr=0.05``)."""
         self._final = self._progress.add_task(
-            f"final model λ={l2_lambda:g}", total=epochs, status=""
+            escape(f"final model {candidate}"), total=epochs, status=""
         )
 
     def final_epoch(self, record: dict[str, Any]) -> None:

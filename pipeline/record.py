@@ -3,14 +3,14 @@
 One folder per execution under ``<execution.cache_dir>/runs/``, written only by the flow process::
 
     run.json                 what ran: flow, config, dataset, Prefect flow run, status, summary
-    folds/lambda=<l2>-fold=<k>.json   one FoldResult each (metrics and per-epoch history)
-    cv.json                  the CV table and the chosen L2 strength
+    folds/lambda=<l2>[-<candidate id>]-fold=<k>.json   one FoldResult per (candidate, fold)
+    cv.json                  the CV table and the chosen candidate
     final.json               the final model: history, test evaluation, checksums of its files
     final/weights.npz, final/normalizer.json
     *.png                    the figures
 
 and the fold cache, shared by executions: ``<execution.cache_dir>/folds/<key>.json``, keyed by
-the dataset fingerprint, the result-relevant config, the L2 strength, the fold and the seed.
+the dataset fingerprint, the candidate's result-relevant config, the fold and the seed.
 
 Every file is written atomically (a temporary file, then a rename). JSON files are envelopes
 carrying the SHA-256 of their content; binary files are listed with theirs in the JSON written
@@ -200,25 +200,46 @@ def git_commit() -> str | None:
 
 
 # ------------------------------------------------------------------------------ fold cache
-def fold_key(config: PipelineConfig, fingerprint: str, l2_lambda: float, fold: int) -> str:
-    """A key from the dataset fingerprint, the result-relevant config, lambda, fold and seed.
+def fold_key(
+    config: PipelineConfig,
+    fingerprint: str,
+    candidate: dict[str, Any],
+    fold: int,
+    budget: int | None = None,
+) -> str:
+    """A key from the dataset fingerprint, the candidate's result-relevant config, fold and seed.
 
-    Left out: where the run happens and is recorded (``execution``, ``tracking``), the grid
-    (adding a lambda keeps the others' folds), the final model's epochs, and where the data
-    files live. The package version is in: a new engine never reuses old results.
+    Left out: where the run happens and is recorded (``execution``, ``tracking``), the search
+    and the choice (adding a candidate keeps the others' folds), the final model's epochs, and
+    where the data files live. The candidate's searched settings besides lambda are in (they
+    seed its trainings), and ``budget``, the epochs of a halving rung below
+    ``training.epochs``. A search over lambda alone keeps the keys it always had. The package
+    version is in: a new engine never reuses old results.
     """
-    settings = config.model_dump(mode="json", exclude={"execution", "tracking"})
-    settings["cv"].pop("l2_lambdas")
-    settings["training"].pop("final_epochs")
-    settings["data"].pop("data_dir")
-    settings["data"].pop("download")
-    payload = {
+    from pipeline.search import L2_KEY, candidate_config, other_settings
+
+    resolved = candidate_config(config, candidate)
+    settings = resolved.model_dump(mode="json", exclude={"execution", "tracking", "search"})
+    for section, key in (
+        ("cv", "l2_lambdas"),
+        ("cv", "selection"),
+        ("training", "final_epochs"),
+        ("training", "l2_lambda"),
+        ("data", "data_dir"),
+        ("data", "download"),
+    ):
+        settings[section].pop(key)  # fmt: skip
+    payload: dict[str, Any] = {
         "dataset": fingerprint,
         "settings": settings,
-        "l2_lambda": float(l2_lambda).hex(),
+        "l2_lambda": float(candidate[L2_KEY]).hex(),
         "fold": fold,
         "version": package_version(),
     }
+    if searched := other_settings(candidate):
+        payload["searched"] = searched
+    if budget is not None and budget < resolved.training.epochs:
+        payload["budget"] = budget
     return "fold-" + hashlib.sha256(_canonical(payload)).hexdigest()[:32]
 
 
@@ -226,7 +247,10 @@ def _fold_from(data: Any, path: Path) -> FoldResult:
     """A :class:`FoldResult` from a fold file's data, every field checked (:func:`_checked`)."""
     diverged = isinstance(data, dict) and data.get("diverged") is True
     fields = {**_FOLD_FIELDS, **(_DIVERGED_METRICS if diverged else _METRICS)}
-    return FoldResult(**_checked(data, path, "a fold result", fields, exact=True))
+    # settings and budget: fold files written before searches over more than lambda lack them.
+    checked = _checked(data, path, "a fold result", fields, exact=True,
+                       optional=("settings", "budget"))  # fmt: skip
+    return FoldResult(**checked)
 
 
 class FoldCache:
@@ -251,6 +275,16 @@ class FoldCache:
 
 
 # ------------------------------------------------------------------------------ run record
+def fold_file(result: FoldResult) -> str:
+    """``lambda=<l2>-fold=<k>.json``; a candidate with other searched settings adds their id."""
+    from pipeline.search import candidate_id
+
+    name = f"lambda={result.l2_lambda!r}"  # repr: exact, unique
+    if result.settings:
+        name += f"-{candidate_id(result.candidate)}"
+    return f"{name}-fold={result.fold}.json"
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -322,19 +356,21 @@ class RunRecord:
         write_json(self.folder / "run.json", "run", run)
 
     def add_fold(self, result: FoldResult) -> None:
-        name = f"lambda={result.l2_lambda!r}-fold={result.fold}.json"  # repr: exact, unique
-        write_json(self.folder / "folds" / name, "fold", asdict(result))
+        write_json(self.folder / "folds" / fold_file(result), "fold", asdict(result))
 
-    def add_cv(self, table: pd.DataFrame, best_l2_lambda: float) -> None:
-        """The CV table and the chosen lambda, with their figure."""
+    def add_cv(self, table: pd.DataFrame, best: dict[str, Any]) -> None:
+        """The CV table and the chosen candidate, with their figure."""
+        from pipeline.search import L2_KEY
+
         with _writing(self.folder / "cv_lambda.png"):
-            figure = plots.plot_cv_lambda(table, best_l2_lambda, self.folder / "cv_lambda.png")
+            figure = plots.plot_cv_search(table, best, self.folder / "cv_lambda.png")
         write_json(
             self.folder / "cv.json",
             "cv",
             {
                 "table": table.to_dict(orient="records"),
-                "best_l2_lambda": best_l2_lambda,
+                "best_l2_lambda": best[L2_KEY],
+                "best": best,
                 "time": _now_ms(),
                 "files": {figure.name: file_sha256(figure)},
             },
@@ -375,6 +411,7 @@ class RunRecord:
             "final",
             {
                 "l2_lambda": final.l2_lambda,
+                "settings": final.settings,
                 "history": final.history,
                 "seconds": final.seconds,
                 "evaluation": asdict(evaluation),
@@ -432,33 +469,45 @@ class RunRecord:
         return run
 
     def folds(self) -> list[FoldResult]:
-        """Every recorded fold result, by (lambda, fold)."""
+        """Every recorded fold result, by (lambda, the other searched values, fold)."""
         paths = sorted((self.folder / "folds").glob("*.json"))
         results = [_fold_from(read_json(path, "fold"), path) for path in paths]
-        return sorted(results, key=lambda r: (r.l2_lambda, r.fold))
+        return sorted(results, key=lambda r: (r.l2_lambda, _canonical(r.settings), r.fold))
 
     def cv(self) -> dict[str, Any] | None:
-        """``cv.json`` once recorded (its ``table`` as a DataFrame), its figure checked."""
+        """``cv.json`` once recorded, its figure checked.
+
+        Its ``table`` as a DataFrame, ``best`` the chosen candidate, ``chosen_row`` its row.
+        """
         path = self.folder / "cv.json"
         if not path.exists():
             return None
-        cv = _checked(read_json(path, "cv"), path, "a CV record", _CV_FIELDS)
-        rows = {row["l2_lambda"]: row for row in cv["table"]}
-        best = rows.get(cv["best_l2_lambda"])
-        if best is None or not _real(0, 1)(best.get("mean_val_accuracy")):
-            chosen = cv["best_l2_lambda"]
+        from pipeline.search import L2_KEY, candidate_id
+
+        cv = _checked(read_json(path, "cv"), path, "a CV record", _CV_FIELDS, optional=("best",))
+        cv.setdefault("best", {L2_KEY: cv["best_l2_lambda"]})  # records of lambda-only searches
+        chosen = cv["best"]
+        rows = [
+            row
+            for row in cv["table"]
+            if row.get("candidate", candidate_id(chosen)) == candidate_id(chosen)
+            and row["l2_lambda"] == chosen.get(L2_KEY) == cv["best_l2_lambda"]
+        ]
+        if not rows or not _real(0, 1)(rows[0].get("mean_val_accuracy")):
             raise RecordError(
-                f"{path}: not a CV record (the chosen lambda {chosen!r} has no valid table row)"
+                f"{path}: not a CV record (the chosen candidate {chosen!r} has no valid table row)"
             )
         check_files(self.folder, cv["files"])
-        return {**cv, "table": pd.DataFrame(cv["table"])}
+        return {**cv, "table": pd.DataFrame(cv["table"]), "chosen_row": rows[0]}
 
     def final(self) -> dict[str, Any] | None:
         """``final.json`` once the final model is recorded, its files checked."""
         path = self.folder / "final.json"
         if not path.exists():
             return None
-        final = _checked(read_json(path, "final"), path, "a final-model record", _FINAL_FIELDS)
+        final = _checked(read_json(path, "final"), path, "a final-model record", _FINAL_FIELDS,
+                         optional=("settings",))  # fmt: skip
+        final.setdefault("settings", {})
         evaluation = _checked(final["evaluation"], path, "a test evaluation", _EVALUATION_FIELDS)
         if sum(map(sum, evaluation["confusion"])) != evaluation["n_samples"]:
             n = evaluation["n_samples"]
@@ -531,11 +580,26 @@ def _files(value: Any) -> bool:
     )
 
 
+def _setting(value: Any) -> bool:
+    """A searched setting's value: a number, a string, a bool or a list of numbers."""
+    return isinstance(value, str | bool) or _number(value) or _list_of(_number)(value)
+
+
+def _settings(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and "." in k and _setting(v) for k, v in value.items()
+    )
+
+
 def _row(value: Any) -> bool:
-    """A CV table row: numbers (NaN for a lambda without valid folds), a finite lambda."""
+    """A CV table row: numbers (NaN for a candidate without valid folds), a finite lambda, its
+    id and searched settings (dotted keys)."""
     return (
         isinstance(value, dict)
-        and all(isinstance(k, str) and _number(v) for k, v in value.items())
+        and all(
+            isinstance(k, str) and (_setting(v) if "." in k or k == "candidate" else _number(v))
+            for k, v in value.items()
+        )
         and _real(0)(value.get("l2_lambda"))
     )
 
@@ -559,6 +623,7 @@ _RUN_FIELDS: dict[str, Check] = {
 _FOLD_FIELDS: dict[str, Check] = {
     "l2_lambda": _real(0), "fold": _count(), "seed": _count(), "epochs": _count(),
     "seconds": _real(0), "history": _history, "diverged": _type(bool), "message": _type(str),
+    "settings": _settings, "budget": _optional(_count(1)),
 }  # fmt: skip
 _METRICS: dict[str, Check] = {
     "val_accuracy": _real(0, 1), "val_loss": _real(0),
@@ -570,10 +635,10 @@ _DIVERGED_METRICS = {
 }  # fmt: skip
 _CV_FIELDS: dict[str, Check] = {
     "table": lambda v: _list_of(_row)(v) and len(v) > 0, "best_l2_lambda": _real(0),
-    "time": _count(), "files": _files,
+    "best": _settings, "time": _count(), "files": _files,
 }  # fmt: skip
 _FINAL_FIELDS: dict[str, Check] = {
-    "l2_lambda": _real(0), "history": lambda v: _history(v) and "epoch" in v,
+    "l2_lambda": _real(0), "settings": _settings, "history": lambda v: _history(v) and "epoch" in v,
     "seconds": _real(0), "evaluation": _type(dict), "test_set": _type(str), "time": _count(),
     "files": _files, "input_example": _list_of(_list_of(_real())),
 }  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 # History column: when each epoch ended (``time.time()`` seconds), for MLflow's wall-time axis.
 WALL_TIME = "wall_time"
@@ -11,7 +12,7 @@ WALL_TIME = "wall_time"
 
 @dataclass(frozen=True)
 class FoldResult:
-    """The outcome of training one network on one (lambda, fold) of the cross-validation.
+    """The outcome of training one candidate on one fold of the cross-validation.
 
     ``history`` maps column names (``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
     ``val_accuracy``, ``lr``, ``seconds``, ``wall_time``...) to one value per epoch. A diverged
@@ -31,6 +32,15 @@ class FoldResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     diverged: bool = False
     message: str = ""
+    # The candidate's searched settings besides lambda ({"training.lr": 0.05}; none in a search
+    # over lambda alone), and the epochs this training was given (its rung's, in halving).
+    settings: dict[str, Any] = field(default_factory=dict)
+    budget: int | None = None
+
+    @property
+    def candidate(self) -> dict[str, Any]:
+        """Every searched value of this training, lambda first (see :mod:`pipeline.search`)."""
+        return {"training.l2_lambda": self.l2_lambda, **self.settings}
 
     @property
     def ok(self) -> bool:

@@ -1,4 +1,4 @@
-"""Training and evaluation glue: from a config, a dataset and a (lambda, fold) to results.
+"""Training and evaluation glue: from a config, a dataset and a (candidate, fold) to results.
 
 These are the plain functions the Prefect tasks wrap. They hold no orchestration and no
 tracking: workers call them and return small results; the flow process records them.
@@ -10,20 +10,21 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from mlp import MLP, DivergenceError, fit
+from mlp import MLP, DivergenceError, TrainingState, fit
 from mlp.losses import cross_entropy
 from pipeline.config import DataConfig, PipelineConfig
 from pipeline.data import N_CLASSES, Dataset, DatasetRef, Normalizer, load_dataset
 from pipeline.errors import ConfigError, DataError
 from pipeline.folds import fold_seed, make_folds, train_indices
 from pipeline.results import WALL_TIME, Evaluation, FoldResult
+from pipeline.search import L2_KEY, candidate_config, candidates, other_settings
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -62,12 +63,24 @@ def dataset_from_ref(data: DataConfig, ref: DatasetRef) -> Dataset:
 
 
 def load_data_checked(config: PipelineConfig) -> Dataset:
-    """Load, verify and subset the dataset; check the folds and the trainings fit it."""
+    """Load, verify and subset the dataset; check the search, the folds and that every
+    candidate's trainings fit in memory."""
+    searched = candidates(config)  # every candidate a valid config, before any data is read
     dataset = load_configured_dataset(config.data)
     cv = config.cv
     make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
-    check_memory(config, dataset, trainings=config.execution.resolved_workers())
+    largest = max(
+        (candidate_config(config, candidate) for candidate in searched),
+        key=lambda resolved: training_bytes(resolved, dataset.n_features, len(dataset.y_train)),
+    )
+    check_memory(largest, dataset, trainings=config.execution.resolved_workers())
     return dataset
+
+
+def parameter_count(config: PipelineConfig, n_features: int) -> int:
+    """Weights and biases of the configured network on ``n_features`` inputs."""
+    sizes = [n_features, *config.model.hidden_sizes, N_CLASSES]
+    return sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(sizes))
 
 
 def training_bytes(config: PipelineConfig, n_features: int, n_samples: int) -> int:
@@ -78,7 +91,7 @@ def training_bytes(config: PipelineConfig, n_features: int, n_samples: int) -> i
     without ``training.batch_size``).
     """
     sizes = [n_features, *config.model.hidden_sizes, N_CLASSES]
-    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(sizes))
+    parameters = parameter_count(config, n_features)
     copies = 4 if config.training.optimizer == "adam" else 3
     batch = min(config.training.batch_size or n_samples, n_samples)
     itemsize = np.dtype(config.model.dtype).itemsize
@@ -108,32 +121,38 @@ def _fit_network(
     X: np.ndarray,
     y: np.ndarray,
     *,
-    l2_lambda: float,
     epochs: int,
     seed: int,
     X_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
     early_stopping: int | None = None,
     callback: EpochCallback | None = None,
-) -> tuple[MLP, dict[str, list[float]], str, int]:
-    """Build and train one network.
+    stop_epoch: int | None = None,
+    resume: Checkpoint | None = None,
+) -> tuple[MLP, dict[str, list[float]], str, int, TrainingState | None]:
+    """Build (or, from ``resume``, continue) and train one network with ``config``'s settings.
 
-    Returns the model, its history columns, the divergence message (or ""), and the index in
-    the history of the epoch whose weights the model holds: the last one, or with early stopping
-    the one with the lowest validation loss (its weights are put back, as scikit-learn's
-    ``early_stopping`` does). Without early stopping the last weights are kept, as the final
-    model keeps them, so a fold measures the procedure the final model goes through.
+    Returns the model, its history columns (from epoch 1, a resumed training's earlier epochs
+    included), the divergence message (or ""), the index in the history of the epoch whose
+    weights the model holds, and the state to continue from (None after a divergence). The held
+    epoch is the last one, or with early stopping the one with the lowest validation loss (its
+    weights are put back, as scikit-learn's ``early_stopping`` does). Without early stopping the
+    last weights are kept, as the final model keeps them, so a fold measures the procedure the
+    final model goes through. ``stop_epoch``: stop there, within a schedule of ``epochs``.
     """
     model_cfg, train_cfg = config.model, config.training
-    network = MLP(
-        n_features=X.shape[1],
-        hidden_sizes=list(model_cfg.hidden_sizes),
-        n_classes=10,
-        activation=model_cfg.activation,
-        init=model_cfg.init,
-        dtype=model_cfg.dtype,
-        seed=seed,
-    )
+    if resume is None:
+        network = MLP(
+            n_features=X.shape[1],
+            hidden_sizes=list(model_cfg.hidden_sizes),
+            n_classes=10,
+            activation=model_cfg.activation,
+            init=model_cfg.init,
+            dtype=model_cfg.dtype,
+            seed=seed,
+        )
+    else:
+        network = MLP.from_state(resume.network)
     records: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
@@ -148,6 +167,7 @@ def _fit_network(
         else {}
     )
     restore_best = early_stopping is not None
+    state = None
     try:
         history = fit(
             network,
@@ -159,7 +179,7 @@ def _fit_network(
             momentum=train_cfg.momentum,
             # "gd" is the homework's full-batch gradient descent: one step per epoch.
             batch_size=None if train_cfg.optimizer == "gd" else train_cfg.batch_size,
-            l2=l2_lambda,
+            l2=train_cfg.l2_lambda,
             schedule=train_cfg.schedule,
             schedule_kwargs=schedule_kwargs,
             dropout=train_cfg.dropout,
@@ -169,14 +189,20 @@ def _fit_network(
             restore_best=restore_best,
             seed=seed,
             callback=on_epoch,
+            stop_epoch=stop_epoch,
+            state=None if resume is None else resume.state,
         )
-        message = ""
+        message, state = "", history.state
         held = len(records) - 1
         if restore_best and history.best_epoch is not None:
             held = history.best_epoch - 1  # epochs count from 1, one record each
     except DivergenceError as exc:
         message, held = str(exc), len(records) - 1
-    return network, _columns(records), message, held
+    columns = _columns(records)
+    if resume is not None:
+        columns = {key: resume.history.get(key, []) + values for key, values in columns.items()}
+        held += len(resume.history.get("epoch", []))
+    return network, columns, message, held, state
 
 
 def _columns(records: list[dict[str, Any]]) -> dict[str, list[float]]:
@@ -184,20 +210,60 @@ def _columns(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {key: [float(record.get(key, np.nan)) for record in records] for key in keys}
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where one (candidate, fold) training stopped, for successive halving to continue it.
+
+    Passed from a worker to the flow and back in memory only (never written or unpickled
+    from disk): the network's state, the optimizer's and random streams' state, the history and
+    training seconds so far.
+    """
+
+    network: dict[str, Any]
+    state: TrainingState
+    history: dict[str, list[float]]
+    seconds: float
+
+
 def train_fold(
     config: PipelineConfig,
     dataset: Dataset,
-    l2_lambda: float,
+    candidate: Mapping[str, Any],
     fold: int,
     *,
     callback: EpochCallback | None = None,
 ) -> FoldResult:
-    """Train on every fold but ``fold`` with L2 strength ``l2_lambda``; validate on ``fold``.
+    """Train ``candidate`` on every fold but ``fold``; validate on ``fold``.
 
-    The normalizer is fitted on the training part only, so nothing of the validation fold leaks
-    into training. The seed comes from (cv.seed, lambda, fold), never from execution order.
+    ``candidate`` maps dotted settings to values (:mod:`pipeline.search`), ``training.l2_lambda``
+    among them. The normalizer is fitted on the training part only, so nothing of the validation
+    fold leaks into training. The seed comes from (cv.seed, the candidate's values, fold), never
+    from execution order.
+    """
+    return train_rung(config, dataset, candidate, fold, None, callback=callback)[0]
+
+
+def train_rung(
+    config: PipelineConfig,
+    dataset: Dataset,
+    candidate: Mapping[str, Any],
+    fold: int,
+    stop_epoch: int | None,
+    *,
+    resume: Checkpoint | None = None,
+    callback: EpochCallback | None = None,
+) -> tuple[FoldResult, Checkpoint | None]:
+    """:func:`train_fold` up to ``stop_epoch`` of the ``training.epochs`` schedule (a rung of
+    successive halving), from ``resume`` if given.
+
+    Returns the result and the :class:`Checkpoint` to continue from (None without
+    ``stop_epoch``, or after a divergence). Continued rung by rung, a training ends with the
+    same weights and history as :func:`train_fold` run straight through.
     """
     cv = config.cv
+    settings = other_settings(dict(candidate))
+    l2_lambda = float(candidate[L2_KEY])
+    config = candidate_config(config, dict(candidate))
     folds = make_folds(
         dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed
     )
@@ -214,30 +280,35 @@ def train_fold(
     y_tr = dataset.y_train[train_idx].astype(np.int64)
     y_val = dataset.y_train[val_idx].astype(np.int64)
 
-    seed = fold_seed(cv.seed, l2_lambda, fold)
+    seed = fold_seed(cv.seed, l2_lambda, fold, settings)
+    budget = stop_epoch or config.training.epochs
     started = time.perf_counter()
-    _, history, message, held = _fit_network(
+    network, history, message, held, state = _fit_network(
         config,
         X_tr,
         y_tr,
-        l2_lambda=l2_lambda,
         epochs=config.training.epochs,
         seed=seed,
         X_val=X_val,
         y_val=y_val,
         early_stopping=config.training.early_stopping,
         callback=callback,
+        stop_epoch=stop_epoch,
+        resume=resume,
     )
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started + (resume.seconds if resume else 0.0)
+    checkpoint = None
+    if stop_epoch is not None and state is not None:
+        checkpoint = Checkpoint(network.get_state(), state, history, seconds)
     if message:
         nan = float("nan")
         return FoldResult(
             l2_lambda, fold, seed, nan, nan, nan, nan, len(history.get("epoch", [])), seconds,
-            history, diverged=True, message=message,
-        )  # fmt: skip
+            history, diverged=True, message=message, settings=settings, budget=budget,
+        ), None  # fmt: skip
     # The metrics of the epoch whose weights the network holds, computed by ``fit`` on the
     # same validation fold (no second pass over it).
-    return FoldResult(
+    result = FoldResult(
         l2_lambda=l2_lambda,
         fold=fold,
         seed=seed,
@@ -248,38 +319,44 @@ def train_fold(
         epochs=len(history["epoch"]),
         seconds=seconds,
         history=history,
+        settings=settings,
+        budget=budget,
     )
+    return result, checkpoint
 
 
 @dataclass(frozen=True)
 class FinalModel:
-    """The model trained on all training data with the chosen lambda."""
+    """The model trained on all training data with the chosen candidate."""
 
     network: MLP
     normalizer: Normalizer
     history: dict[str, list[float]]
     l2_lambda: float
     seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def train_final(
     config: PipelineConfig,
     dataset: Dataset,
-    l2_lambda: float,
+    candidate: Mapping[str, Any],
     *,
     callback: EpochCallback | None = None,
 ) -> FinalModel:
-    """Train the final network on the whole training set with the chosen lambda."""
+    """Train the final network on the whole training set with the chosen candidate."""
+    settings = other_settings(dict(candidate))
+    l2_lambda = float(candidate[L2_KEY])
+    config = candidate_config(config, dict(candidate))
     normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
     X = normalizer.transform(dataset.X_train, dtype=config.model.dtype)
     y = dataset.y_train.astype(np.int64)
-    seed = fold_seed(config.cv.seed, l2_lambda, fold=-1)
+    seed = fold_seed(config.cv.seed, l2_lambda, -1, settings)
     started = time.perf_counter()
-    network, history, message, _ = _fit_network(
+    network, history, message, _, _ = _fit_network(
         config,
         X,
         y,
-        l2_lambda=l2_lambda,
         epochs=config.training.resolved_final_epochs,
         seed=seed,
         callback=callback,
@@ -288,7 +365,8 @@ def train_final(
         raise DivergenceError(
             f"the final model diverged: {message}", epoch=len(history.get("epoch", []))
         )
-    return FinalModel(network, normalizer, history, l2_lambda, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return FinalModel(network, normalizer, history, l2_lambda, seconds, settings)
 
 
 def predict_test(final: FinalModel, dataset: Dataset) -> tuple[Evaluation, np.ndarray]:

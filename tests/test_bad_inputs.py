@@ -410,6 +410,7 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "training.epochs": ["ten", 2.5, False, 0],
     "training.final_epochs": ["x", -1],
     "training.dropout": ["x", 1.0, -0.1],
+    "training.l2_lambda": ["x", -1e-3, math.nan, math.inf, True],
     "training.early_stopping": ["x", 0],
     # A bare number is accepted as a list of one (--set cv.l2_lambdas=1e-3).
     "cv.l2_lambdas": ["x", [], [-1e-3], [math.nan], [math.inf], [1e-3, 1e-3]],
@@ -417,6 +418,25 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "cv.shuffle": ["maybe", 2],
     "cv.stratify": ["maybe", [True]],
     "cv.seed": ["x", True, -1],
+    "cv.selection": ["worst", 1],
+    "search.strategy": ["bayes", 1],
+    "search.space": [
+        "x",
+        [1],
+        {"training.lr": []},
+        {"lr": [0.1]},
+        {"cv.folds": [2, 3]},
+        {"training.final_epochs": [2]},
+        {"training.lr": {"normal": [0, 1]}},
+        {"training.lr": {"uniform": [1, 0]}},
+        {"training.lr": {"log_uniform": [0, 1]}},
+        {"training.epochs": {"int": [1.5, 3]}},
+        {"training.lr": {"choice": []}},
+        {"training.lr": {"uniform": [0, 1], "choice": [1]}},
+    ],
+    "search.n_candidates": ["x", 0, True],
+    "search.eta": ["x", 1, 2.5],
+    "search.min_epochs": ["x", 0, -1],
     "execution.runner": [1, "slurm"],
     "execution.workers": ["x", 0],
     "execution.blas_threads": ["x", 0],
@@ -463,6 +483,10 @@ def _toml_value(value: Any) -> str:
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):  # an inline table; dotted keys quoted
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     return json.dumps(value)  # ints, floats, strings (TOML basic strings accept JSON escapes)
 
 
@@ -1135,7 +1159,7 @@ def sample_record(tmp_path_factory) -> Path:
     """A complete run record (2 folds, CV table, final model, figures), made without MLflow."""
     from pipeline.data import fingerprint_test_set
     from pipeline.record import RunRecord
-    from pipeline.selection import cv_table, select_lambda
+    from pipeline.selection import cv_table, select_candidate
     from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
 
     config = build_config(
@@ -1149,12 +1173,12 @@ def sample_record(tmp_path_factory) -> Path:
     record = RunRecord.create(
         config, flow="mlp-pipeline", dataset={"name": data.name, "fingerprint": data.fingerprint}
     )
-    folds = [train_fold(config, data, 1e-3, fold) for fold in range(2)]
+    folds = [train_fold(config, data, {"training.l2_lambda": 1e-3}, fold) for fold in range(2)]
     for fold in folds:
         record.add_fold(fold)
     table = cv_table(folds)
-    record.add_cv(table, select_lambda(table))
-    final = train_final(config, data, 1e-3)
+    record.add_cv(table, select_candidate(table))
+    final = train_final(config, data, {"training.l2_lambda": 1e-3})
     evaluation, predicted = predict_test(final, data)
     test_set = fingerprint_test_set(data.X_test, data.y_test)
     record.add_final(final, evaluation, data.X_test, data.y_test, predicted, test_set)

@@ -91,7 +91,7 @@ def _fold_config(tmp_path: Path):
 def test_a_pickle_in_the_fold_cache_is_refused_without_running_code(tmp_path, caplog):
     # Arrange: a pickle planted where a fold result would be.
     cache = FoldCache(tmp_path / "c")
-    key = fold_key(_fold_config(tmp_path), "f" * 64, 1e-3, 0)
+    key = fold_key(_fold_config(tmp_path), "f" * 64, {"training.l2_lambda": 1e-3}, 0)
     marker = tmp_path / "ran"
     cache.folder.mkdir(parents=True)
     (cache.folder / f"{key}.json").write_bytes(armed_pickle(marker))
@@ -113,7 +113,7 @@ def test_cache_and_records_stay_inside_the_cache_folder(tmp_path):
 
     # Act
     record = RunRecord.create(config, flow="train", dataset={"name": "s", "fingerprint": "f"})
-    key = fold_key(config, "../../etc", -1.0, 0)
+    key = fold_key(config, "../../etc", {"training.l2_lambda": 1.0}, 0)
 
     # Assert: names the pipeline makes, never from the data.
     assert record.folder.parent == cache_dir / "runs", record.folder
@@ -231,7 +231,7 @@ def test_prefect_persists_no_task_results():
     from flows import pipeline_flow, tasks
 
     steps = [tasks.train_fold_task, pipeline_flow.load_data, pipeline_flow.cv_table_task,
-             pipeline_flow.select_lambda_task, pipeline_flow.train_final_task,
+             pipeline_flow.select_candidate_task, pipeline_flow.train_final_task,
              pipeline_flow.evaluate_task]  # fmt: skip
 
     # Act / Assert

@@ -22,6 +22,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
+from pipeline.search import L2_KEY, candidate_id, label
 from pipeline.tracking.model import build_pyfunc
 from pipeline.tracking.registry import Registration, register
 from pipeline.tracking.store import default_tracking_uri, one_line, open_store, redact_uri
@@ -61,7 +62,9 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     config = PipelineConfig.model_validate(run["config"])
     uri = default_tracking_uri(tracking_uri or config.tracking.tracking_uri)
     client, experiment_id = store or open_store(uri, config.tracking.experiment)
-    parent = _parent(client, experiment_id, run, config)
+    # The chosen values as params too: MLflow's charts and compare view plot params as values.
+    best = {f"best.{key}": value for key, value in cv["best"].items()} if cv else {}
+    parent = _parent(client, experiment_id, run, config, best)
     parent_id, tags = parent.info.run_id, _shared_tags(run)
     children = {
         child.data.tags.get(PART_TAG): child
@@ -77,16 +80,17 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             _child(client, experiment_id, parent_id, existing, name, run_tags, **part)
 
     for fold in folds:
-        child(f"fold {fold.l2_lambda!r} {fold.fold}", f"cv lambda={fold.l2_lambda:g} "
-              f"fold={fold.fold}", "cv", _fold_part(fold))  # fmt: skip
+        searched = f"{candidate_id(fold.candidate)} " if fold.settings else ""
+        child(f"fold {fold.l2_lambda!r} {searched}{fold.fold}",
+              f"cv {label(fold.candidate)} fold={fold.fold}", "cv",
+              _fold_part(fold, config.training.epochs))  # fmt: skip
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
     texts = {"config.json": json.dumps(config.redacted(), indent=2)}
     metrics: dict[str, tuple[float, int]] = {}
     if cv is not None:
-        table, best = cv["table"], cv["best_l2_lambda"]
-        chosen = table.loc[table["l2_lambda"] == best, "mean_val_accuracy"]
-        metrics.update(best_l2_lambda=(best, cv["time"]),
-                       cv_best_mean_val_accuracy=(float(chosen.iloc[0]), cv["time"]))  # fmt: skip
+        table, chosen = cv["table"], cv["chosen_row"]["mean_val_accuracy"]
+        metrics.update(best_l2_lambda=(cv["best_l2_lambda"], cv["time"]),
+                       cv_best_mean_val_accuracy=(chosen, cv["time"]))  # fmt: skip
         texts["cv_results.csv"] = table.to_csv(index=False)
     registration = None
     if final is not None:
@@ -94,9 +98,11 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         test = {"test_accuracy": evaluation["accuracy"], "test_loss": evaluation["loss"]}
         metrics.update({key: (value, final["time"]) for key, value in test.items()})
         history = final["history"]
-        child("final", f"final lambda={final['l2_lambda']:g}", "final", {
+        chosen = {L2_KEY: final["l2_lambda"], **final["settings"]}
+        child("final", f"final {label(chosen)}", "final", {
             "history": history, "seconds": final["seconds"], "summary": test,
-            "params": {"l2_lambda": final["l2_lambda"], "epochs": len(history["epoch"])},
+            "params": {"l2_lambda": final["l2_lambda"], **final["settings"],
+                       "epochs": len(history["epoch"])},
         })  # fmt: skip
     _upload(client, parent_id, uploaded, record.folder, texts,
             CV_FIGURES * (cv is not None) + FINAL_FIGURES * (final is not None))  # fmt: skip
@@ -115,7 +121,13 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     return Published(parent_id, uri, registration)
 
 
-def _parent(client: Any, experiment_id: str, run: dict[str, Any], config: PipelineConfig):
+def _parent(
+    client: Any,
+    experiment_id: str,
+    run: dict[str, Any],
+    config: PipelineConfig,
+    best: dict[str, Any],
+):
     """The record's parent run, created if it is new, with every param it lacks."""
     from mlflow.entities import Param, ViewType
 
@@ -142,6 +154,7 @@ def _parent(client: Any, experiment_id: str, run: dict[str, Any], config: Pipeli
         "dataset.fingerprint": dataset["fingerprint"],
         "package.version": run["package_version"],
         **run["params"],
+        **best,
     }
     missing = [Param(k, _text(v)) for k, v in params.items() if k not in parent.data.params]
     if missing:
@@ -159,10 +172,14 @@ def _shared_tags(run: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def _fold_part(result: FoldResult) -> dict[str, Any]:
+def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
+    """A fold's child run; ``epochs``: the full budget (a halving candidate pruned before it is
+    tagged with the epoch it stopped at)."""
     tags = (
         {"diverged": "true", "diverged_message": result.message[:5000]} if result.diverged else {}
     )
+    if result.budget is not None and result.budget < epochs:
+        tags["pruned_at_epoch"] = str(result.budget)
     return {
         "tags": tags,
         "history": result.history,
@@ -175,7 +192,12 @@ def _fold_part(result: FoldResult) -> dict[str, Any]:
             "epochs_run": result.epochs,
             "train_seconds": result.seconds,
         },
-        "params": {"l2_lambda": result.l2_lambda, "fold": result.fold, "seed": result.seed},
+        "params": {
+            "l2_lambda": result.l2_lambda,
+            **result.settings,
+            "fold": result.fold,
+            "seed": result.seed,
+        },
     }
 
 

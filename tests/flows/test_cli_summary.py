@@ -18,6 +18,7 @@ RUN_ID = "0123456789abcdef0123456789abcdef"
 def _result(lambdas, best, *, restarts=0, registration=None, uri="sqlite:////s/mlflow.db"):
     return {
         "best_l2_lambda": best,
+        "best": {"training.l2_lambda": best},
         "cv_table": [
             {"l2_lambda": lam, "mean_val_accuracy": 0.86, "std_val_accuracy": 0.004,
              "mean_val_loss": 0.47, "diverged_folds": 0}

@@ -210,7 +210,8 @@ def _long_training(
     )
     dataset = load_configured_dataset(config.data)
     parameters = {
-        "config": config, "ref": dataset.ref, "l2_lambda": 1e-4, "fold": 0, "blas_threads": 1
+        "config": config, "ref": dataset.ref, "candidate": {"training.l2_lambda": 1e-4}, "fold": 0,
+        "blas_threads": 1,
     }  # fmt: skip
     with task_runner(config.execution, config.data) as runner:
         if runner_name == "process":  # the worker started and initialized: its CPU is idle

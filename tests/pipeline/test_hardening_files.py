@@ -44,7 +44,7 @@ from pipeline.record import (
     write_json,
 )
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
 
 MNIST_TRAIN_IMAGES = (60000, 28, 28)
@@ -147,9 +147,13 @@ def built(tmp_path_factory) -> SimpleNamespace:
         }
     )  # fmt: skip
     dataset = load_configured_dataset(config.data)
-    folds = [train_fold(config, dataset, l2, fold) for l2 in (1e-4, 1e-2) for fold in (0, 1)]
+    folds = [
+        train_fold(config, dataset, {"training.l2_lambda": l2}, fold)
+        for l2 in (1e-4, 1e-2)
+        for fold in (0, 1)
+    ]
     table = cv_table(folds)
-    best = select_lambda(table)
+    best = select_candidate(table)
     final = train_final(config, dataset, best)
     evaluation, predicted = predict_test(final, dataset)
     record = RunRecord.create(
@@ -253,7 +257,12 @@ def test_a_resealed_fold_file_of_a_record_is_refused(copied):
 RECORD_VALUE_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("cv-best-a-string", "cv", lambda d: d.update(best_l2_lambda=str(d["best_l2_lambda"])),
      "best_l2_lambda"),
-    ("cv-best-not-in-table", "cv", _set(best_l2_lambda=0.5), "chosen lambda"),
+    ("cv-best-not-in-table", "cv", _set(best_l2_lambda=0.5), "chosen candidate"),
+    ("cv-best-candidate-not-in-table", "cv", _set(best={"training.l2_lambda": 0.5}),
+     "chosen candidate"),
+    ("cv-best-setting-not-in-table", "cv",
+     lambda d: d.update(best={**d["best"], "training.lr": 0.5}), "chosen candidate"),
+    ("cv-best-a-list", "cv", _set(best=[0.5]), "best"),
     ("cv-best-nan", "cv", _set(best_l2_lambda=math.nan), "best_l2_lambda"),
     ("cv-table-a-dict", "cv", _set(table={"l2_lambda": 1}), "table"),
     ("cv-table-empty", "cv", _set(table=[]), "table"),

@@ -35,13 +35,38 @@ def _cv_table(lambdas: list[float]) -> pd.DataFrame:
     "lambdas", [[1e-4, 1e-3, 1e-2], [0.0, 1e-4, 1e-3], [0.0]], ids=["log", "with-zero", "only-zero"]
 )
 def test_cv_lambda_plot(tmp_path, lambdas):
-    path = plots.plot_cv_lambda(_cv_table(lambdas), lambdas[-1], tmp_path / "cv.png")
+    best = {"training.l2_lambda": lambdas[-1]}
+    path = plots.plot_cv_search(_cv_table(lambdas), best, tmp_path / "cv.png")
     _read_png(path)
 
 
 def test_cv_lambda_plot_tolerates_a_single_fold_std_nan(tmp_path):
     table = _cv_table([1e-3, 1e-2]).assign(std_val_accuracy=math.nan)
-    _read_png(plots.plot_cv_lambda(table, None, tmp_path / "cv.png"))
+    _read_png(plots.plot_cv_search(table, None, tmp_path / "cv.png"))
+
+
+def test_a_search_plot_has_one_panel_per_searched_setting(tmp_path):
+    # Arrange: 2 lambdas x 2 architectures x 2 learning rates.
+    rows = [
+        {"l2_lambda": lam, "model.hidden_sizes": hidden, "training.lr": lr}
+        for lam in (1e-4, 1e-3)
+        for hidden in ([64], [128, 64])
+        for lr in (0.05, 0.1)
+    ]
+    table = pd.DataFrame(rows).assign(
+        mean_val_accuracy=np.linspace(0.90, 0.97, len(rows)), std_val_accuracy=0.01
+    )
+    best = {"training.l2_lambda": 1e-3, "model.hidden_sizes": [128, 64], "training.lr": 0.1}
+
+    # Act
+    one = _read_png(plots.plot_cv_search(table[["l2_lambda", "mean_val_accuracy",
+                                                "std_val_accuracy"]].head(2),
+                                         None, tmp_path / "one.png"))  # fmt: skip
+    three = _read_png(plots.plot_cv_search(table, best, tmp_path / "three.png"))
+
+    # Assert: three panels side by side, as tall as one.
+    assert three.shape[0] == one.shape[0], (one.shape, three.shape)
+    assert three.shape[1] == pytest.approx(3 * one.shape[1], rel=0.02), (one.shape, three.shape)
 
 
 @pytest.mark.parametrize("with_val", [True, False])
@@ -77,5 +102,5 @@ def test_misclassified(tmp_path, n_wrong):
 
 def test_no_pyplot_figures_leak(tmp_path):
     before = plt.get_fignums()
-    plots.plot_cv_lambda(_cv_table([1e-3, 1e-2]), 1e-2, tmp_path / "cv.png")
+    plots.plot_cv_search(_cv_table([1e-3, 1e-2]), None, tmp_path / "cv.png")
     assert plt.get_fignums() == before, "plots must not register figures with pyplot"

@@ -21,9 +21,12 @@ def _render(width: int) -> list[str]:
     reporter.sweep_started(16)
     for _ in range(16):
         reporter.fold_finished(
-            SimpleNamespace(seconds=9.2, l2_lambda=1e-4, fold=3, val_accuracy=0.9812), cached=False
+            SimpleNamespace(
+                seconds=9.2, candidate={"training.l2_lambda": 1e-4}, fold=3, val_accuracy=0.9812
+            ),
+            cached=False,
         )
-    reporter.final_started(10, 1e-4)
+    reporter.final_started(10, "λ=0.0001")
     for _ in range(10):
         reporter.final_epoch({"train_loss": 0.0123, "train_accuracy": 0.9987})
     reporter.close()

@@ -44,7 +44,7 @@ from pipeline.config import PipelineConfig, build_config
 from pipeline.data import fingerprint_test_set
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.record import RunRecord, read_json, write_json
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 from pipeline.tracking.model import load_network
 from pipeline.tracking.publish import (
     MODEL_TAG,
@@ -223,9 +223,13 @@ def trained(tmp_path_factory) -> SimpleNamespace:
         }
     )
     dataset = load_configured_dataset(config.data)
-    folds = [train_fold(config, dataset, l2, fold) for l2 in L2_GRID for fold in range(FOLDS)]
+    folds = [
+        train_fold(config, dataset, {"training.l2_lambda": l2}, fold)
+        for l2 in L2_GRID
+        for fold in range(FOLDS)
+    ]
     table = cv_table(folds)
-    best = select_lambda(table)
+    best = select_candidate(table)
     final = train_final(config, dataset, best)
     evaluation, predicted = predict_test(final, dataset)
     return SimpleNamespace(
@@ -325,6 +329,8 @@ def test_the_parent_params_are_the_config_dataset_and_version(reference, trained
             "dataset.name": "mnist-sample",
             "dataset.fingerprint": trained.dataset.fingerprint,
             "package.version": reference.run["package_version"],
+            # The chosen values as params (MLflow's charts plot params as values).
+            "best.training.l2_lambda": str(trained.best["training.l2_lambda"]),
         }
     )
 
@@ -339,9 +345,10 @@ def test_the_parent_metrics_summarize_the_record(reference, trained):
     # Arrange
     client, parent_id = reference.client, reference.parent.info.run_id
     record = reference.record
-    chosen = trained.table.loc[trained.table["l2_lambda"] == trained.best, "mean_val_accuracy"]
+    best = trained.best["training.l2_lambda"]
+    chosen = trained.table.loc[trained.table["l2_lambda"] == best, "mean_val_accuracy"]
     expected = {
-        "best_l2_lambda": (trained.best, record.cv()["time"]),
+        "best_l2_lambda": (best, record.cv()["time"]),
         "cv_best_mean_val_accuracy": (float(chosen.iloc[0]), record.cv()["time"]),
         "test_accuracy": (trained.evaluation.accuracy, record.final()["time"]),
         "test_loss": (trained.evaluation.loss, record.final()["time"]),
@@ -445,10 +452,11 @@ def test_the_final_child_holds_the_final_training(reference, trained):
     # Assert
     assert len(finals) == 1, f"{len(finals)} final runs"
     run = finals[0]
-    assert run.info.run_name == f"final lambda={trained.best:g}", run.info.run_name
+    best = trained.best["training.l2_lambda"]
+    assert run.info.run_name == f"final lambda={best:g}", run.info.run_name
     assert run.info.status == "FINISHED", run.info.status
     assert run.data.tags["mlflow.parentRunId"] == reference.parent.info.run_id
-    assert run.data.params == {"l2_lambda": str(trained.best), "epochs": str(FINAL_EPOCHS)}
+    assert run.data.params == {"l2_lambda": str(best), "epochs": str(FINAL_EPOCHS)}
     start, end = _check_times(run, trained.final.history, trained.final.seconds)
     points = sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
     assert [m.step for m in points] == list(range(1, FINAL_EPOCHS + 1)), points
@@ -466,7 +474,7 @@ def test_a_diverged_fold_is_tagged_and_its_partial_history_kept(trained, fresh, 
     config = trained.config.replace(
         {"training.lr": 1e6, "training.optimizer": "sgd", "execution.cache_dir": str(tmp_path)}
     )
-    result = train_fold(config, trained.dataset, 1.0, 0)
+    result = train_fold(config, trained.dataset, {"training.l2_lambda": 1.0}, 0)
     assert result.diverged, "the training did not diverge"
     record = RunRecord.create(
         config, flow="cv", dataset={"name": "mnist-sample", "fingerprint": "f"}

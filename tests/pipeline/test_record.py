@@ -44,7 +44,7 @@ from pipeline.record import (
     write_json,
 )
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 from pipeline.training import load_configured_dataset, predict_test, train_final, train_fold
 
 EPOCHS = 2
@@ -74,9 +74,13 @@ def built(tmp_path_factory) -> SimpleNamespace:
     """A complete, FINISHED record of real trainings, and what was written into it."""
     config = _small_config(tmp_path_factory.mktemp("record") / "cache")
     dataset = load_configured_dataset(config.data)
-    folds = [train_fold(config, dataset, l2, fold) for l2 in L2_GRID for fold in range(FOLDS)]
+    folds = [
+        train_fold(config, dataset, {"training.l2_lambda": l2}, fold)
+        for l2 in L2_GRID
+        for fold in range(FOLDS)
+    ]
     table = cv_table(folds)
-    best = select_lambda(table)
+    best = select_candidate(table)
     final = train_final(config, dataset, best)
     evaluation, predicted = predict_test(final, dataset)
     test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)
@@ -324,10 +328,12 @@ def test_folds_cv_and_final_read_back_as_written(built):
     ], names
     assert folds == sorted(built.folds, key=lambda r: (r.l2_lambda, r.fold)), "folds differ"
     pd.testing.assert_frame_equal(cv["table"], built.table, check_dtype=False)
-    assert cv["best_l2_lambda"] == built.best, cv["best_l2_lambda"]
+    assert cv["best"] == built.best, cv["best"]
+    assert cv["best_l2_lambda"] == built.best["training.l2_lambda"], cv["best_l2_lambda"]
     assert set(cv["files"]) == {"cv_lambda.png"}, cv["files"]
     assert final["evaluation"] == asdict(built.evaluation), final["evaluation"]
-    assert (final["l2_lambda"], final["test_set"]) == (built.best, built.test_set), final
+    best = built.best["training.l2_lambda"]
+    assert (final["l2_lambda"], final["test_set"]) == (best, built.test_set), final
     assert json.dumps(final["history"]) == json.dumps(built.final.history), "history differs"
     expected_files = {
         "final/weights.npz", "final/normalizer.json", "training_curves.png",
@@ -563,13 +569,15 @@ BASE = build_config(overrides=BASE_VALUES)
 
 
 def _key(config: PipelineConfig = BASE, fingerprint: str = FINGERPRINT, lam=1e-3, fold=1) -> str:
-    return fold_key(config, fingerprint, lam, fold)
+    return fold_key(config, fingerprint, {"training.l2_lambda": lam}, fold)
 
 
 def test_key_is_stable_and_well_formed():
     # Act
     first = _key()
-    second = fold_key(build_config(overrides=BASE_VALUES), FINGERPRINT, 1e-3, 1)
+    second = fold_key(
+        build_config(overrides=BASE_VALUES), FINGERPRINT, {"training.l2_lambda": 1e-3}, 1
+    )
 
     # Assert
     assert first == second, "equal inputs gave different keys"

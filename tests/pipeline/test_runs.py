@@ -25,7 +25,7 @@ from pipeline.errors import TrackingError
 from pipeline.listing import columns_that_fit, table_rows, to_csv, to_json
 from pipeline.record import RunRecord
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 from pipeline.tracking.publish import publish
 from pipeline.tracking.runs import COLUMNS, list_pipeline_runs
 
@@ -119,7 +119,7 @@ def recorded(store_uri, tmp_path_factory) -> tuple[str, object]:
     for result in results:
         record.add_fold(result)
     table = cv_table(results)
-    record.add_cv(table, select_lambda(table))
+    record.add_cv(table, select_candidate(table))
     record.finish("FINISHED")
     return publish(record, store_uri).run_id, config
 

@@ -1,4 +1,5 @@
-"""cv_table aggregates fold results as computed by hand; select_lambda's rule and its edge cases."""
+"""cv_table aggregates fold results as computed by hand; select_candidate's rule over lambda
+and its edge cases."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_lambda
+from pipeline.selection import cv_table, select_candidate
 
 # lambda -> per-fold (val_accuracy, val_loss), fold order 0..3
 GRID = {
@@ -41,6 +42,13 @@ def _results(
 
 def _table(grid, diverged=frozenset()) -> pd.DataFrame:
     return cv_table(_results(grid, diverged))
+
+
+def select_lambda(table: pd.DataFrame) -> float:
+    """The chosen candidate's lambda (these tables search lambda alone)."""
+    chosen = select_candidate(table)
+    assert list(chosen) == ["training.l2_lambda"], f"a lambda-only search chose {chosen}"
+    return chosen["training.l2_lambda"]
 
 
 # ----------------------------------------------------------------------------- cv_table
@@ -93,8 +101,8 @@ def test_cv_table_columns_of_the_contract():
 
     # Assert
     expected = [
-        "l2_lambda", "mean_val_accuracy", "std_val_accuracy", "mean_val_loss", "std_val_loss",
-        "n_folds", "diverged_folds",
+        "candidate", "l2_lambda", "budget", "mean_val_accuracy", "std_val_accuracy",
+        "mean_val_loss", "std_val_loss", "n_folds", "diverged_folds",
     ]  # fmt: skip
     assert list(table.columns[: len(expected)]) == expected, f"columns {list(table.columns)}"
 

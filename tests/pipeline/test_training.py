@@ -104,8 +104,8 @@ def test_train_fold_is_deterministic(sample, name):
     cfg = _config(name)
 
     # Act
-    first = train_fold(cfg, sample, 1e-3, 1)
-    second = train_fold(cfg, sample, 1e-3, 1)
+    first = train_fold(cfg, sample, {"training.l2_lambda": 1e-3}, 1)
+    second = train_fold(cfg, sample, {"training.l2_lambda": 1e-3}, 1)
 
     # Assert
     for field in SUMMARY:
@@ -123,7 +123,7 @@ def test_train_fold_equals_a_by_hand_split_and_fit(sample, name, fold):
     lam = 1e-3
 
     # Act
-    result = train_fold(cfg, sample, lam, fold)
+    result = train_fold(cfg, sample, {"training.l2_lambda": lam}, fold)
     net, X_va, y_va, epochs_run = _by_hand(cfg, sample, lam, fold)
 
     # Assert
@@ -152,7 +152,7 @@ def test_a_fold_reports_the_epoch_whose_weights_it_keeps(sample, patience):
     overrides = {"training.epochs": 25, "training.lr": 0.1, "training.early_stopping": patience}
     cfg = _config(**overrides)
 
-    result = train_fold(cfg, sample, 0.0, 0)
+    result = train_fold(cfg, sample, {"training.l2_lambda": 0.0}, 0)
 
     losses = result.history["val_loss"]
     best = int(np.argmin(losses))
@@ -171,7 +171,7 @@ def test_train_fold_history_has_one_row_per_epoch(sample):
     seen = []
 
     # Act
-    result = train_fold(cfg, sample, 1e-4, 0, callback=seen.append)
+    result = train_fold(cfg, sample, {"training.l2_lambda": 1e-4}, 0, callback=seen.append)
 
     # Assert
     assert result.history["epoch"] == [1.0, 2.0, 3.0], f"epochs {result.history['epoch']}"
@@ -191,7 +191,7 @@ def test_train_fold_history_records_when_each_epoch_ended(sample):
     started = time.time()
 
     # Act
-    result = train_fold(cfg, sample, 1e-4, 0)
+    result = train_fold(cfg, sample, {"training.l2_lambda": 1e-4}, 0)
     ended = time.time()
 
     # Assert: wall-clock times, in order, inside the call, at least an epoch's training apart.
@@ -220,7 +220,7 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
     folds = make_folds(sample.y_train, 2, shuffle=True, stratify=True, seed=cfg.cv.seed)
 
     # Act
-    train_fold(cfg, sample, 1e-3, 0)
+    train_fold(cfg, sample, {"training.l2_lambda": 1e-3}, 0)
 
     # Assert
     assert len(fitted) == 1, f"Normalizer.fit called {len(fitted)} times"
@@ -238,7 +238,7 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
 def test_train_fold_rejects_a_fold_out_of_range(sample):
     # Act / Assert
     with pytest.raises(ValueError, match="fold 2 out of range"):
-        train_fold(_config(), sample, 1e-3, 2)
+        train_fold(_config(), sample, {"training.l2_lambda": 1e-3}, 2)
 
 
 def test_huge_lr_gives_a_diverged_result_not_an_exception(sample):
@@ -247,7 +247,7 @@ def test_huge_lr_gives_a_diverged_result_not_an_exception(sample):
     cfg = _config(**{"training.lr": 1e6})
 
     # Act
-    result = train_fold(cfg, sample, 1e-3, 0)
+    result = train_fold(cfg, sample, {"training.l2_lambda": 1e-3}, 0)
 
     # Assert
     assert result.diverged, f"lr 1e6 did not diverge: val accuracy {result.val_accuracy}"
@@ -268,7 +268,7 @@ def test_huge_lr_final_model_raises_divergence(sample):
 
     # Act / Assert
     with pytest.raises(DivergenceError, match="final model diverged"):
-        train_final(cfg, sample, 1e-3)
+        train_final(cfg, sample, {"training.l2_lambda": 1e-3})
 
 
 # ----------------------------------------------------------------------------- final model
@@ -277,7 +277,7 @@ def test_huge_lr_final_model_raises_divergence(sample):
 @pytest.fixture(scope="module")
 def final_model(sample):
     """One final model (default config, lambda 1e-4) shared by the tests that only read it."""
-    return train_final(_config(), sample, 1e-4)
+    return train_final(_config(), sample, {"training.l2_lambda": 1e-4})
 
 
 def test_train_final_and_predict_test_agree_with_network_score(sample, final_model):
@@ -332,7 +332,7 @@ def test_train_final_equals_a_by_hand_fit_with_the_final_seed(sample):
     )  # fmt: skip
 
     # Act
-    final = train_final(cfg, sample, 1e-3, callback=seen.append)
+    final = train_final(cfg, sample, {"training.l2_lambda": 1e-3}, callback=seen.append)
 
     # Assert
     assert len(seen) == 2, f"final model trained {len(seen)} epochs, final_epochs is 2"
@@ -409,7 +409,7 @@ def test_training_bytes_is_a_lower_bound_of_a_real_trainings_peak(sample):
     # Act
     tracemalloc.start()
     try:
-        train_final(cfg, sample, 1e-4)
+        train_final(cfg, sample, {"training.l2_lambda": 1e-4})
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
