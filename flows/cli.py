@@ -268,8 +268,9 @@ def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
             "the unfinished trainings were resubmitted"
         )
     if "test_accuracy" in summary:
+        chosen = escape(label(best, "λ"))
         out.print(
-            f"[bold]test accuracy {summary['test_accuracy']:.4f}[/bold] ({escape(label(best, 'λ'))}, "
+            f"[bold]test accuracy {summary['test_accuracy']:.4f}[/bold] ({chosen}, "
             f"test loss {summary['test_loss']:.4f})"
         )
         if beside_notebook:

@@ -9,6 +9,7 @@ return small :class:`~pipeline.results.FoldResult` records; only the flow proces
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
@@ -91,31 +92,65 @@ def run_sweep(
     checkpoints: dict[Item, Checkpoint] = {}
     results: list[FoldResult] = []  # each candidate's last rung
     trained = cached = restarts = 0
-    for number, (epochs, _) in enumerate(plan):
-        last = number == len(plan) - 1
-        stop = epochs if halving else None
-        jobs = {(key, fold): searched[key] for key in alive for fold in folds}
-        rung = _train_rung(config, dataset, jobs, stop, checkpoints, record if last else None,
-                           publisher)  # fmt: skip
-        trained, cached = trained + rung.trained, cached + rung.cached
-        restarts += rung.worker_restarts
-        if last:
-            results += rung.results
-            break
-        table = cv_table(rung.results)
-        keep = plan[number + 1][1]
-        alive = list(ranked(table)["candidate"][:keep])
-        for result in rung.results:
-            if candidate_id(result.candidate) not in alive:
-                record.add_fold(result)  # pruned here: its final result
-                results.append(result)
-                checkpoints.pop((candidate_id(result.candidate), result.fold), None)
-        publisher.request()
-        logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
-                    len(alive), len(table))  # fmt: skip
+    with Runners(config) as runners:  # one pool for every rung
+        for number, (epochs, _) in enumerate(plan):
+            last = number == len(plan) - 1
+            stop = epochs if halving else None
+            jobs = {(key, fold): searched[key] for key in alive for fold in folds}
+            rung = _train_rung(config, dataset, jobs, stop, checkpoints,
+                               record if last else None, publisher, runners)  # fmt: skip
+            trained, cached = trained + rung.trained, cached + rung.cached
+            restarts += rung.worker_restarts
+            if last:
+                results += rung.results
+                break
+            table = cv_table(rung.results)
+            keep = plan[number + 1][1]
+            alive = list(ranked(table)["candidate"][:keep])
+            for result in rung.results:
+                if candidate_id(result.candidate) not in alive:
+                    record.add_fold(result)  # pruned here: its final result
+                    results.append(result)
+                    checkpoints.pop((candidate_id(result.candidate), result.fold), None)
+            publisher.request()
+            logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
+                        len(alive), len(table))  # fmt: skip
     parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
                   for key, c in searched.items()}  # fmt: skip
     return Sweep(results, trained, cached, restarts, parameters)
+
+
+class Runners:
+    """The sweep's task runner, opened when first needed and kept across halving rungs.
+
+    ``renew`` closes a runner a dead worker broke; the next ``current`` opens a fresh one.
+    """
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self._open: contextlib.ExitStack | None = None
+        self._runner: Any = None
+
+    def current(self) -> Any:
+        if self._open is None:
+            self._open = contextlib.ExitStack()
+            self._runner = self._open.enter_context(
+                task_runner(self.config.execution, self.config.data)
+            )
+        return self._runner
+
+    def renew(self, broken: BaseException) -> None:
+        opened, self._open = self._open, None
+        if opened is not None:
+            opened.__exit__(type(broken), broken, broken.__traceback__)
+
+    def __enter__(self) -> Runners:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        opened, self._open = self._open, None
+        if opened is not None:
+            opened.__exit__(*exc_info)  # an interruption reaches the runner (stop flag)
 
 
 def _train_rung(
@@ -126,6 +161,7 @@ def _train_rung(
     checkpoints: dict[Item, Checkpoint],
     record: RunRecord | None,
     publisher: LivePublisher,
+    runners: Runners,
 ) -> Sweep:
     """Train ``jobs`` (up to epoch ``stop``), from the fold cache where it has them.
 
@@ -162,35 +198,36 @@ def _train_rung(
     restarts = 0
     while pending:
         try:
-            with task_runner(config.execution, config.data) as runner:
-                futures = {
-                    runner.submit(
-                        train_fold_task,
-                        parameters={
-                            "config": config,
-                            "ref": dataset.ref,
-                            "candidate": jobs[item],
-                            "fold": item[1],
-                            "blas_threads": blas,
-                            "stop_epoch": stop,
-                            "resume": checkpoints.get(item),
-                        },
-                    ): item
-                    for item in pending
-                }
-                for future in as_completed(list(futures)):
-                    result, checkpoint = future.result()
-                    item = futures[future]
-                    cache.put(keys[item], result)
-                    if checkpoint is not None:
-                        checkpoints[item] = checkpoint
-                    finished(item, result, cached=False)
-                    logger.info(
-                        "%s fold %d: val accuracy %.4f (%.1f s)",
-                        label(result.candidate), result.fold, result.val_accuracy, result.seconds,
-                    )  # fmt: skip
+            runner = runners.current()
+            futures = {
+                runner.submit(
+                    train_fold_task,
+                    parameters={
+                        "config": config,
+                        "ref": dataset.ref,
+                        "candidate": jobs[item],
+                        "fold": item[1],
+                        "blas_threads": blas,
+                        "stop_epoch": stop,
+                        "resume": checkpoints.get(item),
+                    },
+                ): item
+                for item in pending
+            }
+            for future in as_completed(list(futures)):
+                result, checkpoint = future.result()
+                item = futures[future]
+                cache.put(keys[item], result)
+                if checkpoint is not None:
+                    checkpoints[item] = checkpoint
+                finished(item, result, cached=False)
+                logger.info(
+                    "%s fold %d: val accuracy %.4f (%.1f s)",
+                    label(result.candidate), result.fold, result.val_accuracy, result.seconds,
+                )  # fmt: skip
             pending = []
         except BrokenExecutor as exc:
+            runners.renew(exc)
             pending = [item for item in pending if item not in done]
             restarts += 1
             if restarts > config.execution.retries:

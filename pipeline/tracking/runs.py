@@ -9,6 +9,7 @@ store, an experiment or a folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -169,6 +170,10 @@ def _row(run: Any) -> dict[str, Any]:
             row[name] = data.tags.get(key)
     for name in ("hidden_sizes", "l2_lambdas"):
         row[name] = _json_list(row[name])
+    with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
+        # A search space naming the L2 strength replaces cv.l2_lambdas (a list; not a draw).
+        searched = json.loads(data.params.get("search.space", "{}")).get("training.l2_lambda")
+        row["l2_lambdas"] = _json_list(json.dumps(searched)) if searched else row["l2_lambdas"]
     if row["flow"] == "train":
         # No sweep: the one lambda it trained with, and none of the config's CV settings.
         l2 = _json_list(data.params.get("l2_lambda"))

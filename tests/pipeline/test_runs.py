@@ -254,6 +254,11 @@ ODD_PARAMS = [
         id="hidden-a-mapping",
     ),  # fmt: skip
     pytest.param({"cv.l2_lambdas": "null"}, "l2_lambdas", id="lambdas-null"),
+    pytest.param({"search.space": "{not json"}, "l2_lambdas", id="space-not-json"),
+    pytest.param({"search.space": "[1]"}, "l2_lambdas", id="space-a-list"),
+    pytest.param(
+        {"search.space": '{"training.l2_lambda": ["x"]}'}, "l2_lambdas", id="space-lambdas-text"
+    ),
     pytest.param(
         {"l2_lambda": "abc", "tags.flow": "train"},
         "best_lambda",
@@ -295,6 +300,21 @@ def test_a_run_with_params_the_listing_cannot_parse_does_not_break_it(
     assert value is None or pd.isna(value), f"{column}: {value!r} from {odd}"
     assert len(rows) == 2 and len(records) == 2 and len(csv.strip().splitlines()) == 3, csv
     assert code == 0 and "0.5000" in out and "0.9000" in out, (code, out, err)
+
+
+def test_a_search_space_naming_lambda_gives_the_lambdas_tried(store_uri):
+    client = MlflowClient(tracking_uri=store_uri)
+    experiment_id = client.create_experiment("searched")
+    space = {"training.l2_lambda": [0.0, 0.5], "training.lr": [0.1, 0.2]}
+    _parent(
+        client, experiment_id, start=T0, minutes=1, status="FINISHED",
+        params={"cv.l2_lambdas": "[0.001]", "search.space": json.dumps(space)},
+        metrics={"best_l2_lambda": 0.5}, tags={},
+    )  # fmt: skip
+
+    row = list_pipeline_runs("searched", tracking_uri=store_uri).iloc[0]
+
+    assert row["l2_lambdas"] == [0.0, 0.5] and row["best_lambda"] == 0.5, row
 
 
 # ------------------------------------------------------------------------------------ formats
