@@ -15,12 +15,15 @@ The space of the search issue on full MNIST: 3 L2 strengths x 2 architectures x 
 For each: the search's wall seconds (ours: from the run's start to its CV record; sklearn:
 ``fit`` without its refit), the whole command's wall seconds, the chosen candidate and the test
 accuracy of the model trained on all 60,000 training images with it. Every part runs in a fresh
-process with a fresh fold cache and MLflow store.
+process with a fresh fold cache and MLflow store. ``spread``: the test accuracy of the candidate
+the searches chose, trained by us and by sklearn with several seeds (two BLAS threads).
 
 Usage::
 
     python benchmarks/search_speed.py --data-dir ../shared/data
     python benchmarks/search_speed.py --parts grid,halving --epochs 2   # a quick check
+    python benchmarks/search_speed.py --parts spread --seeds 0,1,2      # the chosen candidate's
+                                                                        # test accuracy per seed
 
 Run it on an otherwise idle machine: it takes about 40 minutes here.
 """
@@ -47,14 +50,15 @@ SPACE = {
 PARTS = ("grid", "halving", "sk-grid", "sk-halving")
 
 
-def run_ours(strategy: str, data_dir: str, epochs: int, workdir: Path) -> dict:
+def run_ours(strategy: str, data_dir: str, epochs: int, workdir: Path, schedule: str) -> dict:
     """``mlp-pipeline run`` over :data:`SPACE` with ``strategy``, in a fresh ``workdir``."""
     from pipeline.record import RunRecord
 
     config = workdir / "search.toml"
     space = "\n".join(f'"{key}" = {json.dumps(values)}' for key, values in SPACE.items())
     config.write_text(
-        f"[data]\ndata_dir = {json.dumps(data_dir)}\n[training]\nepochs = {epochs}\n"
+        f"[data]\ndata_dir = {json.dumps(data_dir)}\n"
+        f'[training]\nepochs = {epochs}\nschedule = "{schedule}"\n'
         f'[search]\nstrategy = "{strategy}"\n[search.space]\n{space}\n'
     )
     result = run_cli(["run", "--config", str(config)], workdir)
@@ -138,11 +142,59 @@ def run_sklearn(halving: bool, data_dir: str, epochs: int) -> dict:
     }
 
 
+def run_spread(data_dir: str, epochs: int, seeds: list[int], schedule: str) -> dict:
+    """The test accuracy of one candidate's final model, ours and sklearn's, seed by seed.
+
+    The candidate both searches chose; the spread over seeds says how large a difference
+    between two single-seed searches can be by chance.
+    """
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.config import build_config
+    from pipeline.data import Normalizer
+    from pipeline.training import load_configured_dataset, predict_test, train_final
+
+    candidate = {"training.l2_lambda": 1e-4, "model.hidden_sizes": [512, 256], "training.lr": 0.05}
+    config = build_config(
+        overrides={
+            "data.data_dir": data_dir,
+            "training.epochs": epochs,
+            "training.schedule": schedule,
+        }  # fmt: skip
+    )
+    dataset = load_configured_dataset(config.data)
+    normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
+    X = normalizer.transform(dataset.X_train, dtype="float32")
+    X_test = normalizer.transform(dataset.X_test, dtype="float32")
+    ours, theirs = [], []
+    for seed in seeds:
+        with threadpool_limits(2):
+            final = train_final(config.replace({"cv.seed": seed}), dataset, candidate)
+            ours.append(predict_test(final, dataset)[0].accuracy)
+            model = MLPClassifier((512, 256), solver="sgd", momentum=0.9, nesterovs_momentum=True,
+                                  batch_size=128, max_iter=epochs, learning_rate_init=0.05,
+                                  alpha=1e-4 * 128, n_iter_no_change=epochs + 1, tol=0.0,
+                                  random_state=seed)  # fmt: skip
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X, dataset.y_train)
+            theirs.append(float(model.score(X_test, dataset.y_test)))
+    return {"seeds": seeds, "ours": ours, "sklearn": theirs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the spread part")
+    parser.add_argument(
+        "--schedule", default="cosine", help="our learning-rate schedule (constant: sklearn's)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one sklearn part, in a new process
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
@@ -150,11 +202,15 @@ def main() -> None:
         print(json.dumps(run_sklearn(args.child == "sk-halving", data_dir, args.epochs)))
         return
     results = {}
+    if args.parts == "spread":
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        print(json.dumps(run_spread(data_dir, args.epochs, seeds, args.schedule)))
+        return
     for part in args.parts.split(","):
         print(f"{part} ...", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"search-{part}-") as tmp:
             if part in ("grid", "halving"):
-                results[part] = run_ours(part, data_dir, args.epochs, Path(tmp))
+                results[part] = run_ours(part, data_dir, args.epochs, Path(tmp), args.schedule)
             else:
                 started = time.perf_counter()
                 done = subprocess.run(

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -321,8 +320,8 @@ def _print_cv_table(title: str, table: Any, best: dict[str, Any]) -> None:
             style="bold" if chosen else None,
         )
     out.print(view)
-    if len(rest):
-        out.print(f"... and {len(rest)} more candidates (cv_results.csv in the MLflow run)")
+    if hidden := len(rest) - len(chosen_rows):
+        out.print(f"... and {hidden} more candidates (cv_results.csv in the MLflow run)")
 
 
 def _cell(value: Any) -> str:
@@ -347,19 +346,9 @@ def _print_published(published: Any) -> None:
             f"model {registration.name} version {registration.version} ({status})", markup=False
         )
     out.print(f"MLflow run {published.run_id}")
+    from pipeline.tracking.store import ui_command
+
     out.print(f"open the MLflow UI: {ui_command(published.tracking_uri)}", markup=False)
-
-
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
-    from pipeline.tracking.store import redact_uri, sqlite_database, sqlite_uri
-
-    if tracking_uri.startswith(("http://", "https://")):
-        return redact_uri(tracking_uri)
-    database = sqlite_database(tracking_uri)
-    if database is not None and not database.is_absolute() and "?" not in tracking_uri:
-        tracking_uri = sqlite_uri(database.resolve())  # works from any folder
-    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"
 
 
 @app.command()

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.artifacts import SweepProgress, summary_artifact, table_artifact
 from flows.runners import check_scheduler_reachable, task_runner
 from flows.tasks import step, train_fold_task
 from pipeline.config import PipelineConfig
@@ -31,11 +32,13 @@ from pipeline.search import L2_KEY, candidate_config, candidate_id, candidates, 
 from pipeline.selection import cv_table, ranked, select_candidate
 from pipeline.threads import cpu_count, set_blas_threads
 from pipeline.tracking.publish import LivePublisher, recorded
+from pipeline.tracking.store import ui_command
 from pipeline.training import (
     Checkpoint,
     load_data_checked,
     parameter_count,
     predict_test,
+    release_fold_data,
     train_final,
 )
 
@@ -87,7 +90,9 @@ def run_sweep(
         config.search.strategy,
         "; rungs (epochs, candidates): " + ", ".join(map(str, plan)) if halving else "",
     )  # fmt: skip
-    reporter().sweep_started(sum(count for _, count in plan) * config.cv.folds)
+    total = sum(count for _, count in plan) * config.cv.folds
+    reporter().sweep_started(total)
+    progress = SweepProgress(total)
     alive = list(searched)
     checkpoints: dict[Item, Checkpoint] = {}
     results: list[FoldResult] = []  # each candidate's last rung
@@ -96,9 +101,11 @@ def run_sweep(
         for number, (epochs, _) in enumerate(plan):
             last = number == len(plan) - 1
             stop = epochs if halving else None
-            jobs = {(key, fold): searched[key] for key in alive for fold in folds}
+            # Fold by fold: a worker's consecutive trainings reuse its normalized fold data.
+            jobs = {(key, fold): searched[key] for fold in folds for key in alive}
             rung = _train_rung(config, dataset, jobs, stop, checkpoints,
-                               record if last else None, publisher, runners)  # fmt: skip
+                               record if last else None, publisher, runners,
+                               progress)  # fmt: skip
             trained, cached = trained + rung.trained, cached + rung.cached
             restarts += rung.worker_restarts
             if last:
@@ -115,6 +122,7 @@ def run_sweep(
             publisher.request()
             logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
                         len(alive), len(table))  # fmt: skip
+    release_fold_data()  # the thread runner's trainings kept the last fold's arrays here
     parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
                   for key, c in searched.items()}  # fmt: skip
     return Sweep(results, trained, cached, restarts, parameters)
@@ -162,6 +170,7 @@ def _train_rung(
     record: RunRecord | None,
     publisher: LivePublisher,
     runners: Runners,
+    progress: SweepProgress,
 ) -> Sweep:
     """Train ``jobs`` (up to epoch ``stop``), from the fold cache where it has them.
 
@@ -183,6 +192,7 @@ def _train_rung(
             record.add_fold(result)
             publisher.request()
         reporter().fold_finished(result, cached=cached)
+        progress.advance()
 
     for item, key in keys.items():
         hit = cache.get(key) if config.execution.resume else None
@@ -283,6 +293,8 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         record.add_cv(table, best)
         publisher.request()
         logger.info("chosen: %s (%s rule)", label(best), config.cv.selection)
+        table_artifact(table, f"cross-validation, {config.cv.folds} folds, "
+                              f"{config.search.strategy}; chosen {label(best)}")  # fmt: skip
         summary: dict[str, Any] = {
             "best_l2_lambda": best[L2_KEY],
             "best": best,
@@ -303,7 +315,11 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
             summary.update(test_accuracy=evaluation.accuracy, test_loss=evaluation.loss)
         summary["wall_seconds"] = time.perf_counter() - started
         record.finish("FINISHED", summary=summary)
-    return {**summary, "record": str(record.folder), "published": publisher.published}
+    result = {**summary, "record": str(record.folder), "published": publisher.published}
+    if publisher.published is not None:
+        uri = publisher.published.tracking_uri
+        summary_artifact(result, flow_name, dataset.name, ui_command(uri))
+    return result
 
 
 @flow(name="cv", log_prints=False)

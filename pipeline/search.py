@@ -33,11 +33,9 @@ Candidate = dict[str, Any]
 
 
 def space(config: PipelineConfig) -> dict[str, Any]:
-    """The search space with the L2 strength in it (``cv.l2_lambdas`` unless the space has it)."""
+    """The search space, the L2 strength first (``cv.l2_lambdas`` unless the space has it)."""
     searched = dict(config.search.space)
-    if L2_KEY not in searched:
-        searched = {L2_KEY: list(config.cv.l2_lambdas), **searched}
-    return searched
+    return {L2_KEY: searched.pop(L2_KEY, list(config.cv.l2_lambdas)), **searched}
 
 
 def candidates(config: PipelineConfig) -> list[Candidate]:
@@ -84,7 +82,10 @@ def _draw(searched: Mapping[str, Any], n: int, seed: int) -> list[Candidate]:
     for _ in range(100 * n):  # a small discrete space may hold fewer than n distinct ones
         if len(drawn) == n:
             break
-        combo = {key: _sample(values, rng) for key, values in searched.items()}
+        # Drawn in key order (as scikit-learn's ParameterSampler): the draws do not depend on
+        # the order the space was written in.
+        drawn_values = {key: _sample(searched[key], rng) for key in sorted(searched)}
+        combo = {key: drawn_values[key] for key in searched}
         drawn.setdefault(_canonical(combo), combo)
     return list(drawn.values())
 

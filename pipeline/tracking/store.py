@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import socket
 import urllib.error
 import urllib.parse
@@ -235,3 +236,13 @@ def mark_stale_runs(client: Any, experiment_id: str) -> list[str]:
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_uri(tracking_uri)
+    database = sqlite_database(tracking_uri)
+    if database is not None and not database.is_absolute() and "?" not in tracking_uri:
+        tracking_uri = sqlite_uri(database.resolve())  # works from any folder
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000"

@@ -353,6 +353,60 @@ def test_l2_grid_sets_cv_l2_lambdas(cli, monkeypatch, prefect_api_url, closed_po
     assert config.cv.l2_lambdas == [1e-3, 1e-2, 0.5], config.cv
 
 
+@pytest.mark.parametrize("command", ["run", "cv"])
+def test_grid_strategy_and_selection_set_the_search(
+    cli, monkeypatch, prefect_api_url, closed_port, command
+):
+    # Arrange: as above, the command stops at the MLflow store check.
+    import flows.pipeline_flow
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    prepared = _spy(monkeypatch, flows.pipeline_flow, "prepare_run")
+    argv = [command, "--preset", "quick", "--grid", "training.lr=[0.05, 0.1]",
+            "--grid", 'model.hidden_sizes=[[8], [16, 8]]', "--strategy", "halving",
+            "--selection", "one-se", "--no-progress",
+            "--tracking-uri", f"http://127.0.0.1:{closed_port}"]  # fmt: skip
+
+    # Act
+    code, out, err = cli(argv)
+
+    # Assert
+    _assert_one_error_line(code, err, "not reachable")
+    config = prepared[0][0][0]
+    assert config.search.space == {
+        "training.lr": [0.05, 0.1],
+        "model.hidden_sizes": [[8], [16, 8]],
+    }, config.search
+    assert (config.search.strategy, config.cv.selection) == ("halving", "one-se")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--grid", "training.lr=0.05"], "KEY=JSON_LIST"),
+        (["--grid", "training.lr"], "KEY=JSON_LIST"),
+        (["--grid", "=[1]"], "KEY=JSON_LIST"),
+        (["--grid", "training.lr=[0.05, -1]"], "candidate 2 (lambda=0.0001 lr=-1) is not valid"),
+        (["--grid", "training.lr=[0.1, 0.1]"], "the same"),
+        (["--grid", "cv.folds=[2, 3]"], "cannot be searched"),
+        (["--grid", "training.l2_lambda=[0.1]", "--l2-grid", "1e-3"], "keep one"),
+        (["--strategy", "bayes"], "search.strategy"),
+        (["--selection", "worst"], "cv.selection"),
+        (["--grid", 'training.lr={"uniform": [0.01, 0.1]}'], "random or halving"),
+    ],
+    ids=["not-a-list", "no-value", "no-key", "invalid-candidate", "duplicate", "not-searchable",
+         "lambda-twice", "strategy", "selection", "distribution-in-a-grid"],
+)  # fmt: skip
+def test_a_bad_search_exits_2_before_anything_is_written(cli, tmp_path, monkeypatch, argv,
+                                                         fragment):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+
+    code, out, err = cli(["cv", "--preset", "quick", "--no-progress", *argv])
+
+    _assert_one_error_line(code, err, fragment)
+    assert list(tmp_path.iterdir()) == [], "a refused search left files behind"
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -650,8 +704,7 @@ def test_no_command_prints_the_password_of_an_unreachable_store(
 
 
 def test_ui_command_quotes_the_store_and_makes_it_absolute(tmp_path, monkeypatch):
-    from flows.cli import ui_command
-    from pipeline.tracking.store import default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri, ui_command
 
     # Arrange: a project folder with a space and a quote in its name.
     project = tmp_path / "it's mine"
@@ -670,7 +723,7 @@ def test_ui_command_quotes_the_store_and_makes_it_absolute(tmp_path, monkeypatch
 
 
 def test_ui_command_makes_a_relative_store_absolute(tmp_path):
-    from flows.cli import ui_command
+    from pipeline.tracking.store import ui_command
 
     # Act: a relative store whose folder has a space, as a user may pass it.
     command = ui_command("sqlite:///my store/mlflow.db")
@@ -682,7 +735,7 @@ def test_ui_command_makes_a_relative_store_absolute(tmp_path):
 
 
 def test_ui_command_of_a_server_shows_no_credentials():
-    from flows.cli import ui_command
+    from pipeline.tracking.store import ui_command
 
     assert ui_command(f"https://bob:{SECRET}@mlflow.example:443") == "https://mlflow.example:443"
 

@@ -106,3 +106,33 @@ def test_the_summary_of_a_tracking_server_shows_no_credentials(capsys):
     out = capsys.readouterr().out
     assert "open the MLflow UI: https://mlflow.example" in out, out
     assert "secret" not in out and "bob" not in out, out
+
+
+def test_a_large_search_shows_the_best_few_and_the_chosen_one(capsys, monkeypatch):
+    # Arrange: 14 candidates (7 learning rates x 2 lambdas); one-se chose one ranked 12th.
+    from pipeline.results import FoldResult
+    from pipeline.selection import cv_table
+
+    monkeypatch.setenv("COLUMNS", "160")
+    lrs = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]
+    results = [
+        FoldResult(lam, fold, 0, 0.9 + 0.001 * i + lam, 0.3, 0.9, 0.3, 2, 0.1,
+                   settings={"training.lr": lr}, budget=2)
+        for i, lr in enumerate(lrs) for lam in (1e-4, 1e-3) for fold in range(2)
+    ]  # fmt: skip
+    table = cv_table(results)
+    chosen = {"training.l2_lambda": 1e-4, "training.lr": 0.02}
+    summary = {**_result([1e-4, 1e-3], 1e-4), "cv_table": table.to_dict(orient="records"),
+               "best": chosen}  # fmt: skip
+
+    # Act
+    _print_summary(summary, preset("default"))
+
+    # Assert: ten rows, best first, then the chosen one, and what was left out.
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == 11, out
+    assert "0.07" in rows[0] and "0.001 " in rows[0], rows[0]
+    assert "0.02" in rows[-1] and "← chosen" in rows[-1], rows[-1]
+    assert "... and 3 more candidates" in out, out
+    assert "test accuracy 0.8912 (λ=0.0001 lr=0.02" in out, out

@@ -350,6 +350,28 @@ def test_the_model_weights_are_read_without_running_model_code(pipeline_run):
 # ------------------------------------------------------------------------------ Prefect
 
 
+def test_the_flow_run_shows_its_progress_cv_table_and_summary_as_artifacts(pipeline_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = pipeline_run.record.run()["prefect_flow_run"]["id"]
+    wanted = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=wanted)}
+
+    assert set(artifacts) == {"cv-progress", "cv-table", "run-summary"}, sorted(artifacts)
+    assert artifacts["cv-progress"].data == 100.0, artifacts["cv-progress"].data
+    table = artifacts["cv-table"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [row["l2_lambda"] for row in rows] == pipeline_run.config.cv.l2_lambdas, rows
+    assert all("val_accuracy_fold0" not in row for row in rows), rows[0]
+    summary = artifacts["run-summary"].data
+    summary_ = pipeline_run.summary
+    assert f"| test accuracy | {summary_['test_accuracy']:.4f} |" in summary, summary
+    assert summary_["published"].run_id in summary and "mlflow ui" in summary, summary
+    assert "version" in summary and "lambda=" in summary, summary
+
+
 def test_task_runs_are_named_in_ascii(pipeline_run):
     trainings = {name for name in pipeline_run.task_run_names if name.startswith("train_fold")}
 

@@ -97,6 +97,19 @@ def test_random_from_distributions_stays_within_bounds():
     assert 10 <= below <= 30, below
 
 
+def test_draws_do_not_depend_on_the_order_the_space_is_written_in():
+    space = {"training.lr": {"uniform": [0.01, 0.2]}, "model.hidden_sizes": [[8], [16], [32]],
+             L2_KEY: {"log_uniform": [1e-5, 1e-1]}}  # fmt: skip
+    shuffled = dict(reversed(list(space.items())))
+    made = [
+        candidates(build_config(overrides={"search.space": written, "search.strategy": "random"}))
+        for written in (space, shuffled)
+    ]
+
+    assert [candidate_id(c) for c in made[0]] == [candidate_id(c) for c in made[1]]
+    assert all(next(iter(c)) == L2_KEY for c in made[0]), "lambda comes first"
+
+
 def test_a_distribution_needs_a_sampling_strategy():
     with pytest.raises(ConfigError, match="random or halving"):
         _config(**{"search.space": {"training.lr": {"uniform": [0.01, 0.1]}}})
