@@ -38,7 +38,6 @@ from pipeline.training import (
     load_data_checked,
     parameter_count,
     predict_test,
-    release_fold_data,
     train_final,
 )
 
@@ -101,8 +100,7 @@ def run_sweep(
         for number, (epochs, _) in enumerate(plan):
             last = number == len(plan) - 1
             stop = epochs if halving else None
-            # Fold by fold: a worker's consecutive trainings reuse its normalized fold data.
-            jobs = {(key, fold): searched[key] for fold in folds for key in alive}
+            jobs = {(key, fold): searched[key] for key in alive for fold in folds}
             rung = _train_rung(config, dataset, jobs, stop, checkpoints,
                                record if last else None, publisher, runners,
                                progress)  # fmt: skip
@@ -122,7 +120,6 @@ def run_sweep(
             publisher.request()
             logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
                         len(alive), len(table))  # fmt: skip
-    release_fold_data()  # the thread runner's trainings kept the last fold's arrays here
     parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
                   for key, c in searched.items()}  # fmt: skip
     return Sweep(results, trained, cached, restarts, parameters)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -226,26 +225,11 @@ class Checkpoint:
     seconds: float
 
 
-# The last fold's normalized arrays, per process: consecutive trainings of one fold (the flow
-# submits them fold by fold) skip the normalization. One entry: a fold of float32 MNIST is
-# about 190 MB.
-_FOLD_DATA: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
-_FOLD_DATA_LOCK = threading.Lock()
-
-
 def fold_data(
     dataset: Dataset, config: PipelineConfig, fold: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(X_train, y_train, X_val, y_val)`` of ``fold``, normalized with the training part only.
-
-    Read-only arrays, shared by the trainings of one process that use the same fold.
-    """
+    """``(X_train, y_train, X_val, y_val)`` of ``fold``, normalized with the training part only."""
     cv = config.cv
-    key = (dataset.fingerprint, cv.folds, cv.shuffle, cv.stratify, cv.seed, fold,
-           config.data.normalization, config.model.dtype)  # fmt: skip
-    with _FOLD_DATA_LOCK:
-        if key in _FOLD_DATA:
-            return _FOLD_DATA[key]
     folds = make_folds(
         dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed
     )
@@ -254,24 +238,12 @@ def fold_data(
     val_idx, train_idx = folds[fold], train_indices(folds, fold)
     train_raw = dataset.X_train[train_idx]
     normalizer = Normalizer.fit(train_raw, method=config.data.normalization)
-    arrays = (
+    return (
         normalizer.transform(train_raw, dtype=config.model.dtype),
         dataset.y_train[train_idx].astype(np.int64),
         normalizer.transform(dataset.X_train[val_idx], dtype=config.model.dtype),
         dataset.y_train[val_idx].astype(np.int64),
     )
-    for array in arrays:
-        array.flags.writeable = False
-    with _FOLD_DATA_LOCK:
-        _FOLD_DATA.clear()
-        _FOLD_DATA[key] = arrays
-    return arrays
-
-
-def release_fold_data() -> None:
-    """Drop this process's normalized fold data (after a sweep that trained in threads)."""
-    with _FOLD_DATA_LOCK:
-        _FOLD_DATA.clear()
 
 
 def train_fold(

@@ -216,7 +216,6 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
             return Normalizer.fit(X, method, **kwargs)
 
     monkeypatch.setattr(training, "Normalizer", Spy)
-    monkeypatch.setattr(training, "_FOLD_DATA", {})  # no fold data from an earlier test
     cfg = _config(**{"data.normalization": method})
     folds = make_folds(sample.y_train, 2, shuffle=True, stratify=True, seed=cfg.cv.seed)
 
@@ -234,21 +233,6 @@ def test_train_fold_fits_the_normalizer_on_the_training_part_only(sample, monkey
     assert not np.allclose(part.mean_, full.mean_), (
         "training-part statistics should differ from full-data ones (else the check proves nothing)"
     )
-
-
-def test_trainings_of_one_fold_share_its_read_only_normalized_data(sample, monkeypatch):
-    monkeypatch.setattr(training, "_FOLD_DATA", {})
-    cfg = _config()
-
-    first = training.fold_data(sample, cfg, 0)
-    again = training.fold_data(sample, cfg, 0)
-    other = training.fold_data(sample, cfg, 1)
-    standardized = training.fold_data(sample, cfg.replace({"data.normalization": "scale"}), 1)
-
-    assert all(a is b for a, b in zip(first, again, strict=True)), "fold 0 normalized twice"
-    assert not any(a.flags.writeable for a in first), "shared arrays must be read-only"
-    assert not np.array_equal(first[2], other[2]), "another fold, other validation rows"
-    assert not np.array_equal(other[0], standardized[0]), "another normalization, other data"
 
 
 def test_train_fold_rejects_a_fold_out_of_range(sample):
