@@ -29,6 +29,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 
 L2_KEY = "training.l2_lambda"
+MAX_CANDIDATES = 10_000  # each is validated as a whole config, and trained on every fold
 Candidate = dict[str, Any]
 
 
@@ -53,6 +54,12 @@ def candidates(config: PipelineConfig) -> list[Candidate]:
     """
     searched = space(config)
     grid = not config.search.sampled
+    size = math.prod(len(values) for values in searched.values()) if grid else 0
+    if size > MAX_CANDIDATES and config.search.strategy != "random":
+        raise ConfigError(
+            f"the search space has {size:,} combinations, more than {MAX_CANDIDATES:,}: "
+            "draw some with search.strategy = 'random' and search.n_candidates"
+        )
     if grid:
         combos = [dict(zip(searched, values, strict=True))
                   for values in itertools.product(*searched.values())]  # fmt: skip

@@ -132,6 +132,16 @@ def test_an_invalid_candidate_is_refused_by_number_and_values(space, words):
     assert "\n" not in message
 
 
+def test_a_grid_too_large_is_refused_and_random_draws_from_it():
+    space = {"training.lr": [i / 1000 + 0.001 for i in range(200)],
+             "training.batch_size": list(range(1, 101))}  # fmt: skip
+
+    with pytest.raises(ConfigError, match="40,000 combinations"):
+        candidates(_config(**{"search.space": space}))
+    drawn = candidates(_config(**{"search.space": space, "search.strategy": "random"}))
+    assert len(drawn) == 10
+
+
 def test_a_candidate_is_named_by_its_values_not_its_position():
     a = {L2_KEY: 1e-3, "training.lr": 0.1}
 
