@@ -10,6 +10,7 @@ return small :class:`~pipeline.results.FoldResult` records; only the flow proces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from concurrent.futures import BrokenExecutor
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def run_sweep(
     total = sum(count for _, count in plan) * config.cv.folds
     reporter().sweep_started(total)
     progress = SweepProgress(total)
+    parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
+                  for key, c in searched.items()}  # fmt: skip
     alive = list(searched)
     checkpoints: dict[Item, Checkpoint] = {}
     results: list[FoldResult] = []  # each candidate's last rung
@@ -99,7 +102,7 @@ def run_sweep(
     with Runners(config) as runners:  # one pool for every rung
         for number, (epochs, _) in enumerate(plan):
             last = number == len(plan) - 1
-            stop = epochs if halving else None
+            stop = epochs if halving and not last else None  # the last rung: to the end
             jobs = {(key, fold): searched[key] for key in alive for fold in folds}
             rung = _train_rung(config, dataset, jobs, stop, checkpoints,
                                record if last else None, publisher, runners,
@@ -109,7 +112,7 @@ def run_sweep(
             if last:
                 results += rung.results
                 break
-            table = cv_table(rung.results)
+            table = cv_table(rung.results, parameters)
             keep = plan[number + 1][1]
             alive = list(ranked(table)["candidate"][:keep])
             for result in rung.results:
@@ -120,8 +123,6 @@ def run_sweep(
             publisher.request()
             logger.info("rung %d (%d epochs): %d of %d candidates go on", number + 1, epochs,
                         len(alive), len(table))  # fmt: skip
-    parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
-                  for key, c in searched.items()}  # fmt: skip
     return Sweep(results, trained, cached, restarts, parameters)
 
 
@@ -191,10 +192,16 @@ def _train_rung(
         reporter().fold_finished(result, cached=cached)
         progress.advance()
 
+    budget = stop or config.training.epochs
     for item, key in keys.items():
         hit = cache.get(key) if config.execution.resume else None
+        if hit is not None and hit.budget is None:  # written before halving existed: all epochs
+            hit = dataclasses.replace(hit, budget=config.training.epochs)
         # An entry copied under another key is sealed but not this training's result.
-        if hit is not None and (candidate_id(hit.candidate), hit.fold) == item:
+        if hit is not None and (candidate_id(hit.candidate), hit.fold, hit.budget) == (
+            *item,
+            budget,
+        ):
             checkpoints.pop(item, None)  # a later rung starts again from this rung's epochs
             finished(item, hit, cached=True)
     cached = len(done)

@@ -231,6 +231,8 @@ class SearchConfig(_Section):
             if isinstance(values, list):
                 if not values:
                     raise ValueError(f"{key}: no values to try")
+                if any(value is None for value in values):
+                    raise ValueError(f"{key}: null cannot be searched (got {values!r})")
                 continue
             if len(values) != 1 or next(iter(values)) not in DISTRIBUTIONS:
                 raise ValueError(
@@ -239,15 +241,17 @@ class SearchConfig(_Section):
             ((kind, arguments),) = values.items()
             if kind == "choice" and not arguments:
                 raise ValueError(f"{key}: choice needs values")
+            if kind == "choice" and any(value is None for value in arguments):
+                raise ValueError(f"{key}: null cannot be searched (got {arguments!r})")
             if kind != "choice" and not (
                 len(arguments) == 2
-                and all(_is_number(bound) for bound in arguments)
+                and all(_is_number(bound) and abs(bound) <= 2**53 for bound in arguments)
                 and arguments[0] <= arguments[1]
                 and (kind != "log_uniform" or arguments[0] > 0)
                 and (kind != "int" or all(isinstance(bound, int) for bound in arguments))
             ):
                 raise ValueError(
-                    f"{key}: {kind} needs [low, high] with low <= high"
+                    f"{key}: {kind} needs [low, high] with low <= high, |bounds| <= 2**53"
                     + (" and low > 0" if kind == "log_uniform" else "")
                     + (", whole numbers" if kind == "int" else "")
                     + f" (got {arguments!r})"

@@ -46,6 +46,7 @@ def candidates(config: PipelineConfig) -> list[Candidate]:
     values. With a distribution in the space (``random``, ``halving``): ``search.n_candidates``
     distinct draws seeded by ``cv.seed``; ``random`` over lists only draws that many distinct
     combinations (all of them if there are fewer), as scikit-learn's ``ParameterSampler`` does.
+    A grid of more than ``MAX_CANDIDATES`` combinations is refused, unless drawn from.
 
     Raises
     ------
@@ -60,6 +61,8 @@ def candidates(config: PipelineConfig) -> list[Candidate]:
             f"the search space has {size:,} combinations, more than {MAX_CANDIDATES:,}: "
             "draw some with search.strategy = 'random' and search.n_candidates"
         )
+    if size > MAX_CANDIDATES:  # random over a large grid: draw, without listing it
+        grid = False
     if grid:
         combos = [dict(zip(searched, values, strict=True))
                   for values in itertools.product(*searched.values())]  # fmt: skip

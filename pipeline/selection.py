@@ -61,11 +61,14 @@ def cv_table(
     frame["candidate"] = pd.Categorical(frame["candidate"], categories=order, ordered=True)
     grouped = frame.groupby("candidate", sort=True, observed=True)
     settings = sorted({key for candidate in values.values() for key in candidate} - {L2_KEY})
+    index = pd.Index(list(grouped.groups), name="candidate")
     columns: dict[str, Any] = {
-        "l2_lambda": [values[key][L2_KEY] for key in grouped.groups],
-        **{name: [values[key].get(name) for key in grouped.groups] for name in settings},
-    }
-    table = pd.DataFrame(columns, index=pd.Index(list(grouped.groups), name="candidate"))
+        "l2_lambda": [values[key][L2_KEY] for key in index],
+        # Object columns: a searched int stays an int (not 64.0), a list stays a list.
+        **{name: pd.Series([values[key].get(name) for key in index], index=index, dtype=object)
+           for name in settings},
+    }  # fmt: skip
+    table = pd.DataFrame(columns, index=index)
     if parameters is not None:
         table["parameters"] = [parameters[key] for key in table.index]
     table["budget"] = grouped["budget"].max()

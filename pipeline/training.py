@@ -200,7 +200,9 @@ def _fit_network(
         message, held = str(exc), len(records) - 1
     columns = _columns(records)
     if resume is not None:
-        columns = {key: resume.history.get(key, []) + values for key, values in columns.items()}
+        # Over both sets of keys: a rung that diverges in its first epoch records no epoch.
+        columns = {key: resume.history.get(key, []) + columns.get(key, [])
+                   for key in {**resume.history, **columns}}  # fmt: skip
         held += len(resume.history.get("epoch", []))
     return network, columns, message, held, state
 

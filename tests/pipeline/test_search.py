@@ -275,3 +275,18 @@ def test_the_cv_table_has_one_column_per_searched_setting():
     assert list(table["model.hidden_sizes"]) == [[64], [16]]
     assert list(table["l2_lambda"]) == [1e-4, 1e-3]
     assert table["mean_val_accuracy"].tolist() == pytest.approx([0.905, 0.925])
+
+
+def test_random_over_a_huge_grid_draws_without_listing_it():
+    space = {
+        "training.lr": [i / 1e4 + 1e-4 for i in range(1000)],
+        "training.batch_size": list(range(1, 1001)),
+        "training.momentum": [i / 1000 for i in range(900)],
+    }
+    config = _config(**{"search.space": space, "search.strategy": "random",
+                        "search.n_candidates": 7})  # fmt: skip
+
+    drawn = candidates(config)  # 1.8e9 combinations: listing them would not end
+
+    assert len(drawn) == 7 and len({candidate_id(c) for c in drawn}) == 7, drawn
+    assert all(c["training.lr"] in space["training.lr"] for c in drawn), drawn

@@ -427,3 +427,35 @@ def test_a_network_that_cannot_fit_in_memory_is_refused_before_training(sample):
         training.check_memory(cfg, sample, trainings=2)
     assert "2 trainings at once" in str(info.value), info.value
     training.check_memory(_config(), sample, trainings=2)  # the default fits
+
+
+def test_a_rung_continued_from_a_checkpoint_ends_as_one_training_straight_through(sample):
+    cfg = _config(**{"training.epochs": 5})
+    candidate = {"training.l2_lambda": 1e-3}
+
+    first, checkpoint = training.train_rung(cfg, sample, candidate, 1, 2)
+    second, none = training.train_rung(cfg, sample, candidate, 1, None, resume=checkpoint)
+    straight = train_fold(cfg, sample, candidate, 1)
+
+    assert (first.budget, first.epochs, checkpoint.state.epoch) == (2, 2, 2)
+    assert none is None, "the last rung hands back no checkpoint"
+    assert second.history["val_loss"] == straight.history["val_loss"]
+    assert second.history["epoch"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert (second.val_accuracy, second.budget) == (straight.val_accuracy, 5)
+
+
+def test_a_rung_that_diverges_at_once_keeps_the_earlier_rungs_history(sample):
+    cfg = _config(**{"training.epochs": 4})
+    candidate = {"training.l2_lambda": 1e-3}
+    _, checkpoint = training.train_rung(cfg, sample, candidate, 0, 2)
+    # Weights that overflow: the next epoch's loss is not finite.
+    network = dict(checkpoint.network)
+    network["weights"] = [w * 1e30 for w in network["weights"]]
+    broken = training.Checkpoint(network, checkpoint.state, checkpoint.history,
+                                 checkpoint.seconds)  # fmt: skip
+
+    result, none = training.train_rung(cfg, sample, candidate, 0, None, resume=broken)
+
+    assert result.diverged and none is None, result
+    assert result.history["epoch"][:2] == [1.0, 2.0], result.history
+    assert result.epochs >= 2, result
