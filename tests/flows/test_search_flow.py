@@ -100,6 +100,25 @@ def test_a_survivor_continued_across_rungs_equals_one_training_straight_through(
     assert (continued.seed, continued.epochs) == (straight.seed, straight.epochs)
 
 
+def test_a_survivor_resumed_from_its_first_rung_instead_of_training_again(halving):
+    # Arrange: each survivor's first-rung result (cache) and its final one (record).
+    config, summary, record, _ = halving
+    dataset = load_configured_dataset(config.data)
+    cache = FoldCache(config.execution.cache_dir)
+    survivors = [r for r in record.folds() if r.budget == EPOCHS]
+
+    # Act
+    first = [cache.get(fold_key(config, dataset.fingerprint, r.candidate, r.fold, 2))
+             for r in survivors]  # fmt: skip
+
+    # Assert: the first two epochs are the very ones of the first rung, when they ended
+    # included; a training started again would have ended them later.
+    assert len(survivors) == 3 * config.cv.folds
+    for final, rung in zip(survivors, first, strict=True):
+        assert final.history["wall_time"][:2] == rung.history["wall_time"], final.candidate
+        assert final.history["wall_time"][2] > rung.history["wall_time"][-1]
+
+
 def test_mlflow_has_a_child_per_candidate_and_fold_with_its_values(halving):
     config, summary, _, client = halving
     parent = client.get_run(summary["published"].run_id)
