@@ -341,12 +341,9 @@ def run_ephemeral(config) -> dict:
 
 
 # ------------------------------------------------------------------------------ scikit-learn
-def run_sklearn(config) -> dict:
-    """GridSearchCV(MLPClassifier) on the same grid, folds and epochs (2 jobs, 1 thread each)."""
-    from sklearn.model_selection import GridSearchCV, PredefinedSplit
-    from sklearn.neural_network import MLPClassifier
-    from threadpoolctl import threadpool_limits
-
+def sklearn_data(config) -> tuple:
+    """The dataset, its normalized train and test images (float32) and each training image's
+    validation fold (for ``PredefinedSplit``): our folds, for scikit-learn's searches."""
     from pipeline.data import Normalizer
     from pipeline.folds import make_folds
     from pipeline.training import load_configured_dataset
@@ -361,7 +358,17 @@ def run_sklearn(config) -> dict:
     normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
     X = normalizer.transform(dataset.X_train, dtype="float32")
     X_test = normalizer.transform(dataset.X_test, dtype="float32")
-    train = config.training
+    return dataset, X, X_test, test_fold
+
+
+def run_sklearn(config) -> dict:
+    """GridSearchCV(MLPClassifier) on the same grid, folds and epochs (2 jobs, 1 thread each)."""
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    dataset, X, X_test, test_fold = sklearn_data(config)
+    cv, train = config.cv, config.training
     # sklearn adds alpha / (2 n_batch) ||W||^2 to each batch's mean loss: alpha = lambda * batch.
     alphas = [lam * train.batch_size for lam in cv.l2_lambdas]
     model = MLPClassifier(

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from _common import default_data_dir  # benchmarks/ is on sys.path when a script runs
-from pipeline_speed import run_cli
+from pipeline_speed import run_cli, sklearn_data
 
 SPACE = {
     "training.l2_lambda": [1e-4, 3e-4, 1e-3],
@@ -82,7 +82,6 @@ def run_sklearn(halving: bool, data_dir: str, epochs: int) -> dict:
     """``(Halving)GridSearchCV(MLPClassifier)`` over :data:`SPACE` on our folds."""
     import warnings
 
-    import numpy as np
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.experimental import enable_halving_search_cv  # noqa: F401 -- enables it
     from sklearn.model_selection import GridSearchCV, HalvingGridSearchCV, PredefinedSplit
@@ -90,21 +89,10 @@ def run_sklearn(halving: bool, data_dir: str, epochs: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from pipeline.config import build_config
-    from pipeline.data import Normalizer
-    from pipeline.folds import make_folds
-    from pipeline.training import load_configured_dataset
 
     config = build_config(overrides={"data.data_dir": data_dir})
-    dataset = load_configured_dataset(config.data)
+    dataset, X, X_test, test_fold = sklearn_data(config)
     cv, train = config.cv, config.training
-    folds = make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify,
-                       seed=cv.seed)  # fmt: skip
-    test_fold = np.empty(dataset.y_train.size, dtype=int)
-    for index, members in enumerate(folds):
-        test_fold[members] = index
-    normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
-    X = normalizer.transform(dataset.X_train, dtype="float32")
-    X_test = normalizer.transform(dataset.X_test, dtype="float32")
     # sklearn adds alpha / (2 n_batch) ||W||^2 to each batch's mean loss: alpha = lambda * batch.
     grid = {
         "alpha": [lam * train.batch_size for lam in SPACE["training.l2_lambda"]],
@@ -155,8 +143,7 @@ def run_spread(data_dir: str, epochs: int, seeds: list[int], schedule: str) -> d
     from threadpoolctl import threadpool_limits
 
     from pipeline.config import build_config
-    from pipeline.data import Normalizer
-    from pipeline.training import load_configured_dataset, predict_test, train_final
+    from pipeline.training import predict_test, train_final
 
     candidate = {"training.l2_lambda": 1e-4, "model.hidden_sizes": [512, 256], "training.lr": 0.05}
     config = build_config(
@@ -166,10 +153,7 @@ def run_spread(data_dir: str, epochs: int, seeds: list[int], schedule: str) -> d
             "training.schedule": schedule,
         }  # fmt: skip
     )
-    dataset = load_configured_dataset(config.data)
-    normalizer = Normalizer.fit(dataset.X_train, method=config.data.normalization)
-    X = normalizer.transform(dataset.X_train, dtype="float32")
-    X_test = normalizer.transform(dataset.X_test, dtype="float32")
+    dataset, X, X_test, _ = sklearn_data(config)
     ours, theirs = [], []
     for seed in seeds:
         with threadpool_limits(2):

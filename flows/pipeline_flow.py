@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import time
 from concurrent.futures import BrokenExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -49,15 +48,18 @@ class WorkersLost(PipelineError):
     exit_code = 1
 
 
-@dataclass
+@dataclasses.dataclass
 class Sweep:
-    """Every candidate's fold results (its last rung's), and how they were obtained."""
+    """Fold results (each candidate's last rung's), and how they were obtained.
+
+    ``parameters``: each candidate's network size, for the whole sweep (not for one rung).
+    """
 
     results: list[FoldResult]
     trained: int
     cached: int
     worker_restarts: int
-    parameters: dict[str, int]
+    parameters: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 load_data = step(load_data_checked, name="load_data")
@@ -253,7 +255,7 @@ def _train_rung(
                 "a worker process died; resubmitting %d unfinished trainings to a fresh pool",
                 len(pending),
             )
-    return Sweep([done[item] for item in keys], len(keys) - cached, cached, restarts, {})
+    return Sweep([done[item] for item in keys], len(keys) - cached, cached, restarts)
 
 
 def prepare_run(config: PipelineConfig) -> None:
