@@ -61,16 +61,18 @@ from _common import default_data_dir  # benchmarks/ is on sys.path when a script
 class TreeMonitor:
     """Peak resident memory of a process tree, and the CPU seconds each role in it used.
 
-    Sampled every 0.2 s. Memory is summed two ways: resident set sizes (``peak_bytes``; pages
-    a forked worker shares with its parent count once per process) and proportional set sizes
-    (``peak_pss_bytes``; each shared page split among its sharers, so the sum is what the tree
-    really holds). Roles by command line: the Prefect server (``uvicorn``), pool workers
-    (``multiprocessing`` spawn children, or forked copies of the CLI), the CLI process itself,
-    anything else.
+    Sampled every ``interval`` seconds (0.2 by default: short runs; each sample reads every
+    process's ``/proc`` entries, a few % of a core at that rate). Memory is summed two ways:
+    resident set sizes (``peak_bytes``; pages a forked worker shares with its parent count once
+    per process) and proportional set sizes (``peak_pss_bytes``; each shared page split among
+    its sharers, so the sum is what the tree really holds). Roles by command line: the Prefect
+    server (``uvicorn``), pool workers (``multiprocessing`` spawn children, or forked copies of
+    the CLI), the CLI process itself, anything else.
     """
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
         self.pid = pid
+        self.interval = interval
         self.peak_bytes = 0
         self.peak_pss_bytes = 0
         self._cli_cmdline: str | None = None
@@ -141,7 +143,7 @@ class TreeMonitor:
                 if pid in cpu:
                     role = self._cpu[pid][0] if pid in self._cpu else self._role(pid)
                     self._cpu[pid] = (role, cpu[pid])
-            self._stop.wait(0.2)
+            self._stop.wait(self.interval)
 
 
 def _cmdline(pid: int) -> str | None:
@@ -180,7 +182,7 @@ def _pss(pid: int) -> int:
 
 
 def run_measured(
-    command: list[str], workdir: Path, env: Mapping[str, str], what: str
+    command: list[str], workdir: Path, env: Mapping[str, str], what: str, interval: float = 0.2
 ) -> tuple[str, dict]:
     """Run ``command`` in ``workdir``: its stdout, and its wall seconds from launch to exit,
     peak tree memory and CPU seconds per role. Exits with the end of its stderr if it fails.
@@ -190,7 +192,7 @@ def run_measured(
     process = subprocess.Popen(
         command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    with TreeMonitor(process.pid) as monitor:
+    with TreeMonitor(process.pid, interval) as monitor:
         stdout, stderr = process.communicate()
     wall = time.perf_counter() - started
     # Prefect servers the part left running (orphans): counted, then stopped, so they do not
@@ -207,7 +209,11 @@ def run_measured(
 
 
 def run_cli(
-    args: list[str], workdir: Path, api_url: str | None = None, python: str = sys.executable
+    args: list[str],
+    workdir: Path,
+    api_url: str | None = None,
+    python: str = sys.executable,
+    interval: float = 0.2,
 ) -> dict:
     """Run ``mlp-pipeline`` in ``workdir``; wall seconds, peak tree memory, parsed results.
 
@@ -220,7 +226,11 @@ def run_cli(
         env["PREFECT_API_URL"] = api_url
     script = str(Path(python).with_name("mlp-pipeline"))
     stdout, measured = run_measured(
-        [script, *args, "--no-progress"], workdir, env, what=f"mlp-pipeline {' '.join(args)}"
+        [script, *args, "--no-progress"],
+        workdir,
+        env,
+        what=f"mlp-pipeline {' '.join(args)}",
+        interval=interval,
     )
     accuracy = None
     for line in stdout.splitlines():

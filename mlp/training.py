@@ -47,7 +47,7 @@ RECORD_KEYS = (
 
 
 # The random streams of _TrainingLoop, by name, in the order they are spawned from the seed.
-RNG_STREAMS = ("shuffle", "dropout")
+RNG_STREAMS = ("shuffle", "dropout", "augment")
 
 # Version of the flat layout of TrainingState.to_arrays (checked by from_arrays).
 STATE_FORMAT_VERSION = 1
@@ -70,9 +70,9 @@ class TrainingState:
         The optimizer's state, from :meth:`mlp.Optimizer.state_arrays` (step count ``t``
         included).
     rng : dict of str to ndarray
-        ``"shuffle"`` and ``"dropout"``: each random stream's PCG64 bit-generator state as
-        a uint64 array of 6 words ``[state_hi, state_lo, inc_hi, inc_lo, has_uint32,
-        uinteger]``.
+        ``"shuffle"``, ``"dropout"`` and ``"augment"``: each random stream's PCG64
+        bit-generator state as a uint64 array of 6 words ``[state_hi, state_lo, inc_hi, inc_lo,
+        has_uint32, uinteger]``.
 
     Notes
     -----
@@ -103,8 +103,9 @@ class TrainingState:
         """One flat dict of plain numeric arrays (the state's own arrays, not copies).
 
         Keys: ``version`` and ``epoch`` (0-d int64), ``optimizer.<name>`` for each optimizer
-        array, ``rng.shuffle`` and ``rng.dropout``. ``np.savez(file, **state.to_arrays())``
-        then ``TrainingState.from_arrays(np.load(file, allow_pickle=False))`` round-trips it.
+        array, ``rng.shuffle``, ``rng.dropout`` and ``rng.augment``.
+        ``np.savez(file, **state.to_arrays())`` then
+        ``TrainingState.from_arrays(np.load(file, allow_pickle=False))`` round-trips it.
         """
         arrays = {
             "version": np.array(STATE_FORMAT_VERSION, dtype=np.int64),
@@ -259,6 +260,7 @@ def fit(
     schedule_kwargs: dict | None = None,
     momentum: float = 0.9,
     dropout: float = 0.0,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     X_val: np.ndarray | None = None,
     y_val: np.ndarray | None = None,
     early_stopping: int | None = None,
@@ -296,6 +298,12 @@ def fit(
         Used by the "momentum" and "nesterov" optimizers.
     dropout : float in [0, 1)
         Probability of zeroing a hidden unit during training (inverted dropout).
+    augment : callable, optional
+        A batch transform, ``augment(X_batch, rng) -> X_batch'``, applied to every training
+        batch (never to ``X_val``) before its forward pass: data augmentation. It gets the
+        batch's rows (shape ``(rows, n_features)``, the network's dtype), must leave them
+        unchanged and return an array of the same shape; ``rng`` is the training's own
+        augmentation stream, so a fixed ``seed`` gives the same distortions.
     X_val, y_val : ndarray, optional
         Validation data, evaluated after every epoch (no dropout).
     early_stopping : int, optional
@@ -308,7 +316,8 @@ def fit(
     shuffle : bool
         Visit the samples in a new random order every epoch.
     seed : int
-        Seeds the shuffling and dropout streams (the initial weights come from ``net``);
+        Seeds the shuffling, dropout and augmentation streams (the initial weights come from
+        ``net``);
         not used with ``state``, whose streams carry on.
     callback : callable, optional
         ``callback(record)`` after every epoch (progress bars, tracking).
@@ -341,6 +350,7 @@ def fit(
         X_val,
         y_val,
         callback,
+        augment,
         epochs=epochs,
         lr=lr,
         l2=l2,
@@ -358,7 +368,7 @@ def fit(
     )
     opt = _make_optimizer(optimizer, lr, momentum)
     lr_at = _make_lr_schedule(schedule, lr, epochs, schedule_kwargs)
-    loop = _TrainingLoop(net, opt, X, y, batch_size, l2, dropout, shuffle, seed)
+    loop = _TrainingLoop(net, opt, X, y, batch_size, l2, dropout, shuffle, seed, augment)
     if state is not None:
         loop.load_state(state)
 
@@ -395,7 +405,7 @@ _PARAMETER_CONSTRAINTS: dict[str, dict] = {
 }
 
 
-def _check_arguments(net, X_val, y_val, callback, **values) -> None:
+def _check_arguments(net, X_val, y_val, callback, augment, **values) -> None:
     """Raise MLPError for the first invalid argument of :func:`fit` (data arrays aside)."""
     if not isinstance(net, MLP):
         raise MLPError(f"net must be an mlp.MLP, got {type(net).__name__}")
@@ -409,6 +419,8 @@ def _check_arguments(net, X_val, y_val, callback, **values) -> None:
         raise MLPError("pass both X_val and y_val, or neither")
     if callback is not None and not callable(callback):
         raise MLPError(f"callback must be callable, got {callback!r}")
+    if augment is not None and not callable(augment):
+        raise MLPError(f"augment must be callable, got {augment!r}")
 
 
 def _check_continuation(
@@ -486,6 +498,7 @@ class _TrainingLoop:
         dropout: float,
         shuffle: bool,
         seed: int,
+        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         self.net, self.opt, self.X, self.y = net, opt, X, y
         self.n = n = X.shape[0]
@@ -495,7 +508,10 @@ class _TrainingLoop:
         self.l2 = float(l2)
         self.dropout = dropout
         self.shuffle = shuffle
-        self.shuffle_rng, self.dropout_rng = np.random.default_rng(seed).spawn(2)
+        # Spawned children keep their order: the augmentation stream, added last, leaves the
+        # shuffling and dropout of a given seed as they were.
+        self.shuffle_rng, self.dropout_rng, self.augment_rng = np.random.default_rng(seed).spawn(3)
+        self.augment = augment
         self.params = net.params
         self._workspaces: dict[int, Workspace] = {}
 
@@ -510,10 +526,11 @@ class _TrainingLoop:
             raise MLPError(f"state does not fit: {exc}") from None
         _set_rng_words(self.shuffle_rng, rng["shuffle"])
         _set_rng_words(self.dropout_rng, rng["dropout"])
+        _set_rng_words(self.augment_rng, rng["augment"])
 
     def state(self, epoch: int) -> TrainingState:
         """The state after ``epoch`` epochs: copies of the optimizer state and the streams."""
-        rng = {"shuffle": _rng_words(self.shuffle_rng), "dropout": _rng_words(self.dropout_rng)}
+        rng = {name: _rng_words(getattr(self, f"{name}_rng")) for name in RNG_STREAMS}
         return TrainingState(epoch=epoch, optimizer=self.opt.state_arrays(), rng=rng)
 
     def _workspace(self, rows: int) -> Workspace:
@@ -533,12 +550,23 @@ class _TrainingLoop:
     def _batch(self, idx: np.ndarray | None) -> tuple[Workspace, np.ndarray, np.ndarray]:
         """The workspace for a batch, and the batch's inputs and labels (gathered into it)."""
         if idx is None:
-            return self._workspace(self.n), self.X, self.y
-        ws = self._workspace(idx.shape[0])
-        # mode="clip" skips numpy's bounds-check buffering (idx is valid).
-        np.take(self.X, idx, axis=0, out=ws.X, mode="clip")
-        np.take(self.y, idx, out=ws.y, mode="clip")
-        return ws, ws.X, ws.y
+            ws, Xb, yb = self._workspace(self.n), self.X, self.y
+        else:
+            ws = self._workspace(idx.shape[0])
+            # mode="clip" skips numpy's bounds-check buffering (idx is valid).
+            np.take(self.X, idx, axis=0, out=ws.X, mode="clip")
+            np.take(self.y, idx, out=ws.y, mode="clip")
+            Xb, yb = ws.X, ws.y
+        if self.augment is not None:
+            Xb = self._augmented(Xb)
+        return ws, Xb, yb
+
+    def _augmented(self, Xb: np.ndarray) -> np.ndarray:
+        out = self.augment(Xb, self.augment_rng)
+        if not isinstance(out, np.ndarray) or out.shape != Xb.shape:
+            shape = getattr(out, "shape", type(out).__name__)
+            raise MLPError(f"augment must return an array of shape {Xb.shape}, got {shape}")
+        return out if out.dtype == Xb.dtype else out.astype(Xb.dtype)
 
     def run_epoch(self, step_lr: float) -> tuple[float, float, int]:
         """One pass over the data, one optimizer update per batch.

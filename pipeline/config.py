@@ -151,6 +151,34 @@ class TrainingConfig(_Section):
         return self.final_epochs if self.final_epochs is not None else self.epochs
 
 
+class AugmentConfig(_Section):
+    """Random distortions of the training images (never of validation or test images).
+
+    Each training batch is distorted afresh: a random affine map per image, then, with
+    ``elastic_alpha`` > 0, an elastic distortion (Simard et al. 2003). All 0: no augmentation.
+    """
+
+    degrees: float = Field(
+        0.0, ge=0, le=180, description="Rotate by an angle drawn from [-degrees, degrees]"
+    )
+    scale: float = Field(
+        0.0, ge=0, lt=1, description="Zoom by a factor drawn from [1-scale, 1+scale]"
+    )
+    shift: float = Field(
+        0.0, ge=0, le=100, description="Shift by up to this many pixels along each axis"
+    )
+    elastic_alpha: float = Field(
+        0.0, ge=0, le=1000, description="Strength of the elastic distortion in pixels (0: none)"
+    )
+    elastic_sigma: float = Field(
+        4.0, gt=0, le=100, description="Smoothness of the elastic distortion in pixels"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.degrees, self.scale, self.shift, self.elastic_alpha))
+
+
 class CVConfig(_Section):
     """The k-fold cross-validation: the L2 strengths it compares, its folds and its choice."""
 
@@ -188,7 +216,7 @@ class CVConfig(_Section):
 DISTRIBUTIONS = {"log_uniform": 2, "uniform": 2, "int": 2, "choice": None}
 # Settings a search may vary: the network and its training. Not the final model's epochs (no
 # cross-validation training uses them), nor the L2 strength of ``train`` alone.
-SEARCHABLE_SECTIONS = ("model", "training")
+SEARCHABLE_SECTIONS = ("model", "training", "augment")
 NOT_SEARCHABLE = {"training.final_epochs"}
 
 
@@ -222,11 +250,16 @@ class SearchConfig(_Section):
     def _known_settings(cls, space: dict[str, Any]) -> dict[str, Any]:
         for key, values in space.items():
             section, _, name = key.partition(".")
-            fields = {"model": ModelConfig, "training": TrainingConfig}.get(section)
-            if fields is None or name not in fields.model_fields or key in NOT_SEARCHABLE:
+            fields = {"model": ModelConfig, "training": TrainingConfig, "augment": AugmentConfig}
+            section_fields = fields.get(section)
+            if (
+                section_fields is None
+                or name not in section_fields.model_fields
+                or (key in NOT_SEARCHABLE)
+            ):
                 raise ValueError(
-                    f"{key!r} cannot be searched: search model.* and training.* settings "
-                    "(not training.final_epochs)"
+                    f"{key!r} cannot be searched: search model.*, training.* and augment.* "
+                    "settings (not training.final_epochs)"
                 )
             if isinstance(values, list):
                 if not values:
@@ -400,6 +433,7 @@ class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    augment: AugmentConfig = AugmentConfig()
     cv: CVConfig = CVConfig()
     search: SearchConfig = SearchConfig()
     execution: ExecutionConfig = ExecutionConfig()
@@ -425,6 +459,19 @@ class PipelineConfig(_Section):
                     f"search.min_epochs={search.min_epochs} is more than "
                     f"training.epochs={self.training.epochs}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _augment_needs_shared_statistics(self) -> PipelineConfig:
+        # Per-pixel statistics give every pixel its own scale: a stroke moved onto a border
+        # pixel (std floored at 0.001) would become a value in the hundreds.
+        searched = any(key.startswith("augment.") for key in self.search.space)
+        augmented = self.augment.enabled or searched
+        if augmented and self.data.normalization == "standardize-pixel":
+            raise ValueError(
+                "augment needs data.normalization scale or standardize (one scale for all "
+                "pixels), not standardize-pixel"
+            )
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -474,6 +521,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Accurate and fast: the defaults of every section.
     "default": {},
+    # Toward the best published fully connected results (Simard et al. 2003: 99.3 % with elastic
+    # distortions): a wide network, dropout and distorted training images, trained 3x longer.
+    # Lambda is still chosen by cross-validation, by successive halving over 3 folds to keep
+    # the run short: the 9 first-rung trainings run 15 epochs, the survivor's 3 folds go on to
+    # 45, and the final model trains 45 epochs on all 60,000 images.
+    "accurate": {
+        "model": {"hidden_sizes": [1024, 1024]},
+        "training": {"epochs": 45, "dropout": 0.2},
+        "augment": {
+            "degrees": 8,
+            "scale": 0.08,
+            "shift": 1.5,
+            "elastic_alpha": 10,
+            "elastic_sigma": 3,
+        },
+        "cv": {"l2_lambdas": [3e-5, 1e-4, 3e-4], "folds": 3},
+        "search": {"strategy": "halving"},
+    },
     # A smoke run in seconds on the bundled sample.
     "quick": {
         "data": {"dataset": "mnist-sample"},

@@ -219,7 +219,11 @@ def fold_key(
     from pipeline.search import L2_KEY, candidate_config, other_settings
 
     resolved = candidate_config(config, candidate)
-    settings = resolved.model_dump(mode="json", exclude={"execution", "tracking", "search"})
+    # Augmentation off leaves the section out: keys from before it existed stay valid.
+    unused = set() if resolved.augment.enabled else {"augment"}
+    settings = resolved.model_dump(
+        mode="json", exclude={"execution", "tracking", "search", *unused}
+    )
     for section, key in (
         ("cv", "l2_lambdas"),
         ("cv", "selection"),

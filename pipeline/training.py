@@ -19,6 +19,7 @@ import numpy as np
 
 from mlp import MLP, DivergenceError, TrainingState, fit
 from mlp.losses import cross_entropy
+from pipeline.augment import Augmenter, image_side
 from pipeline.config import DataConfig, PipelineConfig
 from pipeline.data import N_CLASSES, Dataset, DatasetRef, Normalizer, load_dataset
 from pipeline.errors import ConfigError, DataError
@@ -74,6 +75,11 @@ def load_data_checked(config: PipelineConfig) -> Dataset:
         key=lambda resolved: training_bytes(resolved, dataset.n_features, len(dataset.y_train)),
     )
     check_memory(largest, dataset, trainings=config.execution.resolved_workers())
+    augmented = any(candidate_config(config, c).augment.enabled for c in searched)
+    if augmented and image_side(dataset.n_features) is None:
+        raise ConfigError(
+            f"augment needs square images; {dataset.n_features} pixels are not a square"
+        )
     return dataset
 
 
@@ -129,6 +135,7 @@ def _fit_network(
     callback: EpochCallback | None = None,
     stop_epoch: int | None = None,
     resume: Checkpoint | None = None,
+    augment: Augmenter | None = None,
 ) -> tuple[MLP, dict[str, list[float]], str, int, TrainingState | None]:
     """Build (or, from ``resume``, continue) and train one network with ``config``'s settings.
 
@@ -183,6 +190,7 @@ def _fit_network(
             schedule=train_cfg.schedule,
             schedule_kwargs=schedule_kwargs,
             dropout=train_cfg.dropout,
+            augment=augment,
             X_val=X_val,
             y_val=y_val,
             early_stopping=early_stopping,
@@ -227,10 +235,28 @@ class Checkpoint:
     seconds: float
 
 
+def augmenter_for(
+    config: PipelineConfig, normalizer: Normalizer, n_features: int
+) -> Augmenter | None:
+    """The batch transform of ``config.augment`` for data normalized by ``normalizer``, or None.
+
+    Raises ConfigError when the images are not square.
+    """
+    if not config.augment.enabled:
+        return None
+    side = image_side(n_features)
+    if side is None:
+        raise ConfigError(f"augment needs square images; {n_features} pixels are not a square")
+    # What enters from outside the image: a raw 0 pixel, normalized like the rest.
+    background = normalizer.transform(np.zeros((1, n_features), np.uint8), dtype="float64")
+    return Augmenter(config.augment, side, float(background[0, 0]), config.model.dtype)
+
+
 def fold_data(
     dataset: Dataset, config: PipelineConfig, fold: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(X_train, y_train, X_val, y_val)`` of ``fold``, normalized with the training part only."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Normalizer]:
+    """``(X_train, y_train, X_val, y_val, normalizer)`` of ``fold``, normalized with the
+    training part only."""
     cv = config.cv
     folds = make_folds(
         dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed
@@ -245,6 +271,7 @@ def fold_data(
         dataset.y_train[train_idx].astype(np.int64),
         normalizer.transform(dataset.X_train[val_idx], dtype=config.model.dtype),
         dataset.y_train[val_idx].astype(np.int64),
+        normalizer,
     )
 
 
@@ -287,7 +314,7 @@ def train_rung(
     settings = other_settings(dict(candidate))
     l2_lambda = float(candidate[L2_KEY])
     config = candidate_config(config, dict(candidate))
-    X_tr, y_tr, X_val, y_val = fold_data(dataset, config, fold)
+    X_tr, y_tr, X_val, y_val, normalizer = fold_data(dataset, config, fold)
 
     seed = fold_seed(cv.seed, l2_lambda, fold, settings)
     budget = stop_epoch or config.training.epochs
@@ -304,6 +331,7 @@ def train_rung(
         callback=callback,
         stop_epoch=stop_epoch,
         resume=resume,
+        augment=augmenter_for(config, normalizer, X_tr.shape[1]),
     )
     seconds = time.perf_counter() - started + (resume.seconds if resume else 0.0)
     checkpoint = None
@@ -369,6 +397,7 @@ def train_final(
         epochs=config.training.resolved_final_epochs,
         seed=seed,
         callback=callback,
+        augment=augmenter_for(config, normalizer, X.shape[1]),
     )
     if message:
         raise DivergenceError(

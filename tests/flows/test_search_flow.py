@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from threadpoolctl import threadpool_limits
 
 from flows.pipeline_flow import mlp_pipeline
+from pipeline.config import preset
 from pipeline.record import FoldCache, RunRecord, fold_key
 from pipeline.search import L2_KEY, candidates, rungs
 from pipeline.selection import cv_table, ranked, select_candidate
@@ -154,3 +155,39 @@ def test_the_record_folder_names_every_candidate(halving):
     names = sorted(path.name for path in (Path(record.folder) / "folds").iterdir())
 
     assert len(names) == 16 and len(set(names)) == 16, names
+
+
+def test_the_accurate_preset_runs_end_to_end_on_the_sample(
+    prefect_api_url, tmp_path, _empty_store, sample_flow_config
+):
+    # The preset's own protocol (halving over its lambdas, 3 folds, distorted training images,
+    # two hidden layers), shrunk to the bundled sample and a few epochs.
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_store, database)
+    accurate = preset("accurate")
+    config = sample_flow_config(
+        tmp_path / "cache",
+        f"sqlite:///{database}",
+        **{
+            "model.hidden_sizes": [32, 32],
+            "training.epochs": 3,
+            "training.final_epochs": 3,
+            "training.dropout": accurate.training.dropout,
+            **{f"augment.{key}": value for key, value in accurate.augment.model_dump().items()},
+            "cv.l2_lambdas": accurate.cv.l2_lambdas,
+            "cv.folds": accurate.cv.folds,
+            "search.strategy": accurate.search.strategy,
+        },
+    )
+    assert config.augment.enabled and config.search.strategy == "halving"
+
+    summary = mlp_pipeline(config)
+
+    table = pd.DataFrame(summary["cv_table"])
+    assert sorted(table["budget"]) == [1, 1, 3], table  # 3 lambdas, eta 3: one goes on
+    assert summary["best"][L2_KEY] == table.loc[table["budget"] == 3, "l2_lambda"].item()
+    assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
+    params = MlflowClient(f"sqlite:///{database}").get_run(summary["published"].run_id).data.params
+    assert params["augment.elastic_alpha"] == str(accurate.augment.elastic_alpha), params
+    recorded = RunRecord(summary["record"]).run()["config"]["augment"]
+    assert recorded == config.augment.model_dump(mode="json"), recorded

@@ -178,8 +178,8 @@ def test_plain_fit_is_unchanged_and_reports_its_state(mnist_small):
     assert all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf" for a in arrays.values())
     velocities = [f"optimizer.velocity{i}" for i in range(4)]  # W0, b0, W1, b1
     assert sorted(arrays) == sorted(
-        ["version", "epoch", "rng.shuffle", "rng.dropout", "optimizer.kind", "optimizer.t"]
-        + ["optimizer.momentum", *velocities]
+        ["version", "epoch", "rng.shuffle", "rng.dropout", "rng.augment", "optimizer.kind"]
+        + ["optimizer.t", "optimizer.momentum", *velocities]
     )
 
 

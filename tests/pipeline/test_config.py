@@ -19,7 +19,7 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError
 
-SECTIONS = ("data", "model", "training", "cv", "search", "execution", "tracking")
+SECTIONS = ("data", "model", "training", "augment", "cv", "search", "execution", "tracking")
 
 
 def _write(tmp_path, text: str, name: str = "config.toml"):

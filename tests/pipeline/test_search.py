@@ -163,10 +163,12 @@ def test_adding_a_candidate_changes_no_other_candidates_seed_or_cache_key():
 
 
 def test_a_search_over_lambda_alone_keeps_its_seeds_and_cache_keys():
-    # The fold key as it was computed before searches over more settings existed: caches made
-    # then stay valid.
+    # The fold key as it was computed before searches over more settings (and the augment
+    # section) existed: caches made then stay valid.
     config = _config()
-    settings = config.model_dump(mode="json", exclude={"execution", "tracking", "search"})
+    settings = config.model_dump(
+        mode="json", exclude={"execution", "tracking", "search", "augment"}
+    )
     for section, key in (
         ("cv", "l2_lambdas"),
         ("cv", "selection"),
