@@ -67,8 +67,11 @@ def augment_speed(rounds: int = 7, batches: int = 100) -> None:
     index = np.broadcast_to(np.arange(128, dtype=np.float32)[:, None, None], (128, 28, 28))
 
     def with_scipy() -> np.ndarray:
+        d = distortions
         rows, cols = augmenter.affine_coordinates(
-            rng.uniform(-8, 8, 128), rng.uniform(0.92, 1.08, 128), rng.uniform(-1.5, 1.5, (128, 2))
+            rng.uniform(-d.degrees, d.degrees, 128),
+            rng.uniform(1 - d.zoom, 1 + d.zoom, 128),
+            rng.uniform(-d.shift, d.shift, (128, 2)),
         )
         field = ndimage.gaussian_filter(
             rng.uniform(-1, 1, (2, 128, 28, 28)).astype(np.float32),

@@ -49,8 +49,9 @@ RECORD_KEYS = (
 # The random streams of _TrainingLoop, by name, in the order they are spawned from the seed.
 RNG_STREAMS = ("shuffle", "dropout", "augment")
 
-# Version of the flat layout of TrainingState.to_arrays (checked by from_arrays).
-STATE_FORMAT_VERSION = 1
+# Version of the flat layout of TrainingState.to_arrays (checked by from_arrays). 2: the
+# augmentation stream joined the random streams.
+STATE_FORMAT_VERSION = 2
 
 _WORD = (1 << 64) - 1  # a PCG64 128-bit state or increment is stored as two 64-bit words
 
@@ -134,6 +135,15 @@ class TrainingState:
         if not isinstance(arrays, Mapping):
             raise MLPError(f"training state must be a mapping of arrays, got {type(arrays)}")
         loaded = {name: _read_state_array(arrays, name) for name in arrays}
+        version = loaded.get("version")
+        if version is not None and (
+            version.shape != () or version.dtype.kind not in "iu" or version != STATE_FORMAT_VERSION
+        ):
+            raise MLPError(
+                f"training state: format version {version.tolist()!r}, expected "
+                f"{STATE_FORMAT_VERSION} "
+                "(a state saved by an older mlp cannot be continued: train again)"
+            )
         required = ["version", "epoch", *(f"rng.{name}" for name in RNG_STREAMS)]
         missing = [name for name in required if name not in loaded]
         if missing:
@@ -143,11 +153,6 @@ class TrainingState:
         )
         if unexpected:
             raise MLPError(f"training state: unexpected arrays {unexpected}")
-        version = loaded["version"]
-        if version.shape != () or version.dtype.kind not in "iu" or version != STATE_FORMAT_VERSION:
-            raise MLPError(
-                f"training state: format version {version!r}, expected {STATE_FORMAT_VERSION}"
-            )
         epoch = loaded["epoch"]
         if epoch.shape != () or epoch.dtype.kind not in "iu":
             raise MLPError(f"training state: epoch must be a 0-d integer array, got {epoch!r}")
@@ -303,7 +308,8 @@ def fit(
         batch (never to ``X_val``) before its forward pass: data augmentation. It gets the
         batch's rows (shape ``(rows, n_features)``, the network's dtype), must leave them
         unchanged and return an array of the same shape; ``rng`` is the training's own
-        augmentation stream, so a fixed ``seed`` gives the same distortions.
+        augmentation stream, so a fixed ``seed`` gives the same distortions. The records'
+        ``train_*`` figures are then those of the transformed batches.
     X_val, y_val : ndarray, optional
         Validation data, evaluated after every epoch (no dropout).
     early_stopping : int, optional
@@ -566,6 +572,8 @@ class _TrainingLoop:
         if not isinstance(out, np.ndarray) or out.shape != Xb.shape:
             shape = getattr(out, "shape", type(out).__name__)
             raise MLPError(f"augment must return an array of shape {Xb.shape}, got {shape}")
+        if out.dtype.kind not in "iuf":
+            raise MLPError(f"augment must return real numbers, got dtype {out.dtype}")
         return out if out.dtype == Xb.dtype else out.astype(Xb.dtype)
 
     def run_epoch(self, step_lr: float) -> tuple[float, float, int]:

@@ -1,7 +1,7 @@
 """Random distortions of training images, applied batch by batch inside the training loop.
 
 :class:`Augmenter` is the batch transform :func:`mlp.fit` calls on every training batch (never on
-validation or test data): a random affine map per image (rotation, scale, shift) and an elastic
+validation or test data): a random affine map per image (rotation, zoom, shift) and an elastic
 distortion (Simard, Steinkraus & Platt 2003, "Best practices for convolutional neural networks
 applied to visual document analysis": a random displacement field in [-1, 1], smoothed by a
 Gaussian of ``elastic_sigma`` pixels, scaled by ``elastic_alpha``), resampled by bilinear
@@ -10,8 +10,10 @@ four gathers interpolate every pixel.
 
 Conventions (those of ``scipy.ndimage``): pixel ``(row, column)`` of a ``side x side`` image sits
 at integer coordinates, the centre of rotation and scaling is ``((side - 1) / 2, (side - 1) / 2)``;
-every output pixel reads the input at ``A (p - c) + c - shift + displacement`` (the inverse map),
-so a shift of ``(+1, 0)`` moves the content one row down. Outside the image the input is the
+the content moves as ``p -> zoom R (p - c) + c + shift`` (``R`` turns it counter-clockwise as
+displayed), so every output pixel ``p`` reads the input at ``A (p - c - shift) + c +
+displacement`` with ``A = R^-1 / zoom`` (the inverse map): a shift of ``(+1, 0)`` moves the
+content one row down, after turning and zooming it. Outside the image the input is the
 background (a raw 0 pixel, normalized), with ``scipy.ndimage``'s ``"grid-constant"`` semantics:
 interpolation runs smoothly into the background rather than cutting off at the border.
 
@@ -31,6 +33,8 @@ from pipeline.config import AugmentConfig
 class Augmenter:
     """A batch transform for :func:`mlp.fit`: ``augmenter(X, rng)`` returns distorted copies.
 
+    A mini-batch (up to :attr:`CHUNK` rows) gets all its random draws at once.
+
     Parameters
     ----------
     distortions : AugmentConfig
@@ -42,6 +46,8 @@ class Augmenter:
     dtype : numpy dtype
         The dtype of the batches (the network's).
     """
+
+    CHUNK = 4096
 
     def __init__(
         self, distortions: AugmentConfig, side: int, background: float, dtype: np.dtype | str
@@ -55,9 +61,18 @@ class Augmenter:
         self._smoothing = _gaussian_matrix(side, distortions.elastic_sigma, self.dtype)
 
     def __call__(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Distorted copies of the images in ``X`` (shape ``(n, side**2)``); ``X`` is unchanged."""
-        rows, cols = self.source_coordinates(X.shape[0], rng)
-        return self.resample(X, rows, cols)
+        """Distorted copies of the images in ``X`` (shape ``(n, side**2)``); ``X`` is unchanged.
+
+        Worked through in chunks of :attr:`CHUNK` rows: the temporaries (coordinates, weights,
+        indices, fields) take tens of times a batch's own size, so a full-batch training of
+        60,000 images would otherwise need gigabytes more.
+        """
+        out = np.empty(X.shape, dtype=self.dtype)
+        for start in range(0, X.shape[0], self.CHUNK):
+            chunk = X[start : start + self.CHUNK]
+            rows, cols = self.source_coordinates(chunk.shape[0], rng)
+            out[start : start + chunk.shape[0]] = self.resample(chunk, rows, cols)
+        return out
 
     def source_coordinates(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """For ``n`` random distortions, where each output pixel reads the input.
@@ -66,7 +81,7 @@ class Augmenter:
         """
         d = self.distortions
         angle = rng.uniform(-d.degrees, d.degrees, n)
-        zoom = rng.uniform(1 - d.scale, 1 + d.scale, n)
+        zoom = rng.uniform(1 - d.zoom, 1 + d.zoom, n)
         shift = rng.uniform(-d.shift, d.shift, (n, 2))
         rows, cols = self.affine_coordinates(angle, zoom, shift)
         if d.elastic_alpha:
@@ -91,13 +106,19 @@ class Augmenter:
         angle = np.deg2rad(np.asarray(degrees, dtype=np.float64))
         zoom = np.asarray(zoom, dtype=np.float64)
         shift = np.asarray(shift, dtype=np.float64)
-        # The inverse map: rotate back by the angle and divide by the zoom.
-        cos = (np.cos(angle) / zoom).astype(dtype)[:, None, None]
-        sin = (np.sin(angle) / zoom).astype(dtype)[:, None, None]
-        row_offset = (centre - shift[:, 0]).astype(dtype)[:, None, None]
-        col_offset = (centre - shift[:, 1]).astype(dtype)[:, None, None]
-        rows = cos * self._rows + sin * self._cols + row_offset
-        cols = -sin * self._rows + cos * self._cols + col_offset
+        # The content moves as p -> zoom R (p - c) + c + shift, so an output pixel p reads the
+        # input at A (p - c - shift) + c, A = R^-1 / zoom: rotate back, divide by the zoom.
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+        row_shift = cos * shift[:, 0] + sin * shift[:, 1]  # A @ shift
+        col_shift = -sin * shift[:, 0] + cos * shift[:, 1]
+
+        def per_image(values: np.ndarray) -> np.ndarray:
+            return values.astype(dtype)[:, None, None]
+
+        rows = per_image(cos) * self._rows + per_image(sin) * self._cols
+        cols = per_image(-sin) * self._rows + per_image(cos) * self._cols
+        rows += per_image(centre - row_shift)
+        cols += per_image(centre - col_shift)
         return rows, cols
 
     def resample(self, X: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:

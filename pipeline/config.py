@@ -161,14 +161,16 @@ class AugmentConfig(_Section):
     degrees: float = Field(
         0.0, ge=0, le=180, description="Rotate by an angle drawn from [-degrees, degrees]"
     )
-    scale: float = Field(
-        0.0, ge=0, lt=1, description="Zoom by a factor drawn from [1-scale, 1+scale]"
-    )
+    zoom: float = Field(0.0, ge=0, lt=1, description="Zoom by a factor drawn from [1-zoom, 1+zoom]")
     shift: float = Field(
         0.0, ge=0, le=100, description="Shift by up to this many pixels along each axis"
     )
     elastic_alpha: float = Field(
-        0.0, ge=0, le=1000, description="Strength of the elastic distortion in pixels (0: none)"
+        0.0,
+        ge=0,
+        le=1000,
+        description="Scale of the elastic displacement field (Simard's alpha; 0: none): a "
+        "displacement of about alpha * 0.16 / elastic_sigma pixels (standard deviation)",
     )
     elastic_sigma: float = Field(
         4.0, gt=0, le=100, description="Smoothness of the elastic distortion in pixels"
@@ -176,7 +178,8 @@ class AugmentConfig(_Section):
 
     @property
     def enabled(self) -> bool:
-        return any((self.degrees, self.scale, self.shift, self.elastic_alpha))
+        """Whether any distortion is on."""
+        return any((self.degrees, self.zoom, self.shift, self.elastic_alpha))
 
 
 class CVConfig(_Section):
@@ -531,7 +534,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "training": {"epochs": 45, "dropout": 0.2},
         "augment": {
             "degrees": 8,
-            "scale": 0.08,
+            "zoom": 0.08,
             "shift": 1.5,
             "elastic_alpha": 10,
             "elastic_sigma": 3,

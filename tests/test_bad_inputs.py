@@ -413,7 +413,7 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "training.l2_lambda": ["x", -1e-3, math.nan, math.inf, True],
     "training.early_stopping": ["x", 0],
     "augment.degrees": ["x", -1, 181, math.nan, True],
-    "augment.scale": ["x", -0.1, 1.0, math.inf],
+    "augment.zoom": ["x", -0.1, 1.0, math.inf],
     "augment.shift": ["x", -1, 101, math.nan],
     "augment.elastic_alpha": ["x", -1, 1001, math.inf],
     "augment.elastic_sigma": ["x", 0, -1, math.nan],

@@ -225,7 +225,9 @@ def _changed(arrays: dict, **changes) -> dict:
         ({"epoch": None}, r"missing arrays \['epoch'\]"),
         ({"optimizer__t": None}, "no 't' array"),
         ({"extra": np.zeros(2)}, r"unexpected arrays \['extra'\]"),
-        ({"version": np.array(2)}, "format version"),
+        ({"version": np.array(3)}, "format version"),
+        # A state saved before the augmentation stream existed: refused by its version first.
+        ({"version": np.array(1), "rng__augment": None}, "format version 1.*older mlp"),
         ({"epoch": np.array(3.0)}, "epoch must be a 0-d integer"),
         ({"epoch": np.array([3])}, "epoch must be a 0-d integer"),
         ({"epoch": np.array(-1)}, "epoch must be >= 0"),

@@ -28,11 +28,12 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _reference_affine(image, degrees, zoom, shift, background):
-    """scipy.ndimage.affine_transform of one image: output o reads input M o + offset."""
+    """scipy.ndimage.affine_transform of one image: output o reads input M o + offset, for
+    content that turns and grows about the centre, then moves by ``shift``."""
     angle = np.deg2rad(degrees)
     matrix = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) / zoom
     centre = np.array([CENTRE, CENTRE])
-    offset = centre - matrix @ centre - np.asarray(shift)
+    offset = centre - matrix @ (centre + np.asarray(shift))
     return ndimage.affine_transform(
         image.reshape(SIDE, SIDE), matrix, offset, order=1, mode="grid-constant", cval=background
     ).reshape(-1)
@@ -49,6 +50,24 @@ def test_a_known_shift_moves_a_known_pixel():
     moved = aug.resample(image, rows, cols).reshape(SIDE, SIDE)
     assert moved[12, 9] == pytest.approx(1.0), "2 rows down, 3 columns left"
     assert moved.sum() == pytest.approx(1.0), "an integer shift moves one pixel, nothing else"
+
+
+@pytest.mark.parametrize(
+    ("degrees", "zoom", "shift", "source", "target"),
+    [(90.0, 1.0, (0.0, 3.0), (13, 20), (7, 16)),  # turned to (7, 13), then 3 columns right
+     (0.0, 3.0, (0.0, 0.0), (13, 17), (12, 24)),  # 3x farther from the centre (13.5, 13.5)
+     (180.0, 1.0, (-2.0, 1.0), (3, 5), (22, 23)),  # to (24, 22), then up 2 and right 1
+     (-90.0, 1.0, (1.0, -2.0), (3, 5), (6, 22))],  # clockwise to (5, 24), down 1, left 2
+)  # fmt: skip
+def test_a_known_pixel_lands_where_the_map_says(degrees, zoom, shift, source, target):
+    # Worked out by hand from "turn counter-clockwise as displayed, zoom about the centre,
+    # then shift".
+    image = _images(1)[0]
+    aug = _augmenter(degrees=180)
+    rows, cols = aug.affine_coordinates(np.array([degrees]), np.array([zoom]), np.array([shift]))
+    moved = aug.resample(image[None], rows, cols).reshape(SIDE, SIDE)
+    assert (rows[0][target], cols[0][target]) == pytest.approx(source, abs=1e-9)
+    assert moved[target] == pytest.approx(image.reshape(SIDE, SIDE)[source], abs=1e-12)
 
 
 def test_a_quarter_turn_is_numpys_rot90():
@@ -76,7 +95,7 @@ def test_affine_maps_match_scipy_ndimage(degrees, zoom, shift):
 
 def test_random_distortions_match_scipy_at_the_same_coordinates():
     images = _images(6)
-    aug = _augmenter(background=0.3, degrees=15, scale=0.1, shift=2, elastic_alpha=20)
+    aug = _augmenter(background=0.3, degrees=15, zoom=0.1, shift=2, elastic_alpha=20)
     rows, cols = aug.source_coordinates(6, np.random.default_rng(1))
     ours = aug.resample(images, rows, cols)
     for k in range(6):
@@ -116,6 +135,17 @@ def test_a_shift_off_the_image_leaves_only_background():
     assert far.sum() > 20, "most shifts beyond 28 pixels leave nothing of the digit"
 
 
+def test_a_large_batch_is_distorted_in_chunks_with_the_same_draws():
+    images = _images(7)
+    whole, chunked = _augmenter(degrees=10, zoom=0.1, elastic_alpha=8), None
+    chunker = _augmenter(degrees=10, zoom=0.1, elastic_alpha=8)
+    chunker.CHUNK = 3  # chunks of 3, 3 and 1 rows
+    chunked = chunker(images, np.random.default_rng(9))
+    rng = np.random.default_rng(9)
+    expected = np.concatenate([whole(images[i : i + 3], rng) for i in (0, 3, 6)])
+    np.testing.assert_array_equal(chunked, expected)
+
+
 def test_float32_batches_stay_float32():
     aug = _augmenter(dtype="float32", degrees=10, elastic_alpha=8)
     out = aug(_images(3).astype(np.float32), np.random.default_rng(0))
@@ -123,7 +153,7 @@ def test_float32_batches_stay_float32():
 
 
 def test_the_same_stream_gives_the_same_distortions():
-    aug = _augmenter(degrees=10, scale=0.1, shift=2, elastic_alpha=8)
+    aug = _augmenter(degrees=10, zoom=0.1, shift=2, elastic_alpha=8)
     a = aug(_images(5), np.random.default_rng(3))
     b = aug(_images(5), np.random.default_rng(3))
     c = aug(_images(5), np.random.default_rng(4))
@@ -213,7 +243,9 @@ def test_augment_gets_its_own_seeded_stream_and_continues_across_calls():
     ("augment", "message"),
     [("shift", "augment must be callable"),
      (lambda batch, rng: batch[:, :3], r"augment must return an array of shape \(64, 16\)"),
-     (lambda batch, rng: batch.tolist(), "augment must return an array")],
+     (lambda batch, rng: batch.tolist(), "augment must return an array"),
+     (lambda batch, rng: batch.astype(np.complex64), "augment must return real numbers"),
+     (lambda batch, rng: batch.astype(object), "augment must return real numbers")],
 )  # fmt: skip
 def test_a_bad_augment_is_refused(augment, message):
     from mlp import MLPError
@@ -294,7 +326,7 @@ def test_standardize_pixel_is_refused_with_augmentation():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("augment.degrees", -1), ("augment.degrees", 181), ("augment.scale", 1),
+    [("augment.degrees", -1), ("augment.degrees", 181), ("augment.zoom", 1),
      ("augment.shift", -0.5), ("augment.elastic_alpha", -1), ("augment.elastic_sigma", 0)],
 )  # fmt: skip
 def test_out_of_range_distortions_are_refused(key, value):
