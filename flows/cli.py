@@ -487,7 +487,7 @@ def train(
     with recorded(
         cfg,
         flow="train",
-        dataset={"name": data.name, "fingerprint": data.fingerprint},
+        dataset=data.summary(),
         params={"l2_lambda": l2},
     ) as (record, publisher):
         final, evaluation, predicted = train_and_evaluate()

@@ -290,7 +290,7 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
     with recorded(
         config,
         flow=flow_name,
-        dataset={"name": dataset.name, "fingerprint": dataset.fingerprint},
+        dataset=dataset.summary(),
         prefect_flow_run=prefect_run,
     ) as (record, publisher):
         sweep = run_sweep(config, dataset, record, publisher)

@@ -222,6 +222,16 @@ class Dataset:
     def n_features(self) -> int:
         return self.X_train.shape[1]
 
+    def summary(self) -> dict[str, Any]:
+        """What a run record says about its data: name, fingerprint, folder and sizes."""
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "source": self.data_dir or "bundled with the package",
+            "n_train": int(self.y_train.shape[0]),
+            "n_test": int(self.y_test.shape[0]),
+        }
+
     def limit(self, limit_train: int | None, limit_test: int | None, seed: int = 0) -> Dataset:
         """A stratified, deterministic subset (class proportions kept, original order kept).
 

@@ -128,7 +128,11 @@ def _tick(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+def plot_training_curves(
+    history_columns: Mapping[str, Sequence[float]],
+    path: str | Path,
+    held_out: Mapping[str, Sequence[float]] | None = None,
+) -> Path:
     """Loss and accuracy per epoch, side by side (validation curves too when present).
 
     Parameters
@@ -137,6 +141,10 @@ def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: s
         ``History.as_columns()``: ``epoch``, ``train_loss``, ``train_accuracy`` and optionally
         ``val_loss``, ``val_accuracy`` (all NaN means absent), one value per epoch.
     path : str or Path
+    held_out : mapping of str to sequence of float, optional
+        ``val_loss`` and ``val_accuracy`` per epoch from epoch 1, measured elsewhere: the final
+        model has no validation data, so the pipeline passes the chosen candidate's mean over
+        its cross-validation folds.
 
     Returns
     -------
@@ -150,6 +158,10 @@ def plot_training_curves(history_columns: Mapping[str, Sequence[float]], path: s
             values = _present(history_columns.get(f"{split}_{kind}"))
             if values is not None:
                 axes.plot(epochs[: len(values)], values, style, marker=".", label=split)
+        values = _present((held_out or {}).get(f"val_{kind}"))
+        if values is not None:
+            axes.plot(range(1, len(values) + 1), values, ":", marker=".",
+                      label="validation (mean of the CV folds)")  # fmt: skip
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("epoch")
         axes.set_ylabel(kind)

@@ -402,7 +402,9 @@ class RunRecord:
             ]
             write_bytes(files[1], json.dumps(final.normalizer.to_dict()).encode())
             files += [
-                plots.plot_training_curves(final.history, self.folder / "training_curves.png"),
+                plots.plot_training_curves(
+                    final.history, self.folder / "training_curves.png", self._chosen_curves()
+                ),
                 plots.plot_confusion_matrix(
                     evaluation.confusion, self.folder / "confusion_matrix.png"
                 ),
@@ -426,6 +428,17 @@ class RunRecord:
                 "files": {str(path.relative_to(self.folder)): file_sha256(path) for path in files},
             },
         )
+
+    def _chosen_curves(self) -> dict[str, list[float]] | None:
+        """The chosen candidate's mean validation curves over its folds (None without CV)."""
+        from pipeline.search import candidate_id
+        from pipeline.selection import mean_curves
+
+        cv = self.cv()
+        if cv is None:
+            return None
+        chosen = candidate_id(cv["best"])
+        return mean_curves(f for f in self.folds() if candidate_id(f.candidate) == chosen)
 
     def finish(self, status: str, *, error: str = "", summary: dict[str, Any] | None = None):
         """Mark the execution ended: FINISHED, FAILED or KILLED (with ``error``)."""

@@ -105,6 +105,23 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def mean_curves(
+    results: Iterable[FoldResult], keys: tuple[str, ...] = ("val_accuracy", "val_loss")
+) -> dict[str, list[float]]:
+    """Per-epoch means over one candidate's folds (diverged ones left out), for each of ``keys``.
+
+    Up to the shortest history among them; empty lists when no fold is left.
+    """
+    histories = [result.history for result in results if not result.diverged]
+    curves: dict[str, list[float]] = {}
+    for key in keys:
+        columns = [history.get(key, []) for history in histories]
+        epochs = min(map(len, columns), default=0)
+        stacked = np.array([column[:epochs] for column in columns], dtype=float)
+        curves[key] = stacked.mean(axis=0).tolist() if epochs else []
+    return curves
+
+
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """The rows, best first: by mean validation accuracy, ties to the more regularized.
 

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -1056,8 +1057,13 @@ def test_mlp_predict_rejects_bad_input(net784, make, fragment):
         net784.predict(make())
 
 
+# The logged model takes square images too (MLP.predict does not).
 PIXEL_INPUTS = [
-    *PREDICT_INPUTS,
+    *(case for case in PREDICT_INPUTS if case[0] != "images-3d"),
+    ("images-27x27", lambda: np.zeros((2, 27, 27), np.float32), "or (n_samples, 28, 28) images"),
+    ("images-4d", lambda: np.zeros((2, 28, 28, 1), np.float32), "shape"),
+    ("booleans", lambda: np.ones((2, 784), bool), "real numbers"),
+    ("ragged-lists", lambda: [[0] * 784, [0] * 3], "not an array of pixels"),
     ("negative-pixels", lambda: np.full((2, 784), -1, np.float32), "[0, 255]"),
     ("pixels-above-255", lambda: np.full((2, 784), 256, np.float32), "[0, 255]"),
 ]
@@ -1097,13 +1103,48 @@ def wrapper(final_dir):
     ("make", "fragment"), [c[1:] for c in PIXEL_INPUTS], ids=[c[0] for c in PIXEL_INPUTS]
 )
 def test_pyfunc_predict_rejects_bad_pixels(wrapper, make, fragment):
-    with pytest.raises(DataError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(DataError, match=re.escape(fragment)):
         wrapper.predict(None, make())
 
 
 def test_pyfunc_predict_accepts_raw_pixels(wrapper):
     labels = wrapper.predict(None, np.full((3, 784), 255, np.float32))
     assert labels.shape == (3,) and labels.dtype == np.int64, f"got {labels!r}"
+
+
+# What users send: the files' uint8, float64, square images, nested lists, a DataFrame.
+PIXELS = np.random.default_rng(2).integers(0, 256, (4, 784))
+ACCEPTED_INPUTS = [
+    pytest.param(lambda: PIXELS.astype(np.uint8), id="uint8"),
+    pytest.param(lambda: PIXELS.astype(np.float64), id="float64"),
+    pytest.param(lambda: PIXELS.astype(np.uint8).reshape(4, 28, 28), id="images-28x28-uint8"),
+    pytest.param(lambda: PIXELS.reshape(4, 28, 28).astype(np.float32), id="images-28x28"),
+    pytest.param(lambda: PIXELS.tolist(), id="lists"),
+    pytest.param(lambda: PIXELS.reshape(4, 28, 28).tolist(), id="image-lists"),
+]
+
+
+@pytest.mark.parametrize("make", ACCEPTED_INPUTS)
+def test_pyfunc_predict_accepts_what_users_send(wrapper, make):
+    expected = wrapper.predict(None, PIXELS.astype(np.float32))
+    np.testing.assert_array_equal(wrapper.predict(None, make()), expected)
+
+
+def test_pyfunc_predict_gives_probabilities_when_asked(wrapper, net784):
+    pixels = PIXELS.astype(np.float32)
+    probabilities = wrapper.predict(None, pixels, params={"probabilities": True})
+    assert probabilities.shape == (4, 10) and probabilities.dtype == np.float64
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    X = wrapper.normalizer.transform(pixels, dtype=net784.dtype)
+    np.testing.assert_allclose(probabilities, net784.predict_proba(X), rtol=1e-6)
+    labels = wrapper.predict(None, pixels, params={"probabilities": False})
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), labels)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_pyfunc_predict_refuses_a_probabilities_param_that_is_not_a_bool(wrapper, value):
+    with pytest.raises(DataError, match="param probabilities must be true or false"):
+        wrapper.predict(None, PIXELS, params={"probabilities": value})
 
 
 @pytest.fixture(scope="module")
@@ -1119,24 +1160,20 @@ def logged_model(tmp_path_factory, final_dir):
     return mlflow.pyfunc.load_model(str(path))
 
 
-# Values the signature lets through are refused by the model's own check (a DataError);
-# shapes and dtypes outside the logged signature (float32, (-1, 784)) by MLflow's schema
-# enforcement, an MlflowException that names the mismatch.
+# The logged model has no input schema (it takes flattened or square images of any numeric
+# dtype): its own check refuses everything else, in one line.
 LOGGED_INPUTS = [
     pytest.param(lambda: np.full((2, 784), np.nan, np.float32), "NaN", id="nan"),
     pytest.param(lambda: np.full((2, 784), np.inf, np.float32), "NaN or infinite", id="inf"),
     pytest.param(lambda: np.full((2, 784), -1, np.float32), "[0, 255]", id="negative-pixels"),
     pytest.param(lambda: np.full((2, 784), 300, np.float32), "[0, 255]", id="pixels-above-255"),
     pytest.param(lambda: np.zeros((0, 784), np.float32), "no rows", id="no-rows"),
-    pytest.param(lambda: np.zeros((2, 783), np.float32), "does not match expected shape",
+    pytest.param(lambda: np.zeros((2, 783), np.float32), "shape (n_samples, 784)",
                  id="shape-n-783"),
-    pytest.param(lambda: np.zeros((2, 28, 28), np.float32), "does not match expected shape",
-                 id="images-3d"),
-    pytest.param(lambda: np.zeros(784, np.float32), "does not match expected shape",
-                 id="one-image-1d"),
-    pytest.param(lambda: np.zeros((2, 784), np.float64), "dtype of input float64", id="float64"),
-    pytest.param(lambda: np.zeros((2, 784), np.uint8), "dtype of input uint8", id="uint8"),
-    pytest.param(lambda: np.full((2, 784), "a"), "dtype of input <U1", id="strings"),
+    pytest.param(lambda: np.zeros((2, 27, 27), np.float32), "or (n_samples, 28, 28) images",
+                 id="images-27x27"),
+    pytest.param(lambda: np.zeros(784, np.float32), "shape (n_samples, 784)", id="one-image-1d"),
+    pytest.param(lambda: np.full((2, 784), "a"), "real numbers", id="strings"),
 ]  # fmt: skip
 _cases("test_logged_pyfunc_rejects_bad_pixels_naming_the_problem", [p.id for p in LOGGED_INPUTS])
 
@@ -1157,6 +1194,22 @@ def test_logged_pyfunc_accepts_raw_float32_pixels(logged_model, wrapper):
     pixels = np.random.default_rng(1).integers(0, 256, (4, 784)).astype(np.float32)
     labels = logged_model.predict(pixels)
     np.testing.assert_array_equal(labels, wrapper.predict(None, pixels))
+
+
+@pytest.mark.parametrize("make", ACCEPTED_INPUTS)
+def test_logged_pyfunc_accepts_what_users_send(logged_model, wrapper, make):
+    expected = wrapper.predict(None, PIXELS.astype(np.float32))
+    np.testing.assert_array_equal(logged_model.predict(make()), expected)
+
+
+def test_logged_pyfunc_passes_the_probabilities_param_through(logged_model, wrapper):
+    probabilities = logged_model.predict(PIXELS, params={"probabilities": True})
+    np.testing.assert_array_equal(
+        probabilities, wrapper.predict(None, PIXELS, params={"probabilities": True})
+    )
+    assert logged_model.metadata.signature.params.to_dict() == [
+        {"name": "probabilities", "type": "boolean", "default": False, "shape": None}
+    ]
 
 
 # ============================================================================ run records

@@ -29,6 +29,8 @@ _PIPELINE_FILES = ("__init__.py", "errors.py", "normalize.py")
 def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -> Path:
     """Write the pyfunc model of the weights and normalizer in ``final_dir`` to ``destination``."""
     import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
     import mlp
 
@@ -54,6 +56,13 @@ def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -
             },
             code_paths=[str(code / package) for package in packages],
             input_example=np.asarray(input_example, dtype=np.float32),
+            # No input schema: a tensor schema fixes one shape and dtype, and the model takes
+            # flattened or square images of any numeric dtype (it checks them itself). The
+            # params schema is what lets MLflow pass ``probabilities`` through to predict.
+            signature=ModelSignature(
+                inputs=None,
+                params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
+            ),
             pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
         )
     return destination

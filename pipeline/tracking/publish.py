@@ -9,8 +9,10 @@ finishes the job without duplicates. The run layout is in docs/architecture.md.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import re
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -22,7 +24,8 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
-from pipeline.search import L2_KEY, candidate_id, label
+from pipeline.search import L2_KEY, candidate_config, candidate_id, label
+from pipeline.selection import mean_curves, ranked
 from pipeline.tracking.model import build_pyfunc
 from pipeline.tracking.registry import Registration, register
 from pipeline.tracking.store import default_tracking_uri, one_line, open_store, redact_uri
@@ -66,6 +69,10 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     best = {f"best.{key}": value for key, value in cv["best"].items()} if cv else {}
     parent = _parent(client, experiment_id, run, config, best)
     parent_id, tags = parent.info.run_id, _shared_tags(run)
+    if not parent.inputs.dataset_inputs:  # the Datasets column of the runs list
+        data = run["dataset"]
+        client.log_inputs(parent_id, [_dataset_input(data, "train", "training"),
+                                      _dataset_input(data, "test", "testing")])  # fmt: skip
     children = {
         child.data.tags.get(PART_TAG): child
         for child in client.search_runs(
@@ -73,20 +80,26 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         )
     }
 
-    def child(key: str, name: str, stage: str, part: dict[str, Any]) -> None:
+    def child(key: str, name: str, stage: str, part: dict[str, Any], inputs: list) -> None:
         existing = children.get(key)
         if existing is None or existing.info.status != "FINISHED":
             run_tags = {**tags, "stage": stage, PART_TAG: key, **part.pop("tags", {})}
-            _child(client, experiment_id, parent_id, existing, name, run_tags, **part)
+            _child(client, experiment_id, parent_id, existing, name, run_tags, inputs, **part)
 
     for fold in folds:
         searched = f"{candidate_id(fold.candidate)} " if fold.settings else ""
+        part = f"fold {fold.fold + 1} of {config.cv.folds}, seed {config.cv.seed}"
         child(f"fold {fold.l2_lambda!r} {searched}{fold.fold}",
               f"cv {label(fold.candidate)} fold={fold.fold}", "cv",
-              _fold_part(fold, config.training.epochs))  # fmt: skip
+              _fold_part(fold, config.training.epochs),
+              [_dataset_input(run["dataset"], "train", "training", f"all but {part}"),
+               _dataset_input(run["dataset"], "train", "validation", part)])  # fmt: skip
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
     texts = {"config.json": json.dumps(config.redacted(), indent=2)}
     metrics: dict[str, tuple[float, int]] = {}
+    if cv is not None and "cv_best_mean_val_accuracy" not in parent.data.metrics:
+        # Logged before the summary metrics below, whose presence marks them done.
+        _log(client, parent_id, _candidate_curves(cv["table"], folds, cv["time"]))
     if cv is not None:
         table, chosen = cv["table"], cv["chosen_row"]["mean_val_accuracy"]
         metrics.update(best_l2_lambda=(cv["best_l2_lambda"], cv["time"]),
@@ -103,15 +116,18 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             "history": history, "seconds": final["seconds"], "summary": test,
             "params": {"l2_lambda": final["l2_lambda"], **final["settings"],
                        "epochs": len(history["epoch"])},
-        })  # fmt: skip
+        }, [_dataset_input(run["dataset"], "train", "training")])  # fmt: skip
     _upload(client, parent_id, uploaded, record.folder, texts,
             CV_FIGURES * (cv is not None) + FINAL_FIGURES * (final is not None))  # fmt: skip
     if final is not None:
         _log_model(client, parent, record.folder, final)
-        registration = _register(client, uri, parent, run, config, final)
+        registration = _register(client, uri, parent, run, config, final, cv is not None)
     if "wall_seconds" in run["summary"] and run["end_time"]:
         metrics["wall_seconds"] = (run["summary"]["wall_seconds"], run["end_time"])
     _log(client, parent_id, _points(metrics, parent.data.metrics))
+    note = _description(run, config, cv, final, registration)
+    if parent.data.tags.get("mlflow.note.content") != note:
+        client.set_tag(parent_id, "mlflow.note.content", note)  # the run page's description
     if run["status"] != "RUNNING" and parent.info.status != run["status"]:
         if run["error"]:
             client.set_tag(parent_id, "error", run["error"])
@@ -162,6 +178,66 @@ def _parent(
     return parent
 
 
+def _description(run, config, cv, final, registration: Registration | None) -> str:
+    """What ran and what came out, in a few lines of Markdown: the parent run's description."""
+    flow_run = run["prefect_flow_run"].get("name")
+    where = f" (Prefect flow run {flow_run})" if flow_run else ""
+    lines = [f"**{run['flow']}** on {run['dataset']['name']}{where}: {run['status'].lower()}."]
+    if cv is not None:
+        table, row = cv["table"], cv["chosen_row"]
+        lines.append(
+            f"Cross-validation: {len(table)} candidates x {config.cv.folds} folds "
+            f"({config.search.strategy}); chosen {label(cv['best'])}, mean validation "
+            f"accuracy {row['mean_val_accuracy']:.4f}."
+        )
+    if final is not None:
+        evaluation = final["evaluation"]
+        lines.append(f"Final model: test accuracy {evaluation['accuracy']:.4f} on "
+                     f"{evaluation['n_samples']:,} images.")  # fmt: skip
+    if registration is not None:
+        lines.append(f"Registered as {registration.name} version {registration.version}"
+                     + (" (champion)." if registration.champion else "."))  # fmt: skip
+    if run["error"]:
+        lines.append(f"Error: {run['error']}")
+    return "\n\n".join(lines)
+
+
+def _candidate_curves(table: Any, folds: list[FoldResult], at: int) -> list[Any]:
+    """The mean validation curves (step = epoch) of the best 10 candidates, for the parent:
+    two executions compare by curve there. Named ``cv_mean_val_accuracy/lambda 0.0001 ...``."""
+    from mlflow.entities import Metric
+
+    # Records from before candidate ids (a lambda-only search) have few candidates: all of them.
+    best = set(ranked(table)["candidate"][:10]) if "candidate" in table else None
+    by_candidate: dict[str, list[FoldResult]] = {}
+    for fold in folds:
+        if best is None or candidate_id(fold.candidate) in best:
+            by_candidate.setdefault(candidate_id(fold.candidate), []).append(fold)
+    points = []
+    for results in by_candidate.values():
+        name = re.sub(r"[^\w.\- ]", "_", label(results[0].candidate).replace("=", " "))
+        for key, curve in mean_curves(results).items():
+            points += [Metric(f"cv_mean_{key}/{name}", value, at, epoch)
+                       for epoch, value in enumerate(curve, 1) if math.isfinite(value)]  # fmt: skip
+    return points
+
+
+def _dataset_input(data: dict[str, Any], split: str, context: str, part: str = "") -> Any:
+    """An MLflow dataset input: a split of the record's dataset (or a fold's ``part`` of it).
+
+    The digest comes from the dataset's fingerprint (no array is hashed again); records from
+    before sizes were kept have no profile.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    name = f"{data['name']}-{split}" + (f" ({part})" if part else "")
+    digest = hashlib.sha256(f"{data['fingerprint']} {name}".encode()).hexdigest()[:16]
+    rows = data.get(f"n_{split}")
+    profile = json.dumps({"num_rows": rows}) if rows and not part else None
+    dataset = Dataset(name, digest, "local", str(data.get("source", "")), None, profile)
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+
+
 def _shared_tags(run: dict[str, Any]) -> dict[str, str]:
     """Tags of every run of a record: where it ran, and its Prefect flow run."""
     prefect_run = run["prefect_flow_run"]
@@ -201,8 +277,8 @@ def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
     }
 
 
-def _child(client, experiment_id, parent_id, existing, name, tags, *, history, seconds, summary,
-           params) -> None:  # fmt: skip
+def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, history, seconds,
+           summary, params) -> None:  # fmt: skip
     """A FINISHED child run of ``parent_id`` for one training (``existing``: a half-made one).
 
     Its start and end are those of the training; each metric point carries its epoch's end.
@@ -228,6 +304,7 @@ def _child(client, experiment_id, parent_id, existing, name, tags, *, history, s
     ]
     points += _points({key: (value, end or 0) for key, value in summary.items()})
     _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()])
+    client.log_inputs(run_id, inputs)  # before FINISHED: a finished child is never revisited
     client.set_terminated(run_id, "FINISHED", end_time=end)
 
 
@@ -269,7 +346,7 @@ def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) ->
     client.set_tag(parent.info.run_id, MODEL_TAG, "true")
 
 
-def _register(client, uri, parent, run, config, final) -> Registration | None:
+def _register(client, uri, parent, run, config, final, cv_ran) -> Registration | None:
     """Register the parent's model once; the registration's tags on the parent mark it done."""
     name = config.tracking.registered_model_for(run["dataset"]["name"])
     tags = parent.data.tags
@@ -278,14 +355,26 @@ def _register(client, uri, parent, run, config, final) -> Registration | None:
     if tags.get("registered_model") == name and "champion" in tags:
         return Registration(name, tags["registered_model_version"], tags["champion"] == "true",
                             tags.get("champion_comparison", ""))  # fmt: skip
-    evaluation = final["evaluation"]
+    evaluation, dataset = final["evaluation"], run["dataset"]["name"]
+    chosen = {L2_KEY: final["l2_lambda"], **final["settings"]}
     version_tags = {
         "test_accuracy": repr(evaluation["accuracy"]),
         "test_set": final["test_set"],
         "test_images": str(evaluation["n_samples"]),
-        "dataset.name": run["dataset"]["name"],
+        "dataset.name": dataset,
         "dataset.fingerprint": run["dataset"]["fingerprint"],
+        "l2_lambda": repr(final["l2_lambda"]),
+        **{key: str(value) for key, value in final["settings"].items()},
+        **({"git_commit": run["git_commit"]} if run.get("git_commit") else {}),
     }
+    chosen_by = f"chosen by {config.cv.folds}-fold cross-validation" if cv_ran else "given"
+    hidden = candidate_config(config, chosen).model.hidden_sizes
+    shape = "-".join(map(str, [len(final["input_example"][0]), *hidden, 10]))
+    description = (
+        f"A {shape} MLP trained on {dataset} ({label(chosen)}, {chosen_by}); test accuracy "
+        f"{evaluation['accuracy']:.4f} on {evaluation['n_samples']:,} images. "
+        f"Run record {run['id']}."
+    )
 
     def test_set() -> Any:
         from pipeline.data import load_test_set
@@ -296,7 +385,7 @@ def _register(client, uri, parent, run, config, final) -> Registration | None:
                                  progress=False)  # fmt: skip
         return None
 
-    registration = register(client, uri, name, parent, version_tags, test_set)
+    registration = register(client, uri, name, parent, version_tags, test_set, description)
     for key, value in {
         "registered_model": name,
         "registered_model_version": registration.version,

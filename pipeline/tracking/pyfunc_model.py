@@ -10,6 +10,7 @@ and the normalizer (``Normalizer.to_dict()`` JSON) come in as the model's artifa
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -20,7 +21,7 @@ NORMALIZER_ARTIFACT = "normalizer"
 
 
 class MLPClassifierModel(PythonModel):
-    """Raw MNIST-style pixels in, class labels out."""
+    """Raw MNIST-style pixels in; class labels out, or class probabilities when asked."""
 
     def load_context(self, context: PythonModelContext) -> None:
         # Imported here, at load time in the serving process, not when the file is logged.
@@ -34,39 +35,69 @@ class MLPClassifierModel(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> np.ndarray:
-        """Predict class labels.
+        """Predict class labels, or with ``params={"probabilities": True}`` class probabilities.
 
         Parameters
         ----------
-        model_input : np.ndarray, shape (n_samples, 784)
-            Raw pixels in [0, 255], float32 (the logged signature).
+        model_input : array-like, shape (n_samples, 784) or (n_samples, 28, 28)
+            Raw pixels in [0, 255]: flattened or square images, any integer or float dtype
+            (``uint8`` as the files hold them, float32, float64), a NumPy array, nested
+            lists or a DataFrame of 784 columns.
+        params : dict, optional
+            ``probabilities`` (bool, default False).
 
         Returns
         -------
-        np.ndarray, shape (n_samples,), int64
+        np.ndarray
+            Labels, shape (n_samples,), int64; or probabilities, shape (n_samples, 10),
+            float64, rows summing to 1.
 
         Raises
         ------
         pipeline.errors.DataError
-            Input of the wrong shape or dtype, non-finite, or outside [0, 255].
+            Input of another shape or type, non-finite, or outside [0, 255], in one line.
         """
-        pixels = _check_pixels(np.asarray(model_input), self.net.n_features)
+        pixels = _check_pixels(model_input, self.net.n_features)
         X = self.normalizer.transform(pixels, dtype=self.net.dtype)
+        if _wants_probabilities(params):
+            return self.net.predict_proba(X).astype(np.float64)
         return self.net.predict(X).astype(np.int64, copy=False)
 
 
-def _check_pixels(pixels: np.ndarray, n_features: int) -> np.ndarray:
-    """Reject what would otherwise give silent garbage labels: raw pixels only, (n, n_features)."""
+def _wants_probabilities(params: dict | None) -> bool:
     from pipeline.errors import DataError
 
+    value = (params or {}).get("probabilities", False)
+    if not isinstance(value, bool | np.bool_):
+        raise DataError(f"param probabilities must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _check_pixels(model_input: Any, n_features: int) -> np.ndarray:
+    """Raw pixels as a float array of shape (n, n_features); DataError for anything else.
+
+    Rejects what would otherwise give silent garbage labels: other shapes, non-numbers,
+    NaN, values outside [0, 255] (normalized inputs, not raw pixels).
+    """
+    from pipeline.errors import DataError
+
+    try:
+        pixels = np.asarray(model_input)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise DataError(f"model input is not an array of pixels: {exc}") from None
+    side = int(round(n_features**0.5))
+    square = (side, side) if side * side == n_features else None
+    if pixels.ndim == 3 and pixels.shape[1:] == square:
+        pixels = pixels.reshape(pixels.shape[0], n_features)
     if pixels.ndim != 2 or pixels.shape[1] != n_features:
+        images = f" or (n_samples, {side}, {side}) images" if square else ""
         raise DataError(
-            f"model input must have shape (n_samples, {n_features}) (flattened images), "
+            f"model input must have shape (n_samples, {n_features}) (flattened images){images}, "
             f"got {pixels.shape}"
         )
     if pixels.shape[0] == 0:
         raise DataError("model input has no rows")
-    if pixels.dtype.kind not in "biuf":
+    if pixels.dtype.kind not in "iuf":
         raise DataError(f"model input must be real numbers, got dtype {pixels.dtype}")
     if not np.isfinite(pixels).all():
         raise DataError("model input contains NaN or infinite values")

@@ -37,12 +37,13 @@ def register(
     run: Any,
     tags: dict[str, str],
     test_set: Callable[[], tuple[np.ndarray, np.ndarray] | None],
+    description: str = "",
 ) -> Registration:
     """Register the ``model`` of ``run`` (once) and give it the alias if it beats the champion.
 
-    ``tags`` go on the version and must hold ``test_accuracy`` and ``test_set``. ``test_set``
-    returns this version's test images and labels, for scoring a champion tested elsewhere
-    (None when they cannot be loaded).
+    ``tags`` go on the version and must hold ``test_accuracy`` and ``test_set``; so does
+    ``description``. ``test_set`` returns this version's test images and labels, for scoring a
+    champion tested elsewhere (None when they cannot be loaded).
     """
     # One registration at a time per local store: choosing the champion reads the current one,
     # then moves the alias; two pipelines at once could both see no champion.
@@ -50,6 +51,8 @@ def register(
         version = _version_of(client, name, run)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
+        if description:
+            client.update_model_version(name, version, description=description)
         champion, note = _challenge(client, tracking_uri, name, version, tags, test_set)
     return Registration(name, version, champion, note)
 

@@ -82,6 +82,21 @@ def test_training_curves(tmp_path, with_val):
     _read_png(plots.plot_training_curves(history, tmp_path / "curves.png"))
 
 
+def test_training_curves_draw_the_cross_validation_curve_beside_the_final_ones(tmp_path):
+    # The final model has no validation data: the chosen candidate's CV mean stands beside it.
+    epochs = 5
+    history = {
+        "epoch": list(range(1, epochs + 1)),
+        "train_loss": np.linspace(2.0, 0.3, epochs).tolist(),
+        "train_accuracy": np.linspace(0.3, 0.95, epochs).tolist(),
+    }
+    held_out = {"val_loss": [1.0, 0.8, 0.7], "val_accuracy": [0.5, 0.6, 0.65]}
+    alone = _read_png(plots.plot_training_curves(history, tmp_path / "alone.png"))
+    beside = _read_png(plots.plot_training_curves(history, tmp_path / "beside.png", held_out))
+    assert alone.shape == beside.shape
+    assert np.abs(alone.astype(float) - beside.astype(float)).sum() > 0, "no curve was added"
+
+
 def test_confusion_matrix(tmp_path):
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 50, size=(10, 10)) + np.diag(np.full(10, 900))

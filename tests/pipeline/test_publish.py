@@ -18,12 +18,15 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,6 +200,22 @@ def mlflow_state(client: MlflowClient, experiment_id: str) -> dict[str, Any]:
     return state
 
 
+def _differences(before: Any, after: Any, path: str = "") -> list[str]:
+    """Where two ``mlflow_state`` values differ: ``path: before -> after`` for each leaf."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        pairs = [(before.get(k), after.get(k), f"{path}/{k}") for k in {*before, *after}]
+        return [line for pair in sorted(pairs, key=lambda p: p[2]) for line in _differences(*pair)]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [line for i, (b, a) in enumerate(zip(before, after, strict=True))
+                for line in _differences(b, a, f"{path}[{i}]")]  # fmt: skip
+    if isinstance(before, list) and isinstance(after, list):
+        added = [x for x in after if x not in before]
+        return [
+            f"{path}: added {added!r:.300}, removed {[x for x in before if x not in after]!r:.300}"
+        ]
+    return [] if before == after else [f"{path}: {before!r:.200} -> {after!r:.200}"]
+
+
 def _counts(state: dict[str, Any]) -> dict[str, int]:
     """How many runs each part has, e.g. {"final": 1, "fold 0.0001 0": 1, ...}."""
     return {part: len(runs) for part, runs in state["runs"].items()}
@@ -245,7 +264,7 @@ def reference(trained, tmp_path_factory, _empty_store) -> SimpleNamespace:
     record = RunRecord.create(
         trained.config,
         flow="mlp-pipeline",
-        dataset={"name": trained.dataset.name, "fingerprint": trained.dataset.fingerprint},
+        dataset=trained.dataset.summary(),
         prefect_flow_run=PREFECT_RUN,
     )
     _fill(record, trained)
@@ -318,6 +337,48 @@ def test_the_parent_run_says_what_ran(reference):
     assert mlflow.active_run() is None, "publish left a fluent run active"
 
 
+def test_the_parent_run_description_says_what_came_out(reference, trained):
+    note = reference.parent.data.tags["mlflow.note.content"]
+    lam, cv_accuracy = trained.final.l2_lambda, trained.table["mean_val_accuracy"].max()
+    assert note == (
+        "**mlp-pipeline** on mnist-sample (Prefect flow run brave-fox): finished.\n\n"
+        f"Cross-validation: {len(L2_GRID)} candidates x {FOLDS} folds (grid); chosen "
+        f"lambda={lam:g}, mean validation accuracy {cv_accuracy:.4f}.\n\n"
+        f"Final model: test accuracy {trained.evaluation.accuracy:.4f} on 300 images.\n\n"
+        f"Registered as {MODEL_NAME} version 1 (champion)."
+    ), note
+
+
+def _inputs(run: Any) -> list[tuple[str, str, str | None]]:
+    return sorted(
+        (i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"], i.dataset.profile)
+        for i in run.inputs.dataset_inputs
+    )
+
+
+def test_every_run_names_its_datasets(reference, trained):
+    # The runs list's Datasets column: the parent's splits, each child's part of the training set.
+    source = trained.dataset.summary()["source"]
+    assert _inputs(reference.parent) == [
+        ("mnist-sample-test", "testing", '{"num_rows": 300}'),
+        ("mnist-sample-train", "training", '{"num_rows": 600}'),
+    ]
+    assert {i.dataset.source for i in reference.parent.inputs.dataset_inputs} == {source}
+    folds = _runs(reference.client, reference.experiment_id, "cv")
+    assert len(folds) == len(L2_GRID) * FOLDS
+    for run in folds:
+        part = f"fold {int(run.data.params['fold']) + 1} of {FOLDS}, seed 0"
+        assert _inputs(run) == [
+            (f"mnist-sample-train (all but {part})", "training", None),
+            (f"mnist-sample-train ({part})", "validation", None),
+        ], run.info.run_name
+    (final,) = _runs(reference.client, reference.experiment_id, "final")
+    assert _inputs(final) == [("mnist-sample-train", "training", '{"num_rows": 600}')]
+    digests = {i.dataset.digest for run in [reference.parent, *folds, final]
+               for i in run.inputs.dataset_inputs}  # fmt: skip
+    assert len(digests) == 2 + 2 * FOLDS, "one digest per distinct split"
+
+
 def test_the_parent_params_are_the_config_dataset_and_version(reference, trained):
     # Arrange
     expected = {
@@ -359,10 +420,24 @@ def test_the_parent_metrics_summarize_the_record(reference, trained):
     found = {
         key: [(m.value, m.timestamp, m.step) for m in client.get_metric_history(parent_id, key)]
         for key in reference.parent.data.metrics
+        if not key.startswith("cv_mean_")
     }
 
     # Assert: one point each, at the time the record wrote it.
     assert found == {key: [(v, t, 0)] for key, (v, t) in expected.items()}, found
+
+
+def test_the_parent_has_each_candidates_mean_validation_curve(reference, trained):
+    # Two executions compare by curve on their parents: one curve per candidate, step = epoch.
+    client, parent_id = reference.client, reference.parent.info.run_id
+    for l2 in L2_GRID:
+        folds = [f for f in trained.folds if f.l2_lambda == l2]
+        for key in ("val_accuracy", "val_loss"):
+            history = client.get_metric_history(parent_id, f"cv_mean_{key}/lambda {l2:g}")
+            by_hand = np.mean([f.history[key] for f in folds], axis=0)
+            assert [m.step for m in history] == list(range(1, EPOCHS + 1)), (l2, key)
+            np.testing.assert_allclose([m.value for m in history], by_hand, rtol=1e-12)
+            assert {m.timestamp for m in history} == {reference.record.cv()["time"]}
 
 
 def test_the_parent_artifacts_are_the_records_files(reference, trained, tmp_path):
@@ -591,6 +666,70 @@ def test_the_logged_model_carries_its_code_and_needs_no_project_install(
 
 
 @pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_registered_models_labels(
+    reference, trained, fresh, tmp_path
+):
+    # Arrange: the registered version served by MLflow's own scoring server, on loopback, from
+    # a store of its own (serving a registered model writes registered_model_meta beside it).
+    publish(reference.record, fresh.uri)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The scoring server is started as `uvicorn ...`: the environment's scripts on the PATH, as
+    # in an activated virtual environment.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh.uri, "PATH": path}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}/1",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    images = trained.dataset.X_test[:20].reshape(-1, 28, 28)  # uint8 28x28, as the files hold
+
+    def invoke(body: dict) -> Any:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["predictions"]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2),
+            ):
+                break
+            time.sleep(0.5)
+
+        # Act
+        labels = invoke({"inputs": images.tolist()})
+        probabilities = invoke({"inputs": images.tolist(), "params": {"probabilities": True}})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            invoke({"inputs": (images[:, :27, :27]).tolist()})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    # Assert
+    assert labels == trained.predicted[:20].tolist(), labels
+    probabilities = np.asarray(probabilities)
+    assert probabilities.shape == (20, 10), probabilities.shape
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), trained.predicted[:20])
+    # MLflow's scoring server answers 400 with its own message; the model's one-line reason is
+    # the last line of the stack trace it sends along.
+    error = json.loads(refused.value.read())
+    assert refused.value.code == 400, error
+    assert "or (n_samples, 28, 28) images, got (20, 27, 27)" in error["stack_trace"], error
+
+
+@pytest.mark.slow
 def test_git_commit_only_from_a_checkout_that_tracks_the_code(tmp_path):
     """A copy installed inside someone's repository must not log that repository's commit."""
     # Arrange: a repository with one commit, and the package copied inside it, untracked.
@@ -625,7 +764,9 @@ def test_publishing_again_changes_nothing(reference):
     assert again == reference.published, (again, reference.published)
     state = mlflow_state(reference.client, reference.experiment_id)
     assert _counts(state) == _counts(reference.state), _counts(state)
-    assert state == reference.state, "a second publish changed the MLflow record"
+    assert state == reference.state, "a second publish changed the MLflow record: " + "; ".join(
+        _differences(reference.state, state)
+    )
 
 
 def test_a_partial_record_then_the_complete_one(reference, fresh, tmp_path):
@@ -888,12 +1029,20 @@ def test_the_first_version_becomes_the_champion(reference):
 
 
 def test_the_version_tags_say_what_and_where_it_was_tested(reference, trained):
-    tags = reference.client.get_model_version(MODEL_NAME, "1").tags
-    assert tags == {
+    version = reference.client.get_model_version(MODEL_NAME, "1")
+    commit = reference.run.get("git_commit")
+    assert version.tags == {
         "test_accuracy": repr(trained.evaluation.accuracy), "test_set": trained.test_set,
         "test_images": "300", "dataset.name": "mnist-sample",
         "dataset.fingerprint": trained.dataset.fingerprint,
-    }, tags  # fmt: skip
+        "l2_lambda": repr(trained.final.l2_lambda), **({"git_commit": commit} if commit else {}),
+    }, version.tags  # fmt: skip
+    lam = f"{trained.final.l2_lambda:g}"
+    assert version.description == (
+        f"A 784-8-10 MLP trained on mnist-sample (lambda={lam}, chosen by {FOLDS}-fold "
+        f"cross-validation); test accuracy {trained.evaluation.accuracy:.4f} on 300 images. "
+        f"Run record {reference.run['id']}."
+    ), version.description
 
 
 def test_the_champion_moves_only_on_improvement(reference, fresh, tmp_path):

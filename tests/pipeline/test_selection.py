@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.results import FoldResult
-from pipeline.selection import cv_table, select_candidate
+from pipeline.selection import cv_table, mean_curves, select_candidate
 
 # lambda -> per-fold (val_accuracy, val_loss), fold order 0..3
 GRID = {
@@ -251,3 +251,24 @@ def test_a_lambda_with_a_missing_fold_is_not_eligible():
     # Assert
     assert table.set_index("l2_lambda").loc[1e-2, "n_folds"] == 3
     assert chosen == 1e-3
+
+
+def _with_history(result: FoldResult, accuracy: list[float], diverged: bool = False) -> FoldResult:
+    return FoldResult(
+        result.l2_lambda, result.fold, result.seed, result.val_accuracy, result.val_loss,
+        result.train_accuracy, result.train_loss, len(accuracy), result.seconds,
+        {"val_accuracy": accuracy, "val_loss": [1 - a for a in accuracy]}, diverged=diverged,
+    )  # fmt: skip
+
+
+def test_mean_curves_average_the_folds_epoch_by_epoch():
+    base = FoldResult(1e-3, 0, 0, 0.9, 0.3, 0.95, 0.2, 3, 1.0, {})
+    folds = [
+        _with_history(base, [0.5, 0.7, 0.8]),
+        _with_history(base, [0.6, 0.9, 0.9, 0.95]),  # longer: cut to the shortest
+        _with_history(base, [0.1, float("nan")], diverged=True),  # left out
+    ]
+    curves = mean_curves(folds)
+    np.testing.assert_allclose(curves["val_accuracy"], [0.55, 0.8, 0.85])
+    np.testing.assert_allclose(curves["val_loss"], [0.45, 0.2, 0.15])
+    assert mean_curves(folds[2:]) == {"val_accuracy": [], "val_loss": []}
