@@ -157,6 +157,7 @@ def test_the_record_folder_names_every_candidate(halving):
     assert len(names) == 16 and len(set(names)) == 16, names
 
 
+@pytest.mark.slow
 def test_the_accurate_preset_runs_end_to_end_on_the_sample(
     prefect_api_url, tmp_path, _empty_store, sample_flow_config
 ):
