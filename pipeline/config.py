@@ -217,9 +217,13 @@ class CVConfig(_Section):
 
 # Distributions a random search samples from: {name = [arguments]}.
 DISTRIBUTIONS = {"log_uniform": 2, "uniform": 2, "int": 2, "choice": None}
-# Settings a search may vary: the network and its training. Not the final model's epochs (no
-# cross-validation training uses them), nor the L2 strength of ``train`` alone.
-SEARCHABLE_SECTIONS = ("model", "training", "augment")
+# Settings a search may vary: the network, its training and the distortions, by section. Not
+# the final model's epochs (no cross-validation training uses them).
+SEARCHABLE_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "augment": AugmentConfig,
+}
 NOT_SEARCHABLE = {"training.final_epochs"}
 
 
@@ -233,7 +237,8 @@ class SearchConfig(_Section):
     )
     space: dict[str, list[Any] | dict[str, list[Any]]] = Field(
         {},
-        description="Dotted model.* and training.* settings and the values to try: a list, or "
+        description="Dotted model.*, training.* and augment.* settings and the values to try: "
+        "a list, or "
         "a distribution {log_uniform | uniform | int = [low, high]} or {choice = [...]}; "
         "training.l2_lambda defaults to cv.l2_lambdas",
     )
@@ -253,13 +258,8 @@ class SearchConfig(_Section):
     def _known_settings(cls, space: dict[str, Any]) -> dict[str, Any]:
         for key, values in space.items():
             section, _, name = key.partition(".")
-            fields = {"model": ModelConfig, "training": TrainingConfig, "augment": AugmentConfig}
-            section_fields = fields.get(section)
-            if (
-                section_fields is None
-                or name not in section_fields.model_fields
-                or (key in NOT_SEARCHABLE)
-            ):
+            fields = SEARCHABLE_SECTIONS.get(section)
+            if fields is None or name not in fields.model_fields or key in NOT_SEARCHABLE:
                 raise ValueError(
                     f"{key!r} cannot be searched: search model.*, training.* and augment.* "
                     "settings (not training.final_epochs)"

@@ -70,17 +70,22 @@ def load_data_checked(config: PipelineConfig) -> Dataset:
     dataset = load_configured_dataset(config.data)
     cv = config.cv
     make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
+    resolved = [candidate_config(config, candidate) for candidate in searched]
     largest = max(
-        (candidate_config(config, candidate) for candidate in searched),
-        key=lambda resolved: training_bytes(resolved, dataset.n_features, len(dataset.y_train)),
+        resolved, key=lambda one: training_bytes(one, dataset.n_features, len(dataset.y_train))
     )
     check_memory(largest, dataset, trainings=config.execution.resolved_workers())
-    augmented = any(candidate_config(config, c).augment.enabled for c in searched)
-    if augmented and image_side(dataset.n_features) is None:
-        raise ConfigError(
-            f"augment needs square images; {dataset.n_features} pixels are not a square"
-        )
+    if any(one.augment.enabled for one in resolved):
+        _square_side(dataset.n_features)
     return dataset
+
+
+def _square_side(n_features: int) -> int:
+    """The side of the square images augmentation needs; ConfigError if they are not square."""
+    side = image_side(n_features)
+    if side is None:
+        raise ConfigError(f"augment needs square images; {n_features} pixels are not a square")
+    return side
 
 
 def parameter_count(config: PipelineConfig, n_features: int) -> int:
@@ -244,9 +249,7 @@ def augmenter_for(
     """
     if not config.augment.enabled:
         return None
-    side = image_side(n_features)
-    if side is None:
-        raise ConfigError(f"augment needs square images; {n_features} pixels are not a square")
+    side = _square_side(n_features)
     # What enters from outside the image: a raw 0 pixel, normalized like the rest.
     background = normalizer.transform(np.zeros((1, n_features), np.uint8), dtype="float64")
     return Augmenter(config.augment, side, float(background[0, 0]), config.model.dtype)

@@ -10,6 +10,7 @@ and the normalizer (``Normalizer.to_dict()`` JSON) come in as the model's artifa
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import mlflow
@@ -85,7 +86,7 @@ def _check_pixels(model_input: Any, n_features: int) -> np.ndarray:
         pixels = np.asarray(model_input)
     except (ValueError, TypeError) as exc:  # ragged nested lists
         raise DataError(f"model input is not an array of pixels: {exc}") from None
-    side = int(round(n_features**0.5))
+    side = math.isqrt(n_features)
     square = (side, side) if side * side == n_features else None
     if pixels.ndim == 3 and pixels.shape[1:] == square:
         pixels = pixels.reshape(pixels.shape[0], n_features)

@@ -137,7 +137,7 @@ def test_a_shift_off_the_image_leaves_only_background():
 
 def test_a_large_batch_is_distorted_in_chunks_with_the_same_draws():
     images = _images(7)
-    whole, chunked = _augmenter(degrees=10, zoom=0.1, elastic_alpha=8), None
+    whole = _augmenter(degrees=10, zoom=0.1, elastic_alpha=8)
     chunker = _augmenter(degrees=10, zoom=0.1, elastic_alpha=8)
     chunker.CHUNK = 3  # chunks of 3, 3 and 1 rows
     chunked = chunker(images, np.random.default_rng(9))
