@@ -32,18 +32,19 @@ MAX_SECONDS, MAX_MB = 30 * 60, 4 * 1024
 
 
 def run_seed(dataset: str, seed: int, data_dir: str, extra: list[str]) -> dict:
-    """One ``run --preset accurate`` in a fresh folder; its figures and chosen lambda."""
+    """One ``run --preset accurate`` in a fresh folder; its figures and chosen candidate."""
     with tempfile.TemporaryDirectory(prefix="accurate-") as workdir:
         args = ["run", "--preset", "accurate", "--dataset", dataset, "--data-dir", data_dir,
                 "--set", f"cv.seed={seed}", *extra]  # fmt: skip
         # Memory sampled every 2 s: the run's peak is a plateau of minutes, not a spike.
         figures = run_cli(args, Path(workdir), interval=2.0)
-    chosen = re.search(r"test accuracy \S+ \(λ=(\S+?)[,)]", figures["stdout"])
+    # "test accuracy 0.9935 (λ=0.0001 strength=1, ...)": the chosen candidate's label.
+    chosen = re.search(r"test accuracy \S+ \((λ=[^,)]+)", figures["stdout"])
     return {
         "dataset": dataset,
         "seed": seed,
         "test_accuracy": figures["test_accuracy"],
-        "l2_lambda": chosen.group(1) if chosen else None,
+        "chosen": chosen.group(1) if chosen else None,
         "wall_seconds": round(figures["wall_seconds"], 1),
         "peak_memory_mb": round(figures["peak_memory_mb"]),
         "peak_pss_mb": round(figures["peak_pss_mb"]),

@@ -1,7 +1,8 @@
 """Random distortions of training images, applied batch by batch inside the training loop.
 
 :class:`Augmenter` is the batch transform :func:`mlp.fit` calls on every training batch (never on
-validation or test data): a random affine map per image (rotation, zoom, shift) and an elastic
+validation or test data): an optional left-right mirror of half the images (for garments, not
+digits), a random affine map per image (rotation, zoom, shift) and an elastic
 distortion (Simard, Steinkraus & Platt 2003, "Best practices for convolutional neural networks
 applied to visual document analysis": a random displacement field in [-1, 1], smoothed by a
 Gaussian of ``elastic_sigma`` pixels, scaled by ``elastic_alpha``), resampled by bilinear
@@ -38,7 +39,7 @@ class Augmenter:
     Parameters
     ----------
     distortions : AugmentConfig
-        How strongly to distort (rotation, zoom, shift, elastic field).
+        How strongly to distort (rotation, zoom, shift, elastic field; their ``strength``).
     side : int
         Images are ``side x side``, flattened row by row (``n_features == side**2``).
     background : float
@@ -52,7 +53,7 @@ class Augmenter:
     def __init__(
         self, distortions: AugmentConfig, side: int, background: float, dtype: np.dtype | str
     ) -> None:
-        self.distortions = distortions
+        self.distortions = distortions.scaled()
         self.side = side
         self.background = float(background)
         self.dtype = np.dtype(dtype)
@@ -86,6 +87,10 @@ class Augmenter:
         zoom = rng.uniform(1 - d.zoom, 1 + d.zoom, n)
         shift = rng.uniform(-d.shift, d.shift, (n, 2))
         rows, cols = self.affine_coordinates(angle, zoom, shift)
+        if d.flip:
+            # Mirror first, then distort: a mirrored image reads column side - 1 - c for c.
+            mirrored = rng.random(n) < 0.5
+            cols[mirrored] = (self.side - 1) - cols[mirrored]
         if d.elastic_alpha:
             field = rng.uniform(-1, 1, (2, n, self.side, self.side)).astype(self.dtype)
             # Separable Gaussian smoothing of every field at once: G @ field @ G.T.

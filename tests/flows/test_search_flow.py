@@ -178,6 +178,8 @@ def test_the_accurate_preset_runs_end_to_end_on_the_sample(
             "cv.l2_lambdas": accurate.cv.l2_lambdas,
             "cv.folds": accurate.cv.folds,
             "search.strategy": accurate.search.strategy,
+            "search.eta": accurate.search.eta,
+            "search.space": accurate.search.space,
         },
     )
     assert config.augment.enabled and config.search.strategy == "halving"
@@ -185,8 +187,16 @@ def test_the_accurate_preset_runs_end_to_end_on_the_sample(
     summary = mlp_pipeline(config)
 
     table = pd.DataFrame(summary["cv_table"])
-    assert sorted(table["budget"]) == [1, 1, 3], table  # 3 lambdas, eta 3: one goes on
-    assert summary["best"][L2_KEY] == table.loc[table["budget"] == 3, "l2_lambda"].item()
+    # 2 lambdas x distortions on and off, eta 4: one goes on.
+    assert sorted(table["budget"]) == [1, 1, 1, 3], table
+    assert sorted(zip(table["l2_lambda"], table["augment.strength"], strict=True)) == [
+        (lam, strength) for lam in accurate.cv.l2_lambdas for strength in (0.0, 1.0)
+    ], table
+    survivor = table.loc[table["budget"] == 3].iloc[0]
+    assert summary["best"] == {
+        L2_KEY: survivor["l2_lambda"],
+        "augment.strength": survivor["augment.strength"],
+    }, summary["best"]
     assert summary["test_accuracy"] > 0.8, summary["test_accuracy"]
     params = MlflowClient(f"sqlite:///{database}").get_run(summary["published"].run_id).data.params
     assert params["augment.elastic_alpha"] == str(accurate.augment.elastic_alpha), params

@@ -129,6 +129,41 @@ def test_no_distortion_is_the_identity_and_the_input_is_left_alone():
     np.testing.assert_array_equal(images, before)
 
 
+def test_flip_mirrors_about_half_of_the_images_left_right_and_nothing_else():
+    images = _images(400)
+    out = _augmenter(flip=True)(images, np.random.default_rng(0))
+    mirrored = images.reshape(-1, SIDE, SIDE)[:, :, ::-1].reshape(len(images), -1)
+    is_mirror = np.isclose(out, mirrored, atol=1e-12).all(axis=1)
+    is_same = np.isclose(out, images, atol=1e-12).all(axis=1)
+    assert (is_mirror ^ is_same).all(), "each image is either mirrored or left as it was"
+    assert 160 < is_mirror.sum() < 240, "with probability 1/2"
+
+
+def test_flipped_and_shifted_content_lands_near_the_mirrored_column():
+    image = np.zeros((1, SIDE * SIDE))
+    image[0, 10 * SIDE + 4] = 1.0  # row 10, column 4: mirrored to column 23
+    aug = _augmenter(flip=True, shift=1)
+    columns = []
+    for seed in range(40):
+        out = aug(image, np.random.default_rng(seed)).reshape(SIDE, SIDE)
+        columns.append((out.sum(axis=0) * np.arange(SIDE)).sum() / out.sum())
+    columns = np.array(columns)
+    assert ((np.abs(columns - 4) <= 1) | (np.abs(columns - 23) <= 1)).all()
+    assert (columns > 20).any() and (columns < 7).any()
+
+
+def test_strength_scales_every_magnitude_and_zero_turns_everything_off():
+    images = _images(6)
+    strong = dict(degrees=10, zoom=0.1, shift=2, elastic_alpha=8, elastic_sigma=3)
+    half = _augmenter(strength=0.5, **strong)(images, np.random.default_rng(5))
+    halved = _augmenter(degrees=5, zoom=0.05, shift=1, elastic_alpha=4, elastic_sigma=3)
+    np.testing.assert_allclose(half, halved(images, np.random.default_rng(5)), atol=1e-12)
+    off = AugmentConfig(strength=0, flip=True, **strong)
+    assert not off.enabled and AugmentConfig(flip=True).enabled
+    with pytest.raises(ValueError, match="zoom"):
+        AugmentConfig(zoom=0.5, strength=2)
+
+
 def test_a_shift_off_the_image_leaves_only_background():
     out = _augmenter(background=-0.42, shift=60)(_images(50), np.random.default_rng(0))
     far = np.abs(out - -0.42).max(axis=1) < 1e-12
@@ -287,6 +322,8 @@ def test_augmentation_off_by_default_and_in_the_fold_key_only_when_on():
     assert fold_key(on.replace({"augment.shift": 3}), "f", candidate, 0) != fold_key(
         on, "f", candidate, 0
     )
+    off = on.replace({"augment.strength": 0})
+    assert fold_key(off, "f", candidate, 0) == key, "strength 0 is no augmentation"
 
 
 def test_the_background_is_a_normalized_empty_pixel(sample_dataset):
@@ -327,7 +364,8 @@ def test_standardize_pixel_is_refused_with_augmentation():
 @pytest.mark.parametrize(
     ("key", "value"),
     [("augment.degrees", -1), ("augment.degrees", 181), ("augment.zoom", 1),
-     ("augment.shift", -0.5), ("augment.elastic_alpha", -1), ("augment.elastic_sigma", 0)],
+     ("augment.shift", -0.5), ("augment.elastic_alpha", -1), ("augment.elastic_sigma", 0),
+     ("augment.flip", "sometimes")],
 )  # fmt: skip
 def test_out_of_range_distortions_are_refused(key, value):
     with pytest.raises(ConfigError, match=key.split(".")[1]):
