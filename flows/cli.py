@@ -208,11 +208,13 @@ def _numbers(flag: str, text: str) -> list[float] | list[int]:
 
 
 # ----------------------------------------------------------------------------- run, cv
-def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> None:
+def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) -> None:
     """Run a flow in this process with progress bars, and print its summary.
 
-    Bad data, an unusable MLflow store or an unreachable Dask scheduler fail in one line
-    before any flow run exists, while a temporary Prefect server boots.
+    The flow run is named and tagged by dataset and preset (``mnist-accurate-brave-otter``,
+    tags ``dataset:mnist``, ``preset:accurate``); on a lasting Prefect server its UI address is
+    printed. Bad data, an unusable MLflow store or an unreachable Dask scheduler fail in one
+    line before any flow run exists, while a temporary Prefect server boots.
     """
     from flows.server import prefect_api
 
@@ -221,14 +223,30 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool) -> None:
 
         prepare_run(cfg)
 
-    with prefect_api(prepare):
+    with prefect_api(prepare) as temporary_server:
+        from prefect import tags
+        from prefect.utilities.names import generate_slug
+
         from flows.pipeline_flow import cv_flow, mlp_pipeline
         from pipeline.progress import ConsoleReporter, reporting
 
         flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
-        with reporting(ConsoleReporter(enabled=progress)):
-            summary = flow_fn(cfg)
+        run_name = f"{cfg.data.dataset}-{preset_name}-{generate_slug(2)}"
+        links = temporary_server is None  # a temporary server's pages end with the run
+        with (
+            reporting(ConsoleReporter(enabled=progress, links=links)),
+            tags("mlp-pipeline", f"dataset:{cfg.data.dataset}", f"preset:{preset_name}"),
+        ):
+            summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
     _print_summary(summary, cfg)
+
+
+def preset_name(preset: str | None, config: Path | None) -> str:
+    """The preset a command's config starts from: ``--preset``, the file's own, or default."""
+    from pipeline.config import load_toml
+
+    named = load_toml(config).get("preset") if preset is None and config is not None else None
+    return preset or (named if isinstance(named, str) else "default")
 
 
 SHOWN_CANDIDATES = 10  # the summary's CV table shows the best few of a large search
@@ -390,7 +408,7 @@ def run(
         folds=folds, seed=seed, runner=runner, workers=workers, dask_address=dask_address,
         tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
-    _run_flow("mlp-pipeline", cfg, progress=not no_progress)
+    _run_flow("mlp-pipeline", cfg, not no_progress, preset_name(preset, config))
 
 
 @app.command()
@@ -429,7 +447,7 @@ def cv(
         workers=workers, dask_address=dask_address, tracking_uri=tracking_uri,
         experiment=experiment,
     )  # fmt: skip
-    _run_flow("cv", cfg, progress=not no_progress)
+    _run_flow("cv", cfg, not no_progress, preset_name(preset, config))
 
 
 # ----------------------------------------------------------------------------- train
@@ -470,9 +488,19 @@ def train(
     data = load_configured_dataset(cfg.data)
     check_memory(cfg, data)
 
-    def train_and_evaluate() -> tuple[Any, Any, Any]:
+    def train_and_evaluate(record: Any = None, publisher: Any = None) -> tuple[Any, Any, Any]:
+        """``record``: where the epochs go as they end, for ``publisher`` to show them live."""
         epochs_total = cfg.training.resolved_final_epochs
-        with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_epoch:
+        epochs: list[dict[str, Any]] = []
+        with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_bar:
+
+            def on_epoch(row: dict[str, Any]) -> None:
+                on_bar(row)
+                if record is not None:
+                    epochs.append(row)
+                    record.add_final_progress({L2_KEY: l2}, epochs)
+                    publisher.request()
+
             final = train_final(cfg, data, {L2_KEY: l2}, callback=on_epoch)
         evaluation, predicted = predict_test(final, data)
         out.print(
@@ -490,7 +518,7 @@ def train(
         dataset=data.summary(),
         params={"l2_lambda": l2},
     ) as (record, publisher):
-        final, evaluation, predicted = train_and_evaluate()
+        final, evaluation, predicted = train_and_evaluate(record, publisher)
         test_set = fingerprint_test_set(data.X_test, data.y_test)
         record.add_final(final, evaluation, data.X_test, data.y_test, predicted, test_set)
         record.finish("FINISHED")
@@ -553,10 +581,11 @@ def evaluate(
     uri = default_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
     network, normalizer, trained_on = load_network(model, uri)
-    name = dataset or trained_on or cfg.data.dataset
-    X_test, y_test = load_test_set(
-        name, cfg.data.data_dir, cfg.data.download, limit_test=cfg.data.limit_test
-    )
+    name = dataset or trained_on.dataset or cfg.data.dataset
+    # Without --data-dir: the folder the model's own data came from, if it is still there.
+    recorded = trained_on.data_dir if name == trained_on.dataset else None
+    folder = cfg.data.data_dir or (recorded if recorded and Path(recorded).is_dir() else None)
+    X_test, y_test = load_test_set(name, folder, cfg.data.download, limit_test=cfg.data.limit_test)
     score = accuracy(network, normalizer, X_test, y_test)
     out.print(
         f"test accuracy {score:.4f} ({name}, {y_test.size} test images, {model})", markup=False
@@ -706,6 +735,8 @@ def trigger(
         cfg = dep.deployment_config(found, overrides)
         flow_run = dep.create_run(client, found, cfg)
         out.print(f"flow run {flow_run.name} ({flow_run.id}) of {name}", highlight=False)
+        if page := dep.flow_run_url(flow_run.id):
+            out.print(f"Prefect UI: {page}", highlight=False)
         if not wait:
             return
         state = dep.follow_run(client, flow_run.id, _print_state, timeout=timeout)
@@ -741,7 +772,7 @@ def data_info(data_dir: DataDir = None) -> None:
         where = (
             f"[red]missing[/red]: {row['file']}(.gz)"
             if row["path"] is None
-            else _under(row["path"], root)
+            else _under(row["path"], root, row["layout"])
         )
         size = "-" if row["size"] is None else f"{row['size']:,}"
         table.add_row(row["dataset"], where, row["layout"] or "-", size)
@@ -788,9 +819,12 @@ def _plain_table(title: str) -> Table:
     return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
 
 
-def _under(path: str, root: Path) -> str:
-    """``path`` relative to ``root`` when it lies there, escaped for Rich markup (a folder named
-    ``[old]`` would otherwise vanish as a style tag)."""
+def _under(path: str, root: Path, layout: str | None = None) -> str:
+    """``path`` relative to ``root`` when it lies there (a bundled file: its name, the package's
+    folder is long), escaped for Rich markup (a folder named ``[old]`` would otherwise vanish
+    as a style tag)."""
+    if layout == "bundled":
+        return escape(Path(path).name)
     return escape(str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path)
 
 

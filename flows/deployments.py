@@ -305,13 +305,27 @@ def deployment_config(deployment: Any, overrides: dict[str, Any]) -> PipelineCon
 def create_run(client: Any, deployment: Any, config: PipelineConfig) -> Any:
     """Create a flow run of ``deployment`` with ``config``; the serving process picks it up.
 
+    Named like a command's runs, by dataset and deployment: ``mnist-on-demand-brave-otter``.
+
     Returns
     -------
     prefect.client.schemas.objects.FlowRun
     """
+    from prefect.utilities.names import generate_slug
+
     return client.create_flow_run_from_deployment(
-        deployment.id, parameters=config_parameters(config), tags=["mlp-pipeline", "trigger"]
+        deployment.id,
+        parameters=config_parameters(config),
+        name=f"{config.data.dataset}-{deployment.name}-{generate_slug(2)}",
+        tags=["mlp-pipeline", "trigger", f"dataset:{config.data.dataset}"],
     )
+
+
+def flow_run_url(flow_run_id: Any) -> str | None:
+    """The flow run's page in the Prefect UI (``PREFECT_UI_URL``, from the API's by default)."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id)
 
 
 def follow_run(

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from flows.artifacts import SweepProgress, summary_artifact, table_artifact
 from flows.runners import check_scheduler_reachable, task_runner
@@ -287,6 +288,7 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         dataset.name, len(dataset.y_train), len(dataset.y_test),
     )  # fmt: skip
     prefect_run = {"id": str(flow_run.get_id() or ""), "name": str(flow_run.get_name() or "")}
+    reporter().run_started(prefect_run["name"], url_for("flow-run", obj_id=prefect_run["id"]))
     with recorded(
         config,
         flow=flow_name,
@@ -313,7 +315,15 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
             # The pool is gone now: the final model may use every core.
             set_blas_threads(config.execution.resolved_final_blas_threads(cpu_count()))
             reporter().final_started(config.training.resolved_final_epochs, label(best, "λ"))
-            final = train_final_task(config, dataset, best, callback=reporter().final_epoch)
+            epochs: list[dict[str, Any]] = []
+
+            def final_epoch(row: dict[str, Any]) -> None:
+                reporter().final_epoch(row)
+                epochs.append(row)
+                record.add_final_progress(best, epochs)  # MLflow shows the curves live
+                publisher.request()
+
+            final = train_final_task(config, dataset, best, callback=final_epoch)
             evaluation, predicted = evaluate_task(final, dataset)
             logger.info("test accuracy %.4f (%s)", evaluation.accuracy, label(best))
             test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)

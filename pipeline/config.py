@@ -409,6 +409,11 @@ class TrackingConfig(_Section):
         description="Registry name of the final model; {dataset} is replaced by the dataset's "
         "name (mlp-mnist, mlp-fashion-mnist). null: don't register",
     )
+    system_metrics: bool = Field(
+        False,
+        description="Record the machine's CPU, memory, disk and network use on the parent run "
+        "while it runs (MLflow's system metrics, every 10 s)",
+    )
 
     @field_validator("tracking_uri")
     @classmethod

@@ -228,6 +228,7 @@ class Dataset:
             "name": self.name,
             "fingerprint": self.fingerprint,
             "source": self.data_dir or "bundled with the package",
+            "data_dir": self.data_dir,
             "n_train": int(self.y_train.shape[0]),
             "n_test": int(self.y_test.shape[0]),
         }
@@ -335,10 +336,11 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The data folder: ``data_dir`` if given, else ``$MLP_PIPELINE_DATA_DIR``, else ``./data``.
 
-    Returned absolute (so it stays valid in worker processes with another working directory).
+    Returned absolute and without ``..`` (so it stays valid in worker processes with another
+    working directory, and reads as users expect); symbolic links are kept.
     """
     chosen = data_dir if data_dir not in (None, "") else os.environ.get(DATA_DIR_ENV) or "data"
-    return Path(chosen).expanduser().absolute()
+    return Path(os.path.abspath(Path(chosen).expanduser()))
 
 
 def _spec(name: str) -> DatasetSpec:

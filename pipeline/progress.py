@@ -80,6 +80,9 @@ class Reporter:
     runs have none and rely on Prefect's logs.
     """
 
+    def run_started(self, name: str, url: str | None) -> None:
+        """A flow run named ``name`` started; ``url``: its page in the Prefect UI."""
+
     def sweep_started(self, total: int) -> None: ...
 
     def fold_finished(self, result: Any, cached: bool) -> None: ...
@@ -94,11 +97,22 @@ class Reporter:
 class ConsoleReporter(Reporter):
     """Rich bars: sweep trainings done / total with ETA, then the final model's epochs."""
 
-    def __init__(self, enabled: bool = True, console: Console = console) -> None:
+    def __init__(
+        self, enabled: bool = True, console: Console = console, links: bool = False
+    ) -> None:
+        """``links``: print the flow run's Prefect UI address (a lasting server has one)."""
         self._progress = _progress(enabled, console)
         self._progress.start()
+        self._console = console
+        self._links = links
         self._sweep: Any = None
         self._final: Any = None
+
+    def run_started(self, name: str, url: str | None) -> None:
+        if self._links and url:
+            self._console.print(
+                f"Prefect flow run {escape(name)}: {escape(url)}", highlight=False, soft_wrap=True
+            )
 
     def sweep_started(self, total: int) -> None:
         self._sweep = self._progress.add_task("cross-validation", total=total, status="")

@@ -5,6 +5,7 @@ One folder per execution under ``<execution.cache_dir>/runs/``, written only by 
     run.json                 what ran: flow, config, dataset, Prefect flow run, status, summary
     folds/lambda=<l2>[-<candidate id>]-fold=<k>.json   one FoldResult per (candidate, fold)
     cv.json                  the CV table and the chosen candidate
+    final-progress.json      the final model's history so far, while it trains
     final.json               the final model: history, test evaluation, checksums of its files
     final/weights.npz, final/normalizer.json
     *.png                    the figures
@@ -26,6 +27,7 @@ read-only folder) is one :class:`RecordError` naming the file, with nothing part
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
 import json
 import logging
@@ -289,6 +291,14 @@ def fold_file(result: FoldResult) -> str:
     return f"{name}-fold={result.fold}.json"
 
 
+def _user() -> str:
+    """Who runs this process (MLflow's ``mlflow.user``); "" when the system cannot say."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (some containers)
+        return ""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -346,6 +356,7 @@ class RunRecord:
                 "package_version": package_version(),
                 "git_commit": git_commit(),
                 "host": socket.gethostname(),
+                "user": _user(),
                 "pid": os.getpid(),
                 "start_time": started,
                 "end_time": None,
@@ -377,6 +388,22 @@ class RunRecord:
                 "best": best,
                 "time": _now_ms(),
                 "files": {figure.name: file_sha256(figure)},
+            },
+        )
+
+    def add_final_progress(self, candidate: dict[str, Any], epochs: list[dict[str, Any]]) -> None:
+        """The final model's epochs so far (``fit``'s per-epoch records, with their wall time),
+        while it trains: MLflow shows its curves live. ``final.json`` supersedes it."""
+        from pipeline.search import L2_KEY, other_settings
+
+        history = {key: [float(e.get(key, math.nan)) for e in epochs] for key in epochs[0]}
+        write_json(
+            self.folder / "final-progress.json",
+            "final-progress",
+            {
+                "l2_lambda": float(candidate[L2_KEY]),
+                "settings": other_settings(dict(candidate)),
+                "history": history,
             },
         )
 
@@ -428,6 +455,7 @@ class RunRecord:
                 "files": {str(path.relative_to(self.folder)): file_sha256(path) for path in files},
             },
         )
+        (self.folder / "final-progress.json").unlink(missing_ok=True)  # superseded
 
     def _chosen_curves(self) -> dict[str, list[float]] | None:
         """The chosen candidate's mean validation curves over its folds (None without CV)."""
@@ -466,9 +494,9 @@ class RunRecord:
     def run(self) -> dict[str, Any]:
         """``run.json``, checked; a RUNNING record whose process is gone reads as FAILED."""
         path = self.folder / "run.json"
-        # git_commit: older records lack it.
+        # git_commit, user: older records lack them.
         run = _checked(read_json(path, "run"), path, "a run record", _RUN_FIELDS,
-                       optional=("git_commit",))  # fmt: skip
+                       optional=("git_commit", "user"))  # fmt: skip
         try:
             PipelineConfig.model_validate(run["config"])
         except ValueError as exc:  # ValidationError is a ValueError
@@ -516,6 +544,14 @@ class RunRecord:
             )
         check_files(self.folder, cv["files"])
         return {**cv, "table": pd.DataFrame(cv["table"]), "chosen_row": rows[0]}
+
+    def final_progress(self) -> dict[str, Any] | None:
+        """``final-progress.json`` while the final model trains (None before its first epoch)."""
+        path = self.folder / "final-progress.json"
+        if not path.exists():
+            return None
+        return _checked(read_json(path, "final-progress"), path, "a final-model progress record",
+                        _PROGRESS_FIELDS, exact=True)  # fmt: skip
 
     def final(self) -> dict[str, Any] | None:
         """``final.json`` once the final model is recorded, its files checked."""
@@ -633,7 +669,7 @@ def _summary(value: Any) -> bool:
 _RUN_FIELDS: dict[str, Check] = {
     "id": _type(str), "flow": _type(str), "config": _type(dict), "dataset": _type(dict),
     "prefect_flow_run": _type(dict), "params": _type(dict), "package_version": _type(str),
-    "git_commit": _optional(_type(str)), "host": _type(str), "pid": _count(1),
+    "git_commit": _optional(_type(str)), "host": _type(str), "user": _type(str), "pid": _count(1),
     "start_time": _count(), "end_time": _optional(_count()), "status": _type(str),
     "error": _type(str), "summary": _summary,
 }  # fmt: skip
@@ -658,6 +694,10 @@ _FINAL_FIELDS: dict[str, Check] = {
     "l2_lambda": _real(0), "settings": _settings, "history": lambda v: _history(v) and "epoch" in v,
     "seconds": _real(0), "evaluation": _type(dict), "test_set": _type(str), "time": _count(),
     "files": _files, "input_example": _list_of(_list_of(_real())),
+}  # fmt: skip
+_PROGRESS_FIELDS: dict[str, Check] = {
+    "l2_lambda": _real(0), "settings": _settings,
+    "history": lambda v: _history(v) and "epoch" in v and "wall_time" in v and "seconds" in v,
 }  # fmt: skip
 _EVALUATION_FIELDS: dict[str, Check] = {
     "accuracy": _real(0, 1), "loss": _real(0), "n_samples": _count(1),

@@ -168,10 +168,11 @@ def _fit_network(
     records: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
-        # When the epoch ended, for MLflow's wall-time axis (recorded later, in one batch).
-        records.append({**record, WALL_TIME: time.time()})
+        # When the epoch ended, for MLflow's wall-time axis.
+        stamped = {**record, WALL_TIME: time.time()}
+        records.append(stamped)
         if callback is not None:
-            callback(record)
+            callback(stamped)
 
     schedule_kwargs = (
         {"step_size": train_cfg.step_size, "gamma": train_cfg.gamma}

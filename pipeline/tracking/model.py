@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -68,13 +68,20 @@ def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -
     return destination
 
 
-def load_network(model_uri: str, tracking_uri: str) -> tuple[MLP, Normalizer, str | None]:
-    """The network and normalizer of a logged model, and the dataset it was trained on.
+class TrainedOn(NamedTuple):
+    """The data a model was trained on, as its run's params say (None: they do not)."""
+
+    dataset: str | None
+    data_dir: str | None  # the folder its files were read from
+
+
+def load_network(model_uri: str, tracking_uri: str) -> tuple[MLP, Normalizer, TrainedOn]:
+    """The network and normalizer of a logged model, and the data it was trained on.
 
     ``model_uri``: ``runs:/<run id>/model``, ``models:/<name>/<version>`` or
     ``models:/<name>@<alias>``. Reads the model's weights (``.npz``, no pickle) and normalizer
-    (JSON) files: no code of the model is run. The dataset is its run's ``dataset.name``
-    param, None when the run does not say.
+    (JSON) files: no code of the model is run. The data are its run's ``dataset.name`` and
+    ``dataset.data_dir`` params.
 
     Raises
     ------
@@ -99,12 +106,13 @@ def load_network(model_uri: str, tracking_uri: str) -> tuple[MLP, Normalizer, st
             normalizer = Normalizer.from_dict(
                 json.loads((folder / "normalizer.json").read_text(encoding="utf-8"))
             )
-            dataset = client.get_run(run_id).data.params.get("dataset.name") if run_id else None
+            params = client.get_run(run_id).data.params if run_id else {}
+            trained_on = TrainedOn(params.get("dataset.name"), params.get("dataset.data_dir"))
         except (MLPError, PipelineError) as exc:
             raise PipelineError(f"model {model_uri!r} cannot be read: {exc}") from None
         except Exception as exc:  # MlflowException, OSError, ValueError of a foreign model
             raise PipelineError(f"cannot load model {model_uri!r}: {one_line(exc)}") from None
-    return network, normalizer, dataset
+    return network, normalizer, trained_on
 
 
 def _resolve(client: Any, model_uri: str) -> tuple[str, str | None]:

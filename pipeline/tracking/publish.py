@@ -62,6 +62,7 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     already opened on it. The whole record is read and checked before MLflow sees any of it.
     """
     run, folds, cv, final = record.run(), record.folds(), record.cv(), record.final()
+    progress = record.final_progress() if final is None else None
     config = PipelineConfig.model_validate(run["config"])
     uri = default_tracking_uri(tracking_uri or config.tracking.tracking_uri)
     client, experiment_id = store or open_store(uri, config.tracking.experiment)
@@ -106,6 +107,18 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
                        cv_best_mean_val_accuracy=(chosen, cv["time"]))  # fmt: skip
         texts["cv_results.csv"] = table.to_csv(index=False)
     registration = None
+    if progress is not None:  # the final model while it trains, or where it stopped
+        chosen = {L2_KEY: progress["l2_lambda"], **progress["settings"]}
+        _live_child(
+            client,
+            experiment_id,
+            parent_id,
+            children.get("final"),
+            f"final {label(chosen)}",
+            {**tags, "stage": "final", PART_TAG: "final"},
+            progress["history"],
+            None if run["status"] == "RUNNING" else run["status"],
+        )
     if final is not None:
         evaluation = final["evaluation"]
         test = {"test_accuracy": evaluation["accuracy"], "test_loss": evaluation["loss"]}
@@ -153,8 +166,11 @@ def _parent(
     if found:
         parent = found[0]
     else:
-        name = " ".join(filter(None, (run["flow"], dataset["name"],
-                                      run["prefect_flow_run"].get("name"))))  # fmt: skip
+        # "mlp-pipeline mnist-default-brave-otter" (the CLI's flow-run names start with the
+        # dataset), "mlp-pipeline mnist inquisitive-chimera" (a deployment's).
+        flow_run = run["prefect_flow_run"].get("name", "")
+        named = flow_run.startswith(f"{dataset['name']}-")
+        name = " ".join(filter(None, (run["flow"], None if named else dataset["name"], flow_run)))
         commit = run.get("git_commit")
         commit = {"mlflow.source.git.commit": commit} if commit else {}
         parent = client.create_run(
@@ -168,6 +184,8 @@ def _parent(
         **config.flat(),
         "dataset.name": dataset["name"],
         "dataset.fingerprint": dataset["fingerprint"],
+        # The folder its files were read from: `evaluate` reads the test set there again.
+        **({"dataset.data_dir": dataset["data_dir"]} if dataset.get("data_dir") else {}),
         "package.version": run["package_version"],
         **run["params"],
         **best,
@@ -239,9 +257,13 @@ def _dataset_input(data: dict[str, Any], split: str, context: str, part: str = "
 
 
 def _shared_tags(run: dict[str, Any]) -> dict[str, str]:
-    """Tags of every run of a record: where it ran, and its Prefect flow run."""
+    """Tags of every run of a record: what ran it, where and by whom, its Prefect flow run."""
     prefect_run = run["prefect_flow_run"]
-    tags = {"host": run["host"], "pid": str(run["pid"])}
+    command = {"mlp-pipeline": "run"}.get(run["flow"], run["flow"])
+    tags = {"mlflow.source.name": f"mlp-pipeline {command}", "host": run["host"],
+            "pid": str(run["pid"])}  # fmt: skip
+    if run.get("user"):
+        tags["mlflow.user"] = run["user"]
     if prefect_run:
         tags["prefect.flow_run_id"] = prefect_run.get("id", "")
         tags["prefect.flow_run_name"] = prefect_run.get("name", "")
@@ -279,33 +301,75 @@ def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
 
 def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, history, seconds,
            summary, params) -> None:  # fmt: skip
-    """A FINISHED child run of ``parent_id`` for one training (``existing``: a half-made one).
+    """A FINISHED child run of ``parent_id`` for one training (``existing``: a half-made one,
+    or the final model's live run).
 
     Its start and end are those of the training; each metric point carries its epoch's end.
     """
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
-    ended = [int(t * 1000) if not math.isnan(t) else 0 for t in history.get(WALL_TIME, [])]
+    ended = _ended(history)
     end = ended[-1] if ended and ended[-1] else None
     if existing is None:
         start = end - int(seconds * 1000) if end is not None else None
-        tags = {"mlflow.parentRunId": parent_id, **tags}
-        run_id = client.create_run(experiment_id, start_time=start, run_name=name, tags=tags)
-        run_id = run_id.info.run_id
+        run_id = _new_child(client, experiment_id, parent_id, name, tags, start)
     else:
         run_id = existing.info.run_id
-    epochs = [int(epoch) for epoch in history.get("epoch", [])]
-    points = [
-        Metric(key, float(value), at, epoch)
-        for key in EPOCH_METRICS
-        # A column of NaN only: val_* of a model trained without validation data.
-        if key in history and not all(math.isnan(v) for v in history[key])
-        for epoch, at, value in zip(epochs, ended, history[key], strict=True)
-    ]
+    points = _epoch_points(client, run_id if existing else None, history)
     points += _points({key: (value, end or 0) for key, value in summary.items()})
     _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()])
     client.log_inputs(run_id, inputs)  # before FINISHED: a finished child is never revisited
     client.set_terminated(run_id, "FINISHED", end_time=end)
+
+
+def _live_child(client, experiment_id, parent_id, existing, name, tags, history,
+                ended_as: str | None) -> None:  # fmt: skip
+    """The final model's child run while it trains: its curves so far, epoch by epoch.
+
+    ``ended_as``: the execution ended before the final model did (KILLED or FAILED): so does
+    its run, at its last epoch.
+    """
+    if existing is not None and existing.info.status != "RUNNING":
+        return
+    ended = _ended(history)
+    if existing is None:
+        start = ended[0] - int(history["seconds"][0] * 1000) if ended and ended[0] else None
+        run_id = _new_child(client, experiment_id, parent_id, name, tags, start)
+    else:
+        run_id = existing.info.run_id
+    _log(client, run_id, _epoch_points(client, run_id if existing else None, history))
+    if ended_as is not None:
+        client.set_terminated(run_id, ended_as, end_time=ended[-1] if ended else None)
+
+
+def _new_child(client, experiment_id, parent_id, name, tags, start: int | None) -> str:
+    tags = {"mlflow.parentRunId": parent_id, **tags}
+    return client.create_run(experiment_id, start_time=start, run_name=name, tags=tags).info.run_id
+
+
+def _ended(history: dict[str, list[float]]) -> list[int]:
+    """Each epoch's end in epoch milliseconds (0 where unknown)."""
+    return [int(t * 1000) if not math.isnan(t) else 0 for t in history.get(WALL_TIME, [])]
+
+
+def _epoch_points(client: Any, run_id: str | None, history: dict[str, list[float]]) -> list[Any]:
+    """The per-epoch metric points (step = epoch) of ``history`` that run ``run_id`` (None: a
+    new run) lacks: a live run already has its first epochs."""
+    from mlflow.entities import Metric
+
+    keys = [key for key in EPOCH_METRICS
+            # A column of NaN only: val_* of a model trained without validation data.
+            if key in history and not all(math.isnan(v) for v in history[key])]  # fmt: skip
+    epochs, ended = [int(epoch) for epoch in history.get("epoch", [])], _ended(history)
+    points = []
+    for key in keys:
+        logged = (
+            {point.step for point in client.get_metric_history(run_id, key)} if run_id else set()
+        )
+        points += [Metric(key, float(value), at, epoch)
+                   for epoch, at, value in zip(epochs, ended, history[key], strict=True)
+                   if epoch not in logged]  # fmt: skip
+    return points
 
 
 def _points(metrics: dict[str, tuple[float, int]], present: Any = ()) -> list[Any]:
@@ -405,10 +469,15 @@ class LivePublisher:
     Leaving the block publishes what the record then holds and waits for it.
     """
 
-    def __init__(self, record: RunRecord, tracking_uri: str, store: Any) -> None:
+    def __init__(
+        self, record: RunRecord, tracking_uri: str, store: Any, system_metrics: bool = False
+    ) -> None:
+        """``system_metrics``: MLflow samples the machine's use into the parent run meanwhile."""
         self.record, self.tracking_uri, self.store = record, tracking_uri, store
         self.published: Published | None = None
         self.error: BaseException | None = None
+        self._system_metrics = system_metrics
+        self._monitor: Any = None
         self._wanted = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-publish", daemon=True)
@@ -428,11 +497,24 @@ class LivePublisher:
             self._wanted.wait()
             self._wanted.clear()
             closing = self._closing  # read first: a request made during the publish gets its own
+            if closing and self._monitor is not None:  # its last samples before the run ends
+                with contextlib.suppress(Exception):
+                    self._monitor.finish()
+                self._monitor = None
             try:
                 self.published = publish(self.record, self.tracking_uri, self.store)
                 self.error = None
             except Exception as exc:  # noqa: BLE001 -- the record keeps it: published later
                 self.error = exc
+            if self._system_metrics and self._monitor is None and not closing and self.published:
+                self._monitor = self._start_monitor(self.published.run_id)
+
+    def _start_monitor(self, run_id: str) -> Any:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=self.tracking_uri)
+        monitor.start()
+        return monitor
 
     def __exit__(self, *exc_info: Any) -> None:
         self._closing = True
@@ -469,7 +551,8 @@ def recorded(config: PipelineConfig, **record: Any) -> Iterator[tuple[RunRecord,
         config = config.replace({"tracking.tracking_uri": uri})
     store = open_store(uri, config.tracking.experiment)
     run_record = RunRecord.create(config, **record)
-    with LivePublisher(run_record, uri, store) as publisher, run_record.running():
+    publishing = LivePublisher(run_record, uri, store, config.tracking.system_metrics)
+    with publishing as publisher, run_record.running():
         yield run_record, publisher
         if run_record.run()["status"] == "RUNNING":
             run_record.finish("FINISHED")

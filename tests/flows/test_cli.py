@@ -380,6 +380,46 @@ def test_grid_strategy_and_selection_set_the_search(
     assert (config.search.strategy, config.cv.selection) == ("halving", "one-se")
 
 
+def test_a_command_names_and_tags_its_flow_run_and_prints_its_page(
+    cli, monkeypatch, prefect_api_url, tracking_uri, tmp_path
+):
+    # Arrange: a lasting server (the session's): its pages outlive the run.
+    from prefect.client.orchestration import get_client
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    argv = ["cv", "--preset", "quick", "--no-progress", "--tracking-uri", tracking_uri,
+            "--set", f"execution.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+
+    # Act
+    code, out, err = cli(argv)
+
+    # Assert
+    assert code == 0, f"{out}\n{err}"
+    found = re.search(r"Prefect flow run (mnist-sample-quick-[a-z]+-[a-z]+): (\S+)", err)
+    assert found, err
+    name, url = found.groups()
+    base = prefect_api_url.rstrip("/").removesuffix("/api")
+    assert url.startswith(f"{base}/runs/flow-run/"), url
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(url.rsplit("/", 1)[1])
+    assert flow_run.name == name, flow_run.name
+    assert {"mlp-pipeline", "dataset:mnist-sample", "preset:quick"} <= set(flow_run.tags), (
+        flow_run.tags
+    )
+
+
+def test_a_config_files_preset_names_the_flow_run(tmp_path):
+    from flows.cli import preset_name
+
+    file = tmp_path / "c.toml"
+    file.write_text('preset = "accurate"\n')
+    assert preset_name(None, file) == "accurate"
+    assert preset_name("quick", file) == "quick", "--preset wins over the file's"
+    assert preset_name(None, None) == "default"
+    file.write_text("[training]\nepochs = 3\n")
+    assert preset_name(None, file) == "default"
+
+
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
@@ -497,14 +537,17 @@ def test_data_info_exits_0(cli, shared_data_dir, monkeypatch):
     # Arrange: an 80-column terminal
     monkeypatch.setenv("COLUMNS", "80")
 
-    # Act
-    code, out, err = cli(["data", "info", "--data-dir", str(shared_data_dir)])
+    # Act: the folder named through a "..".
+    detour = shared_data_dir / "mnist" / ".."
+    code, out, err = cli(["data", "info", "--data-dir", str(detour)])
 
     # Assert: every file's path, relative to the data folder, whole on one line.
     assert code == 0, f"exit {code}; stderr: {err}"
+    assert f"datasets under {os.path.abspath(shared_data_dir)}\n" in out, f"no '..':\n{out}"
     for name in ("mnist", "fashion-mnist"):
         for role in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
             assert f" {name}/{role}.gz " in out, f"{name}/{role}.gz not shown whole:\n{out}"
+    assert " mnist-sample.npz " in out, f"the bundled file by its name, whole:\n{out}"
     assert "…" not in out, f"cells were cut short:\n{out}"
 
 
@@ -843,6 +886,28 @@ def test_evaluate_scores_the_model_as_train_did(cli, trained, model_uri):
         f"evaluate {uri} gave {accuracy}, train printed {trained['accuracy']}"
     )
     assert scored_on == "mnist-sample/1000", f"scored on {scored_on}, not the model's dataset"
+
+
+def test_evaluate_reads_the_data_folder_the_model_was_trained_from(
+    cli, shared_data_dir, tracking_uri, tmp_path, monkeypatch
+):
+    # Arrange: a model trained from the shared folder; the default folder is now elsewhere.
+    code, out, err = cli(["train", "--dataset", "mnist", "--data-dir", str(shared_data_dir),
+                          "--limit-train", "2000", "--limit-test", "500", "--hidden", "16",
+                          "--final-epochs", "1", "--no-progress", "--tracking-uri", tracking_uri,
+                          "--set", f"execution.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    assert code == 0, f"{out}\n{err}"
+    run_id = re.search(r"MLflow run (\w+)", out).group(1)
+    monkeypatch.setenv("MLP_PIPELINE_DATA_DIR", str(tmp_path / "empty"))
+
+    # Act
+    accuracy, scored_on = _evaluated(
+        cli, f"runs:/{run_id}/model", tracking_uri, "--limit-test", "500"
+    )
+
+    # Assert: the same 500 test images, from the folder the run recorded.
+    assert scored_on == "mnist/500", scored_on
+    assert re.search(rf"test accuracy {accuracy}\b", out), (accuracy, out)
 
 
 def test_evaluate_reads_only_the_test_files(cli, trained, shared_data_dir, tmp_path):

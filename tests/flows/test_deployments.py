@@ -219,7 +219,10 @@ def test_serve_refuses_a_tracking_uri_with_credentials(
     cli, dead_endpoint, monkeypatch, tmp_path, how, value, one_error_line
 ):
     """Whatever its source, a credential would be stored in both deployments' parameters."""
-    monkeypatch.setenv("PREFECT_API_URL", f"{dead_endpoint('closed').url}/api")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = f"{dead_endpoint('closed').url}/api"
+    monkeypatch.setenv("PREFECT_API_URL", api)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = ["serve", "--interval", "60", "--preset", "quick"]
     if how == "environment":
@@ -231,7 +234,9 @@ def test_serve_refuses_a_tracking_uri_with_credentials(
     else:
         args += ["--set", f"tracking.tracking_uri={value}"]
 
-    code, out, err = cli(args)
+    # Prefect's settings context may predate this test's environment: set the API there too.
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        code, out, err = cli(args)
 
     assert code == 2, out + err
     line = one_error_line(err, out)
@@ -472,6 +477,9 @@ def test_trigger_wait_prints_the_accuracy_the_model_and_the_run(
     assert code == 0, out + err
     started = re.search(rf"flow run (\S+) \(({UUID.pattern})\) of mlp-pipeline/on-demand", out)
     assert started, out
+    assert re.fullmatch(r"mnist-sample-on-demand-[a-z]+-[a-z]+", started.group(1)), started.group(1)
+    ui = prefect_api_url.rstrip("/").removesuffix("/api")
+    assert f"Prefect UI: {ui}/runs/flow-run/{started.group(2)}" in out, out
     assert "state: Completed" in out, out
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", out)
     accuracy = re.search(r"test accuracy (\d\.\d{4})", out)
@@ -505,6 +513,7 @@ def test_trigger_wait_on_a_failing_run_exits_1_in_one_line(
     assert code == 1, out + err
     started = re.search(rf"flow run (\S+) \(({UUID.pattern})\) of mlp-pipeline/on-demand", out)
     assert started, out
+    assert re.fullmatch(r"mnist-sample-on-demand-[a-z]+-[a-z]+", started.group(1)), started.group(1)
     name, flow_run_id = started.groups()
     assert "state: Failed" in out, out
     line = one_error_line(err, out)

@@ -342,7 +342,7 @@ def test_the_model_weights_are_read_without_running_model_code(pipeline_run):
         f"runs:/{pipeline_run.parent_id()}/model", pipeline_run.tracking_uri
     )
 
-    assert trained_on == "mnist-sample", trained_on
+    assert trained_on == ("mnist-sample", None), trained_on
     score = accuracy(network, normalizer, dataset.X_test, dataset.y_test)
     assert score == pytest.approx(pipeline_run.summary["test_accuracy"]), score
 
@@ -666,6 +666,10 @@ def test_a_command_run_reports_every_process_to_one_temporary_server(command_run
     assert "prefect server start" in servers[0], servers
     flow_runs = _prefect_db(command_run.prefect_home, "SELECT id, state_type FROM flow_run")
     assert [state for _, state in flow_runs] == ["COMPLETED"], flow_runs
+    ((name, tags),) = _prefect_db(command_run.prefect_home, "SELECT name, tags FROM flow_run")
+    assert name.startswith("mnist-sample-default-"), name
+    assert {"dataset:mnist-sample", "preset:default"} <= set(json.loads(tags)), tags
+    assert "Prefect flow run" not in command_run.err, "a temporary server's pages end with it"
     finished = _prefect_db(
         command_run.prefect_home,
         "SELECT DISTINCT task_run_id FROM log WHERE task_run_id IS NOT NULL AND message LIKE "

@@ -290,6 +290,7 @@ RECORD_VALUE_CASES: list[tuple[str, str, Callable[[dict], None], str]] = [
     ("run-status-a-number", "run", _set(status=3), "status"),
     ("run-wall-seconds-a-string", "run", _set(summary={"wall_seconds": "1.5"}), "summary"),
     ("run-commit-a-list", "run", _set(git_commit=["abc"]), "git_commit"),
+    ("run-user-a-number", "run", _set(user=0), "user"),
 ]  # fmt: skip
 
 
@@ -315,6 +316,7 @@ def test_the_undamaged_record_reads_with_or_without_a_commit(copied):
     # Act
     folds, cv, final = copied.folds(), copied.cv(), copied.final()
     _reseal(copied.folder / "run.json", "run", _drop("git_commit"))  # an older record
+    _reseal(copied.folder / "run.json", "run", _drop("user"))
     run = copied.run()
 
     # Assert: the baseline of the cases above.

@@ -13,6 +13,7 @@ accuracy, a part missing) copy the module's record and edit the copy's JSON thro
 from __future__ import annotations
 
 import contextlib
+import getpass
 import inspect
 import json
 import math
@@ -46,7 +47,7 @@ from mlp import MLP
 from pipeline.config import PipelineConfig, build_config
 from pipeline.data import fingerprint_test_set
 from pipeline.errors import PipelineError, TrackingError
-from pipeline.record import RunRecord, read_json, write_json
+from pipeline.record import RecordError, RunRecord, read_json, write_json
 from pipeline.selection import cv_table, select_candidate
 from pipeline.tracking.model import load_network
 from pipeline.tracking.publish import (
@@ -327,6 +328,7 @@ def test_the_parent_run_says_what_ran(reference):
         "prefect.flow_run_id": PREFECT_RUN["id"], "prefect.flow_run_name": PREFECT_RUN["name"],
         "model_uri": f"runs:/{parent.info.run_id}/model", MODEL_TAG: "true",
         "registered_model": MODEL_NAME, "registered_model_version": "1", "champion": "true",
+        "mlflow.source.name": "mlp-pipeline run", "mlflow.user": getpass.getuser(),
     }  # fmt: skip
     assert {key: tags.get(key) for key in expected} == expected, tags
     assert tags.get("mlflow.source.git.commit") == (head if tracked else None), "git commit"
@@ -599,7 +601,7 @@ def test_load_network_reads_the_weights_and_the_dataset(reference, trained):
         f"models:/{MODEL_NAME}@champion",
     ):
         # Act
-        network, normalizer, dataset = load_network(uri, reference.uri)
+        network, normalizer, (dataset, _) = load_network(uri, reference.uri)
 
         # Assert
         assert dataset == "mnist-sample", f"{uri}: dataset {dataset!r}"
@@ -1319,6 +1321,122 @@ def _publisher_threads() -> list[threading.Thread]:
 
 def _dataset(trained) -> dict[str, str]:
     return {"name": trained.dataset.name, "fingerprint": trained.dataset.fingerprint}
+
+
+def _epoch_rows(history: dict[str, list[float]]) -> list[dict[str, float]]:
+    """``fit``'s per-epoch records (with their wall time), as the final model's callback gets
+    them, from a finished history."""
+    return [
+        {key: values[i] for key, values in history.items()} for i in range(len(history["epoch"]))
+    ]
+
+
+def _final_child(fresh: SimpleNamespace) -> Any:
+    (child,) = _runs(fresh.client, _experiment_id(fresh.client), "final")
+    return child
+
+
+def _steps(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[int]:
+    return sorted(point.step for point in client.get_metric_history(run_id, key))
+
+
+def test_the_final_models_curves_appear_epoch_by_epoch_in_the_run_it_ends_in(trained, fresh):
+    # Arrange: the CV done, the final model in training.
+    record = RunRecord.create(
+        trained.config, flow="mlp-pipeline", dataset=trained.dataset.summary(),
+        prefect_flow_run=PREFECT_RUN,
+    )  # fmt: skip
+    _fill(record, trained, ("folds", "cv"))
+    history = trained.final.history
+    rows = _epoch_rows(history)
+
+    # Act + Assert: each epoch reaches MLflow as it ends, in one RUNNING child.
+    for done in (1, 2):
+        record.add_final_progress(trained.best, rows[:done])
+        publish(record, fresh.uri)
+        live = _final_child(fresh)
+        assert live.info.status == "RUNNING", live.info.status
+        for key in ("train_loss", "train_accuracy", "lr"):
+            assert _steps(fresh.client, live.info.run_id, key) == list(range(1, done + 1)), key
+    started = round((history["wall_time"][0] - history["seconds"][0]) * 1000)
+    assert abs(live.info.start_time - started) <= 1, (live.info.start_time, started)
+
+    # ... and the finished model ends that same run, each point once.
+    _fill(record, trained, ("final",))
+    record.finish("FINISHED")
+    publish(record, fresh.uri)
+    final = _final_child(fresh)
+    assert (final.info.run_id, final.info.status) == (live.info.run_id, "FINISHED"), final.info
+    for key in ("train_loss", "train_accuracy", "lr"):
+        assert _steps(fresh.client, final.info.run_id, key) == [1, 2, 3], key
+    assert "test_accuracy" in final.data.metrics, final.data.metrics
+
+
+def test_a_run_stopped_during_the_final_training_ends_its_final_run_too(trained, fresh):
+    record = RunRecord.create(
+        trained.config, flow="mlp-pipeline", dataset=trained.dataset.summary(),
+        prefect_flow_run=PREFECT_RUN,
+    )  # fmt: skip
+    _fill(record, trained, ("folds", "cv"))
+    record.add_final_progress(trained.best, _epoch_rows(trained.final.history)[:2])
+    publish(record, fresh.uri)
+
+    record.finish("KILLED", error="interrupted (KeyboardInterrupt)")
+    publish(record, fresh.uri)
+
+    final = _final_child(fresh)
+    assert final.info.status == "KILLED", final.info.status
+    assert _steps(fresh.client, final.info.run_id) == [1, 2]
+    ended = round(trained.final.history["wall_time"][1] * 1000)
+    assert abs(final.info.end_time - ended) <= 1, (final.info.end_time, ended)
+
+
+def test_a_tampered_progress_file_is_refused(trained, tmp_path):
+    record = RunRecord.create(trained.config, flow="mlp-pipeline",
+                              dataset=trained.dataset.summary())  # fmt: skip
+    record.add_final_progress(trained.best, _epoch_rows(trained.final.history)[:1])
+    assert record.final_progress()["history"]["epoch"] == [1.0]
+    _edit(record, "final-progress.json", "final-progress",
+          lambda data: data["history"].update(train_loss=["0.5"]))  # fmt: skip
+    with pytest.raises(RecordError, match="not a final-model progress record"):
+        record.final_progress()
+
+
+def test_system_metrics_are_sampled_into_the_parent_while_it_runs(
+    trained, fresh, tmp_path, monkeypatch
+):
+    # Arrange: MLflow's own sampler, every half second instead of 10 s.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    config = _config_for(trained, fresh.uri, tmp_path, **{"tracking.system_metrics": True})
+
+    # Act
+    with recorded(
+        config, flow="mlp-pipeline", dataset=_dataset(trained), prefect_flow_run=PREFECT_RUN
+    ) as (record, publisher):
+        deadline = time.monotonic() + 120  # a hang guard, not a speed requirement
+        while publisher.published is None:
+            assert time.monotonic() < deadline, "the parent never reached MLflow"
+            time.sleep(0.05)
+        time.sleep(2.5)
+        _fill(record, trained, ("folds", "cv", "final"))
+
+    # Assert
+    parent = fresh.client.get_run(publisher.published.run_id)
+    system = {key for key in parent.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    points = fresh.client.get_metric_history(
+        parent.info.run_id, "system/cpu_utilization_percentage"
+    )
+    assert len(points) >= 2, points
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"], (
+        "the sampler outlived the run"
+    )
+
+
+def test_no_system_metrics_unless_asked(reference):
+    parent = reference.parent
+    assert not [key for key in parent.data.metrics if key.startswith("system/")], parent.data
 
 
 def test_recorded_publishes_while_the_block_runs(trained, reference, fresh, tmp_path):
