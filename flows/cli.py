@@ -211,10 +211,10 @@ def _numbers(flag: str, text: str) -> list[float] | list[int]:
 def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) -> None:
     """Run a flow in this process with progress bars, and print its summary.
 
-    The flow run is named and tagged by dataset and preset (``mnist-accurate-brave-otter``,
-    tags ``dataset:mnist``, ``preset:accurate``); on a lasting Prefect server its UI address is
-    printed. Bad data, an unusable MLflow store or an unreachable Dask scheduler fail in one
-    line before any flow run exists, while a temporary Prefect server boots.
+    The flow run is named by dataset and preset (``mnist-accurate-brave-otter``); on a lasting
+    Prefect server its UI address is printed. Bad data, an unusable MLflow store or an
+    unreachable Dask scheduler fail in one line before any flow run exists, while a temporary
+    Prefect server boots.
     """
     from flows.server import prefect_api
 
@@ -224,7 +224,6 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
         prepare_run(cfg)
 
     with prefect_api(prepare) as temporary_server:
-        from prefect import tags
         from prefect.utilities.names import generate_slug
 
         from flows.pipeline_flow import cv_flow, mlp_pipeline
@@ -233,10 +232,9 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
         flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
         run_name = f"{cfg.data.dataset}-{preset_name}-{generate_slug(2)}"
         links = temporary_server is None  # a temporary server's pages end with the run
-        with (
-            reporting(ConsoleReporter(enabled=progress, links=links)),
-            tags("mlp-pipeline", f"dataset:{cfg.data.dataset}", f"preset:{preset_name}"),
-        ):
+        # Named, not tagged: Prefect's tags context tags every task run too, and a tagged task
+        # run asks the server for its tag's concurrency slot (it hangs when the server is gone).
+        with reporting(ConsoleReporter(enabled=progress, links=links)):
             summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
     _print_summary(summary, cfg)
 

@@ -103,15 +103,14 @@ class ConsoleReporter(Reporter):
         """``links``: print the flow run's Prefect UI address (a lasting server has one)."""
         self._progress = _progress(enabled, console)
         self._progress.start()
-        self._console = console
         self._links = links
         self._sweep: Any = None
         self._final: Any = None
 
     def run_started(self, name: str, url: str | None) -> None:
-        if self._links and url:
-            self._console.print(
-                f"Prefect flow run {escape(name)}: {escape(url)}", highlight=False, soft_wrap=True
+        if self._links and url:  # on stdout: stderr is for the one line of an error
+            Console(soft_wrap=True, highlight=False).print(
+                f"Prefect flow run {escape(name)}: {escape(url)}"
             )
 
     def sweep_started(self, total: int) -> None:

@@ -418,6 +418,8 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
     "augment.shift": ["x", -1, 101, math.nan],
     "augment.elastic_alpha": ["x", -1, 1001, math.inf],
     "augment.elastic_sigma": ["x", 0, -1, math.nan],
+    "augment.flip": ["sometimes", 2],
+    "augment.strength": ["x", -1, 11, math.nan],
     # A bare number is accepted as a list of one (--set cv.l2_lambdas=1e-3).
     "cv.l2_lambdas": ["x", [], [-1e-3], [math.nan], [math.inf], [1e-3, 1e-3]],
     "cv.folds": ["x", 1],
@@ -462,6 +464,7 @@ FIELD_BAD_VALUES: dict[str, list[Any]] = {
         "http://h:port/",
     ],
     "tracking.experiment": [5, None, ""],
+    "tracking.system_metrics": ["often", 2],
     "tracking.registered_model": [
         5,
         ["mlp"],

@@ -513,7 +513,7 @@ def test_trigger_wait_on_a_failing_run_exits_1_in_one_line(
     assert code == 1, out + err
     started = re.search(rf"flow run (\S+) \(({UUID.pattern})\) of mlp-pipeline/on-demand", out)
     assert started, out
-    assert re.fullmatch(r"mnist-sample-on-demand-[a-z]+-[a-z]+", started.group(1)), started.group(1)
+    assert re.fullmatch(r"mnist-on-demand-[a-z]+-[a-z]+", started.group(1)), started.group(1)
     name, flow_run_id = started.groups()
     assert "state: Failed" in out, out
     line = one_error_line(err, out)

@@ -666,10 +666,9 @@ def test_a_command_run_reports_every_process_to_one_temporary_server(command_run
     assert "prefect server start" in servers[0], servers
     flow_runs = _prefect_db(command_run.prefect_home, "SELECT id, state_type FROM flow_run")
     assert [state for _, state in flow_runs] == ["COMPLETED"], flow_runs
-    ((name, tags),) = _prefect_db(command_run.prefect_home, "SELECT name, tags FROM flow_run")
+    ((name,),) = _prefect_db(command_run.prefect_home, "SELECT name FROM flow_run")
     assert name.startswith("mnist-sample-default-"), name
-    assert {"dataset:mnist-sample", "preset:default"} <= set(json.loads(tags)), tags
-    assert "Prefect flow run" not in command_run.err, "a temporary server's pages end with it"
+    assert "Prefect flow run" not in command_run.out, "a temporary server's pages end with it"
     finished = _prefect_db(
         command_run.prefect_home,
         "SELECT DISTINCT task_run_id FROM log WHERE task_run_id IS NOT NULL AND message LIKE "

@@ -1340,13 +1340,19 @@ def _steps(client: MlflowClient, run_id: str, key: str = "train_loss") -> list[i
     return sorted(point.step for point in client.get_metric_history(run_id, key))
 
 
-def test_the_final_models_curves_appear_epoch_by_epoch_in_the_run_it_ends_in(trained, fresh):
-    # Arrange: the CV done, the final model in training.
+def _before_the_final_model(trained: SimpleNamespace) -> RunRecord:
+    """A record whose folds and CV are done: the final model is next."""
     record = RunRecord.create(
         trained.config, flow="mlp-pipeline", dataset=trained.dataset.summary(),
         prefect_flow_run=PREFECT_RUN,
     )  # fmt: skip
     _fill(record, trained, ("folds", "cv"))
+    return record
+
+
+def test_the_final_models_curves_appear_epoch_by_epoch_in_the_run_it_ends_in(trained, fresh):
+    # Arrange: the CV done, the final model in training.
+    record = _before_the_final_model(trained)
     history = trained.final.history
     rows = _epoch_rows(history)
 
@@ -1373,11 +1379,7 @@ def test_the_final_models_curves_appear_epoch_by_epoch_in_the_run_it_ends_in(tra
 
 
 def test_a_run_stopped_during_the_final_training_ends_its_final_run_too(trained, fresh):
-    record = RunRecord.create(
-        trained.config, flow="mlp-pipeline", dataset=trained.dataset.summary(),
-        prefect_flow_run=PREFECT_RUN,
-    )  # fmt: skip
-    _fill(record, trained, ("folds", "cv"))
+    record = _before_the_final_model(trained)
     record.add_final_progress(trained.best, _epoch_rows(trained.final.history)[:2])
     publish(record, fresh.uri)
 
