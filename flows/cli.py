@@ -486,19 +486,11 @@ def train(
     data = load_configured_dataset(cfg.data)
     check_memory(cfg, data)
 
-    def train_and_evaluate(record: Any = None, publisher: Any = None) -> tuple[Any, Any, Any]:
-        """``record``: where the epochs go as they end, for ``publisher`` to show them live."""
+    def train_and_evaluate(publisher: Any = None) -> tuple[Any, Any, Any]:
+        """``publisher``: shows the epochs in MLflow as they end."""
         epochs_total = cfg.training.resolved_final_epochs
-        epochs: list[dict[str, Any]] = []
         with epoch_bar(epochs_total, f"train λ={l2:g}", enabled=not no_progress) as on_bar:
-
-            def on_epoch(row: dict[str, Any]) -> None:
-                on_bar(row)
-                if record is not None:
-                    epochs.append(row)
-                    record.add_final_progress({L2_KEY: l2}, epochs)
-                    publisher.request()
-
+            on_epoch = on_bar if publisher is None else publisher.final_epochs({L2_KEY: l2}, on_bar)
             final = train_final(cfg, data, {L2_KEY: l2}, callback=on_epoch)
         evaluation, predicted = predict_test(final, data)
         out.print(
@@ -516,7 +508,7 @@ def train(
         dataset=data.summary(),
         params={"l2_lambda": l2},
     ) as (record, publisher):
-        final, evaluation, predicted = train_and_evaluate(record, publisher)
+        final, evaluation, predicted = train_and_evaluate(publisher)
         test_set = fingerprint_test_set(data.X_test, data.y_test)
         record.add_final(final, evaluation, data.X_test, data.y_test, predicted, test_set)
         record.finish("FINISHED")

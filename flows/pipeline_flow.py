@@ -315,15 +315,8 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
             # The pool is gone now: the final model may use every core.
             set_blas_threads(config.execution.resolved_final_blas_threads(cpu_count()))
             reporter().final_started(config.training.resolved_final_epochs, label(best, "λ"))
-            epochs: list[dict[str, Any]] = []
-
-            def final_epoch(row: dict[str, Any]) -> None:
-                reporter().final_epoch(row)
-                epochs.append(row)
-                record.add_final_progress(best, epochs)  # MLflow shows the curves live
-                publisher.request()
-
-            final = train_final_task(config, dataset, best, callback=final_epoch)
+            live = publisher.final_epochs(best, also=reporter().final_epoch)
+            final = train_final_task(config, dataset, best, callback=live)
             evaluation, predicted = evaluate_task(final, dataset)
             logger.info("test accuracy %.4f (%s)", evaluation.accuracy, label(best))
             test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)

@@ -509,6 +509,20 @@ class LivePublisher:
             if self._system_metrics and self._monitor is None and not closing and self.published:
                 self._monitor = self._start_monitor(self.published.run_id)
 
+    def final_epochs(self, candidate: dict[str, Any], also: Any = None) -> Any:
+        """An epoch callback for the final model: each epoch goes to the record, then to MLflow
+        (its curves live); ``also(row)`` is called first (a progress bar)."""
+        epochs: list[dict[str, Any]] = []
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            if also is not None:
+                also(row)
+            epochs.append(row)
+            self.record.add_final_progress(candidate, epochs)
+            self.request()
+
+        return on_epoch
+
     def _start_monitor(self, run_id: str) -> Any:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
