@@ -161,8 +161,8 @@ def test_the_record_folder_names_every_candidate(halving):
 def test_the_accurate_preset_runs_end_to_end_on_the_sample(
     prefect_api_url, tmp_path, _empty_store, sample_flow_config
 ):
-    # The preset's own protocol (halving over its lambdas, 3 folds, distorted training images,
-    # two hidden layers), shrunk to the bundled sample and a few epochs.
+    # The preset's own protocol (halving over its lambdas and distortions, its folds, two hidden
+    # layers), shrunk to the bundled sample and a few epochs.
     database = tmp_path / "mlflow.db"
     shutil.copyfile(_empty_store, database)
     accurate = preset("accurate")
