@@ -317,6 +317,10 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
             reporter().final_started(config.training.resolved_final_epochs, label(best, "λ"))
             live = publisher.final_epochs(best, also=reporter().final_epoch)
             final = train_final_task(config, dataset, best, callback=live)
+            logger.info(
+                "final model: %d epochs on %d images (%.1f s)",
+                len(final.history["epoch"]), len(dataset.y_train), final.seconds,
+            )  # fmt: skip
             evaluation, predicted = evaluate_task(final, dataset)
             logger.info("test accuracy %.4f (%s)", evaluation.accuracy, label(best))
             test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)
@@ -325,8 +329,11 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         summary["wall_seconds"] = time.perf_counter() - started
         record.finish("FINISHED", summary=summary)
     result = {**summary, "record": str(record.folder), "published": publisher.published}
-    if publisher.published is not None:
-        uri = publisher.published.tracking_uri
+    published = publisher.published
+    where = f"MLflow run {published.run_id}" if published else "not published to MLflow"
+    logger.info("run record %s; %s", record.folder, where)
+    if published is not None:
+        uri = published.tracking_uri
         summary_artifact(result, flow_name, dataset.name, ui_command(uri))
     return result
 

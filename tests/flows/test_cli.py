@@ -405,6 +405,56 @@ def test_a_command_names_its_flow_run_and_prints_its_page(
     assert flow_run.name == name, flow_run.name
 
 
+def test_a_flow_runs_log_tells_what_happened_not_each_task_runs_state(
+    prefect_api_url, tracking_uri, tmp_path
+):
+    # Arrange: a new process, as a user starts it (the CLI's logging defaults apply from its
+    # start; this process set up Prefect's logging long before).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    env = {**_clean_env(tmp_path), "PREFECT_API_URL": prefect_api_url}
+    argv = [str(CLI), "run", "--preset", "quick", "--no-progress", "--tracking-uri", tracking_uri,
+            "--set", f"execution.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+
+    # Act
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    # Assert
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    found = re.search(r"Prefect flow run \S+: \S+/runs/flow-run/(\S+)", done.stdout)
+    assert found, done.stdout
+    flow_run_id = found.group(1)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    # The task runs ran and reported their states: only their log lines are gone.
+    folds = [run for run in task_runs if run.name.startswith("train_fold")]
+    assert len(folds) == 4 and all(run.state.is_completed() for run in task_runs), task_runs
+    task_lines = [log.message for log in logs if log.task_run_id]
+    assert not task_lines, f"task runs logged: {task_lines}"
+    flow_lines = "\n".join(log.message for log in logs)
+    for expected in (
+        "dataset mnist-sample: ",
+        "lambda=0.0001 fold 0: val accuracy ",
+        "lambda=0.001 fold 1: val accuracy ",
+        "chosen: lambda=",
+        "final model: 4 epochs on ",
+        "test accuracy ",
+        "MLflow run ",
+    ):
+        assert expected in flow_lines, f"{expected!r} not in the flow run's log:\n{flow_lines}"
+
+
 def test_a_config_files_preset_names_the_flow_run(tmp_path):
     from flows.cli import preset_name
 
