@@ -826,9 +826,9 @@ def _library_defaults() -> None:
     run (its API and UI still get every log line). A flow run's log tells what happened (the
     data, each fold's result, the choice, the test score), not "Finished in state Completed()"
     once per task run: task runs log their warnings and failures only. No telemetry from
-    offline machines. MLflow's
-    HTTP retries are bounded, so a tracking server lost mid-run costs seconds, not minutes: the
-    run record keeps the results, and ``mlp-pipeline publish`` sends them later.
+    offline machines. MLflow's HTTP retries are bounded, so a tracking server lost mid-run costs
+    seconds, not minutes: the run record keeps the results, and ``mlp-pipeline publish`` sends
+    them later.
     """
     for name, value in {
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
