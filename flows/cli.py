@@ -823,12 +823,13 @@ def _library_defaults() -> None:
     """Defaults for Prefect and MLflow, before they are imported; the environment wins.
 
     The progress bars and the summary tell the story: Prefect's console shows only what stops a
-    run (its API and UI still get every log line). A flow run's log tells what happened (the
+    run (its API and UI get the flow's log lines). A flow run's log tells what happened (the
     data, each fold's result, the choice, the test score), not "Finished in state Completed()"
-    once per task run: task runs log their warnings and failures only. No telemetry from
-    offline machines. MLflow's HTTP retries are bounded, so a tracking server lost mid-run costs
-    seconds, not minutes: the run record keeps the results, and ``mlp-pipeline publish`` sends
-    them later.
+    once per task run: task runs log their warnings and failures only (set
+    PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL=INFO for all, Prefect's retry notices too).
+    No telemetry from offline machines. MLflow's HTTP retries are bounded, so a tracking server
+    lost mid-run costs seconds, not minutes: the run record keeps the results, and
+    ``mlp-pipeline publish`` sends them later.
     """
     for name, value in {
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",

@@ -329,12 +329,10 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         summary["wall_seconds"] = time.perf_counter() - started
         record.finish("FINISHED", summary=summary)
     result = {**summary, "record": str(record.folder), "published": publisher.published}
+    # Published: ``recorded`` raised otherwise (NotPublishedError names the record's folder).
     published = publisher.published
-    where = f"MLflow run {published.run_id}" if published else "not published to MLflow"
-    logger.info("run record %s; %s", record.folder, where)
-    if published is not None:
-        uri = published.tracking_uri
-        summary_artifact(result, flow_name, dataset.name, ui_command(uri))
+    logger.info("run record %s; MLflow run %s", record.folder, published.run_id)
+    summary_artifact(result, flow_name, dataset.name, ui_command(published.tracking_uri))
     return result
 
 

@@ -430,16 +430,25 @@ def test_a_flow_runs_log_tells_what_happened_not_each_task_runs_state(
     found = re.search(r"Prefect flow run \S+: \S+/runs/flow-run/(\S+)", done.stdout)
     assert found, done.stdout
     flow_run_id = found.group(1)
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+    # The server records states and logs in the background: polled until the flow run's last
+    # line and its 9 task runs' end (load_data, 4 folds, cv_table, select, final, evaluate).
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        completed = [run for run in task_runs if run.state and run.state.is_completed()]
+        ended = any(log.message.startswith("Finished in state") for log in logs)
+        if (ended and len(completed) == 9) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     # The task runs ran and reported their states: only their log lines are gone.
-    folds = [run for run in task_runs if run.name.startswith("train_fold")]
-    assert len(folds) == 4 and all(run.state.is_completed() for run in task_runs), task_runs
+    folds = [run for run in completed if run.name.startswith("train_fold")]
+    assert len(folds) == 4 and len(completed) == len(task_runs) == 9, task_runs
     task_lines = [log.message for log in logs if log.task_run_id]
     assert not task_lines, f"task runs logged: {task_lines}"
     flow_lines = "\n".join(log.message for log in logs)
