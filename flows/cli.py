@@ -712,6 +712,7 @@ def trigger(
 ) -> None:
     """Start a run of a served deployment, with --set overrides on its config."""
     from prefect.client.orchestration import get_client
+    from prefect.utilities.urls import url_for
 
     from flows import deployments as dep
     from flows.server import check_api
@@ -725,7 +726,7 @@ def trigger(
         cfg = dep.deployment_config(found, overrides)
         flow_run = dep.create_run(client, found, cfg)
         out.print(f"flow run {flow_run.name} ({flow_run.id}) of {name}", highlight=False)
-        if page := dep.flow_run_url(flow_run.id):
+        if page := url_for("flow-run", obj_id=flow_run.id):
             out.print(f"Prefect UI: {page}", highlight=False)
         if not wait:
             return

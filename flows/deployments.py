@@ -321,13 +321,6 @@ def create_run(client: Any, deployment: Any, config: PipelineConfig) -> Any:
     )
 
 
-def flow_run_url(flow_run_id: Any) -> str | None:
-    """The flow run's page in the Prefect UI (``PREFECT_UI_URL``, from the API's by default)."""
-    from prefect.utilities.urls import url_for
-
-    return url_for("flow-run", obj_id=flow_run_id)
-
-
 def follow_run(
     client: Any,
     flow_run_id: Any,

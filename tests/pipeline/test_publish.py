@@ -1436,6 +1436,43 @@ def test_system_metrics_are_sampled_into_the_parent_while_it_runs(
     )
 
 
+def test_live_publishes_are_spaced_and_the_last_one_is_not_held_back(
+    trained, fresh, tmp_path, monkeypatch
+):
+    # Arrange: count the publishes; a spacing longer than the whole test.
+    import pipeline.tracking.publish as publishing
+
+    calls: list[float] = []
+    real_publish = publishing.publish
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(publishing, "publish", counted)
+    monkeypatch.setattr(publishing.LivePublisher, "INTERVAL", 600.0)
+    config = _config_for(trained, fresh.uri, tmp_path)
+    started = time.monotonic()
+
+    # Act: the first publish, then a burst of requests (a fast final training's epochs).
+    with recorded(
+        config, flow="mlp-pipeline", dataset=_dataset(trained), prefect_flow_run=PREFECT_RUN
+    ) as (record, publisher):
+        deadline = time.monotonic() + 120  # a hang guard, not a speed requirement
+        while not calls:
+            assert time.monotonic() < deadline, "no first publish"
+            time.sleep(0.01)
+        for _ in range(20):
+            publisher.request()
+        _fill(record, trained, ("folds", "cv", "final"))
+
+    # Assert: the burst waited for the closing publish, which did not wait out the spacing.
+    assert len(calls) == 2, f"{len(calls)} publishes"
+    assert time.monotonic() - started < 300, "leaving the block waited for the spacing"
+    parent = fresh.client.get_run(publisher.published.run_id)
+    assert parent.info.status == "FINISHED" and "test_accuracy" in parent.data.metrics, parent.info
+
+
 def test_no_system_metrics_unless_asked(reference):
     parent = reference.parent
     assert not [key for key in parent.data.metrics if key.startswith("system/")], parent.data
