@@ -58,7 +58,12 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a setting: --set training.epochs=3 (repeatable)"),
 ]
 Dataset = Annotated[
-    str | None, typer.Option("--dataset", help="mnist, fashion-mnist or mnist-sample")
+    str | None,
+    typer.Option(
+        "--dataset",
+        help="mnist, fashion-mnist, mnist-sample; with the torchvision extra kmnist, qmnist, "
+        "emnist-<split>",
+    ),
 ]
 DataDir = Annotated[
     str | None,
@@ -552,9 +557,7 @@ def evaluate(
     ],
     dataset: Annotated[
         str | None,
-        typer.Option(
-            "--dataset", help="mnist, fashion-mnist or mnist-sample (default: the model's own)"
-        ),
+        typer.Option("--dataset", help="a dataset of `run --dataset` (default: the model's own)"),
     ] = None,
     data_dir: DataDir = None,
     limit_test: LimitTest = None,
@@ -761,7 +764,7 @@ def data_info(data_dir: DataDir = None) -> None:
     table.add_column("bytes", justify="right", no_wrap=True)
     for row in dataset_status(data_dir):
         where = (
-            f"[red]missing[/red]: {row['file']}(.gz)"
+            f"[red]missing[/red]: {row['file']}" + ("" if row["role"] == "torchvision" else "(.gz)")
             if row["path"] is None
             else _under(row["path"], root, row["layout"])
         )

@@ -96,8 +96,10 @@ def run_sweep(
     total = sum(count for _, count in plan) * config.cv.folds
     reporter().sweep_started(total)
     progress = SweepProgress(total)
-    parameters = {key: parameter_count(candidate_config(config, c), dataset.n_features)
-                  for key, c in searched.items()}  # fmt: skip
+    parameters = {
+        key: parameter_count(candidate_config(config, c), dataset.n_features, dataset.n_classes)
+        for key, c in searched.items()
+    }
     alive = list(searched)
     checkpoints: dict[Item, Checkpoint] = {}
     results: list[FoldResult] = []  # each candidate's last rung

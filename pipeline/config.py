@@ -31,7 +31,20 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 
-DatasetName = Literal["mnist", "fashion-mnist", "mnist-sample"]
+# The torchvision ones (pipeline.torchvision_datasets.NAMES) need the torchvision extra.
+DatasetName = Literal[
+    "mnist",
+    "fashion-mnist",
+    "kmnist",
+    "qmnist",
+    "emnist-digits",
+    "emnist-mnist",
+    "emnist-letters",
+    "emnist-balanced",
+    "emnist-bymerge",
+    "emnist-byclass",
+    "mnist-sample",
+]
 RunnerName = Literal["sequential", "thread", "process", "dask"]
 
 # Upper bounds on counts. Python ints are unbounded, NumPy's are not: a value past these would
@@ -73,7 +86,9 @@ class DataConfig(_Section):
     """Which dataset, where it lives, how it is normalized and subset."""
 
     dataset: DatasetName = Field(
-        "mnist", description="mnist, fashion-mnist or the bundled mnist-sample"
+        "mnist",
+        description="mnist, fashion-mnist, the bundled mnist-sample; with the torchvision extra "
+        "kmnist, qmnist or emnist-<split> (digits, mnist, letters, balanced, bymerge, byclass)",
     )
     data_dir: str | None = Field(
         None, description="Folder holding the IDX files (default: $MLP_PIPELINE_DATA_DIR or ./data)"

@@ -1,4 +1,5 @@
-"""Datasets: find, verify, download and load MNIST, Fashion-MNIST and the bundled sample.
+"""Datasets: find, verify, download and load MNIST, Fashion-MNIST and the bundled sample, and
+with the ``torchvision`` extra KMNIST, QMNIST and EMNIST (:mod:`pipeline.torchvision_datasets`).
 
 Files are looked up under a data folder (:func:`resolve_data_dir`) in either layout::
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import torchvision_datasets
 from pipeline.download import DownloadFailed, download_file, make_progress
 from pipeline.errors import ConfigError, DataError
 from pipeline.idx import is_gzip_file, read_idx, read_idx_file, require_regular_file
@@ -51,7 +53,7 @@ __all__ = [
 DATA_DIR_ENV = "MLP_PIPELINE_DATA_DIR"
 MIRRORS_ENV = "MLP_PIPELINE_MIRRORS"
 SAMPLE_NAME = "mnist-sample"
-DATASET_NAMES = ("mnist", "fashion-mnist", SAMPLE_NAME)
+DATASET_NAMES = ("mnist", "fashion-mnist", *torchvision_datasets.NAMES, SAMPLE_NAME)
 
 #: File roles, in the order they enter the fingerprint.
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -222,6 +224,11 @@ class Dataset:
     def n_features(self) -> int:
         return self.X_train.shape[1]
 
+    @property
+    def n_classes(self) -> int:
+        """The model's outputs: one per class name (10 but for EMNIST's wider splits)."""
+        return len(self.class_names)
+
     def summary(self) -> dict[str, Any]:
         """What a run record says about its data: name, fingerprint, folder and sizes."""
         return {
@@ -231,6 +238,7 @@ class Dataset:
             "data_dir": self.data_dir,
             "n_train": int(self.y_train.shape[0]),
             "n_test": int(self.y_test.shape[0]),
+            "n_classes": self.n_classes,
         }
 
     def limit(self, limit_train: int | None, limit_test: int | None, seed: int = 0) -> Dataset:
@@ -382,14 +390,20 @@ def _remedies(spec: DatasetSpec, root: Path) -> str:
     )
 
 
-def _mirror_urls(spec: DatasetSpec, filename: str, mirrors: Sequence[str] | None) -> list[str]:
-    """Base URLs from the argument, else ``$MLP_PIPELINE_MIRRORS`` (comma-separated), else the
-    built-in list. ``{dataset}`` in a base URL is replaced by the flat folder name."""
+def mirror_bases(dataset: str, mirrors: Sequence[str] | None = None) -> list[str]:
+    """Base URLs, each ending in ``/``: the argument, else ``$MLP_PIPELINE_MIRRORS``
+    (comma-separated), else none. ``{dataset}`` in a base URL is replaced by ``dataset``."""
     if mirrors is None:
-        env = os.environ.get(MIRRORS_ENV, "")
-        mirrors = [m.strip() for m in env.split(",") if m.strip()] or list(spec.mirrors)
-    bases = [m.replace("{dataset}", spec.flat_dir) for m in mirrors]
-    return [b + ("" if b.endswith("/") else "/") + filename + ".gz" for b in bases]
+        mirrors = [m.strip() for m in os.environ.get(MIRRORS_ENV, "").split(",") if m.strip()]
+    bases = [m.replace("{dataset}", dataset) for m in mirrors]
+    return [b + ("" if b.endswith("/") else "/") for b in bases]
+
+
+def _mirror_urls(spec: DatasetSpec, filename: str, mirrors: Sequence[str] | None) -> list[str]:
+    """The file's URL on each mirror (:func:`mirror_bases`, else the built-in list)."""
+    if mirrors is None:
+        mirrors = mirror_bases(spec.flat_dir) or spec.mirrors
+    return [base + filename + ".gz" for base in mirror_bases(spec.flat_dir, mirrors)]
 
 
 # --------------------------------------------------------------------------- download
@@ -523,6 +537,8 @@ def load_dataset(
     """
     if name == SAMPLE_NAME:
         return _load_sample()
+    if name in torchvision_datasets.NAMES:
+        return _load_torchvision(name, resolve_data_dir(data_dir), download)
     spec = _spec(name)
     root = resolve_data_dir(data_dir)
     if download:
@@ -643,6 +659,9 @@ def load_test_set(
     if name == SAMPLE_NAME:
         dataset = _load_sample()
         X, y = dataset.X_test, dataset.y_test
+    elif name in torchvision_datasets.NAMES:
+        arrays, _ = _torchvision_arrays(name, resolve_data_dir(data_dir), download, test_only=True)
+        X, y = _readonly(arrays["X_test"]), _readonly(arrays["y_test"])
     else:
         spec = _spec(name)
         root = resolve_data_dir(data_dir)
@@ -658,6 +677,33 @@ def load_test_set(
         return X, y
     kept = stratified_indices(y, limit, 0)  # Dataset.limit's default seed
     return _readonly(X[kept]), _readonly(y[kept])
+
+
+def _torchvision_arrays(
+    name: str, root: Path, download: bool, test_only: bool = False
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    mirrors = mirror_bases(torchvision_datasets.mirror_folder(name))
+    return torchvision_datasets.load(
+        name, root, download=download, mirrors=mirrors, test_only=test_only
+    )
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> Dataset:
+    def key() -> tuple:
+        folder = torchvision_datasets.raw_folder(name, root)
+        files = sorted(folder.iterdir()) if folder.is_dir() else []
+        return (name, str(root), tuple(_stat_key(path) for path in files))
+
+    if key() not in _CACHE:
+        arrays, class_names = _torchvision_arrays(name, root, download)
+        _CACHE[key()] = Dataset(  # the key of the files as read (a download adds some)
+            name=name,
+            fingerprint=_fingerprint(name, [array_sha256(arrays[k]) for k in SAMPLE_ARRAYS]),
+            data_dir=str(root),
+            class_names=class_names,
+            **{k: _readonly(a) for k, a in arrays.items()},
+        )
+    return _CACHE[key()]
 
 
 def _fingerprint(name: str, hashes: Sequence[str]) -> str:
@@ -759,6 +805,20 @@ def dataset_status(data_dir: str | Path | None = None) -> list[dict[str, Any]]:
                     "size": size,
                 }
             )
+    for label, class_name in torchvision_datasets.FOLDERS.items():
+        folder = root / class_name / "raw"
+        files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+        rows.append(
+            {
+                "dataset": label,
+                "role": "torchvision",
+                "file": f"{class_name}/raw/",
+                "path": str(folder) if files else None,
+                "layout": "torchvision" if files else None,
+                "compressed": None,
+                "size": sum(p.stat().st_size for p in files) if files else None,
+            }
+        )
     npz, _ = _sample_files()
     rows.append(
         {
@@ -814,6 +874,8 @@ def verify_dataset(name: str, data_dir: str | Path | None = None) -> list[dict[s
             }
             for k in SAMPLE_ARRAYS
         ]
+    if name in torchvision_datasets.NAMES:
+        return torchvision_datasets.verify(name, resolve_data_dir(data_dir))
     spec = _spec(name)
     paths = _require_files(spec, resolve_data_dir(data_dir))
     rows = []

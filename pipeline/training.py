@@ -71,9 +71,7 @@ def load_data_checked(config: PipelineConfig) -> Dataset:
     cv = config.cv
     make_folds(dataset.y_train, cv.folds, shuffle=cv.shuffle, stratify=cv.stratify, seed=cv.seed)
     resolved = [candidate_config(config, candidate) for candidate in searched]
-    largest = max(
-        resolved, key=lambda one: training_bytes(one, dataset.n_features, len(dataset.y_train))
-    )
+    largest = max(resolved, key=lambda one: training_bytes(one, *_shape(dataset)))
     check_memory(largest, dataset, trainings=config.execution.resolved_workers())
     if any(one.augment.enabled for one in resolved):
         _square_side(dataset.n_features)
@@ -88,25 +86,31 @@ def _square_side(n_features: int) -> int:
     return side
 
 
-def parameter_count(config: PipelineConfig, n_features: int) -> int:
+def parameter_count(config: PipelineConfig, n_features: int, n_classes: int = N_CLASSES) -> int:
     """Weights and biases of the configured network on ``n_features`` inputs."""
-    sizes = [n_features, *config.model.hidden_sizes, N_CLASSES]
+    sizes = [n_features, *config.model.hidden_sizes, n_classes]
     return sum((fan_in + 1) * fan_out for fan_in, fan_out in itertools.pairwise(sizes))
 
 
-def training_bytes(config: PipelineConfig, n_features: int, n_samples: int) -> int:
+def training_bytes(
+    config: PipelineConfig, n_features: int, n_samples: int, n_classes: int = N_CLASSES
+) -> int:
     """A lower bound on the memory one training needs: parameters and activations.
 
     Weights, their gradients and the optimizer's state (one buffer per parameter; Adam two),
     and per layer the batch's pre-activations, activations and their gradients (a full batch
     without ``training.batch_size``).
     """
-    sizes = [n_features, *config.model.hidden_sizes, N_CLASSES]
-    parameters = parameter_count(config, n_features)
+    sizes = [n_features, *config.model.hidden_sizes, n_classes]
+    parameters = parameter_count(config, n_features, n_classes)
     copies = 4 if config.training.optimizer == "adam" else 3
     batch = min(config.training.batch_size or n_samples, n_samples)
     itemsize = np.dtype(config.model.dtype).itemsize
     return itemsize * (copies * parameters + 3 * batch * sum(sizes[1:]))
+
+
+def _shape(dataset: Dataset) -> tuple[int, int, int]:
+    return dataset.n_features, len(dataset.y_train), dataset.n_classes
 
 
 def check_memory(config: PipelineConfig, dataset: Dataset, trainings: int = 1) -> None:
@@ -116,9 +120,10 @@ def check_memory(config: PipelineConfig, dataset: Dataset, trainings: int = 1) -
     """
     with contextlib.suppress(ValueError, OSError, AttributeError):  # unknown: don't guess
         machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        need = trainings * training_bytes(config, dataset.n_features, len(dataset.y_train))
+        need = trainings * training_bytes(config, *_shape(dataset))
         if need > machine:
-            shape = "-".join(map(str, [dataset.n_features, *config.model.hidden_sizes, N_CLASSES]))
+            sizes = [dataset.n_features, *config.model.hidden_sizes, dataset.n_classes]
+            shape = "-".join(map(str, sizes))
             at_once = f" ({trainings} trainings at once)" if trainings > 1 else ""
             raise ConfigError(
                 f"the network {shape} needs at least {need / 2**30:.1f} GiB{at_once}, more "
@@ -132,6 +137,7 @@ def _fit_network(
     X: np.ndarray,
     y: np.ndarray,
     *,
+    n_classes: int,
     epochs: int,
     seed: int,
     X_val: np.ndarray | None = None,
@@ -157,7 +163,7 @@ def _fit_network(
         network = MLP(
             n_features=X.shape[1],
             hidden_sizes=list(model_cfg.hidden_sizes),
-            n_classes=10,
+            n_classes=n_classes,
             activation=model_cfg.activation,
             init=model_cfg.init,
             dtype=model_cfg.dtype,
@@ -327,6 +333,7 @@ def train_rung(
         config,
         X_tr,
         y_tr,
+        n_classes=dataset.n_classes,
         epochs=config.training.epochs,
         seed=seed,
         X_val=X_val,
@@ -398,6 +405,7 @@ def train_final(
         config,
         X,
         y,
+        n_classes=dataset.n_classes,
         epochs=config.training.resolved_final_epochs,
         seed=seed,
         callback=callback,
@@ -417,12 +425,15 @@ def predict_test(final: FinalModel, dataset: Dataset) -> tuple[Evaluation, np.nd
     y_test = dataset.y_test.astype(np.int64)
     logits = final.network.forward(X_test)
     predicted = logits.argmax(axis=1)
-    return evaluation_from(y_test, predicted, cross_entropy(logits, y_test)), predicted
+    loss = cross_entropy(logits, y_test)
+    return evaluation_from(y_test, predicted, loss, final.network.n_classes), predicted
 
 
-def evaluation_from(y_true: np.ndarray, y_pred: np.ndarray, loss: float) -> Evaluation:
+def evaluation_from(
+    y_true: np.ndarray, y_pred: np.ndarray, loss: float, n_classes: int = N_CLASSES
+) -> Evaluation:
     """Build an :class:`Evaluation` from true and predicted labels."""
-    confusion = np.zeros((10, 10), dtype=np.int64)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(confusion, (y_true, y_pred), 1)
     return Evaluation(
         accuracy=float(np.mean(y_true == y_pred)),

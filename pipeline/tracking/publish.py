@@ -433,7 +433,8 @@ def _register(client, uri, parent, run, config, final, cv_ran) -> Registration |
     }
     chosen_by = f"chosen by {config.cv.folds}-fold cross-validation" if cv_ran else "given"
     hidden = candidate_config(config, chosen).model.hidden_sizes
-    shape = "-".join(map(str, [len(final["input_example"][0]), *hidden, 10]))
+    n_classes = len(evaluation["confusion"])
+    shape = "-".join(map(str, [len(final["input_example"][0]), *hidden, n_classes]))
     description = (
         f"A {shape} MLP trained on {dataset} ({label(chosen)}, {chosen_by}); test accuracy "
         f"{evaluation['accuracy']:.4f} on {evaluation['n_samples']:,} images. "

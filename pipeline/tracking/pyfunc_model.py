@@ -50,7 +50,7 @@ class MLPClassifierModel(PythonModel):
         Returns
         -------
         np.ndarray
-            Labels, shape (n_samples,), int64; or probabilities, shape (n_samples, 10),
+            Labels, shape (n_samples,), int64; or probabilities, shape (n_samples, n_classes),
             float64, rows summing to 1.
 
         Raises

@@ -9,15 +9,19 @@ import http.server
 import importlib.util
 import json
 import pickle
+import re
 import shutil
 import socket
+import sys
 import threading
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import data
+from pipeline.config import DatasetName
 from pipeline.data import (
     DATASET_NAMES,
     Dataset,
@@ -478,13 +482,16 @@ def test_ref_is_small_picklable_json_and_reloads(mnist):
 
 
 def test_dataset_names_and_status(shared_data_dir, tmp_path):
-    assert DATASET_NAMES == ("mnist", "fashion-mnist", "mnist-sample")
+    assert DATASET_NAMES == ("mnist", "fashion-mnist", "kmnist", "qmnist", "emnist-digits",
+                             "emnist-mnist", "emnist-letters", "emnist-balanced", "emnist-bymerge",
+                             "emnist-byclass", "mnist-sample")  # fmt: skip
+    assert set(typing.get_args(DatasetName)) == set(DATASET_NAMES)  # the config accepts them all
     rows = dataset_status(shared_data_dir)
     mnist_rows = [r for r in rows if r["dataset"] == "mnist"]
     assert [r["role"] for r in mnist_rows] == list(data.ROLES)
     assert all(r["layout"] == "flat" and r["compressed"] for r in mnist_rows), mnist_rows
     empty = [r for r in dataset_status(tmp_path) if r["dataset"] != "mnist-sample"]
-    assert len(empty) == 2 * len(data.ROLES), empty  # mnist and fashion-mnist
+    assert len(empty) == 2 * len(data.ROLES) + 3, empty  # mnist, fashion-mnist; torchvision's
     assert all(r["path"] is None for r in empty), empty
 
 
@@ -651,3 +658,13 @@ def test_a_mirror_serving_an_oversized_header_is_refused_before_reading(
         in message
     ), message
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB traced: the payload was read"
+
+
+def test_without_torchvision_the_error_names_the_extra(monkeypatch, tmp_path):
+    # Arrange: torchvision not importable, as in an install without the extra.
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+
+    # Act / Assert
+    with pytest.raises(DataError, match=re.escape("pip install 'mlp-pipeline[torchvision]'")):
+        data.load_dataset("kmnist", tmp_path)
