@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import queue
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.futures import as_completed
+from prefect import flow, get_client, get_run_logger
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId, TaskRunFilterStartTime
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
@@ -109,9 +112,8 @@ def run_sweep(
             last = number == len(plan) - 1
             stop = epochs if halving and not last else None  # the last rung: to the end
             jobs = {(key, fold): searched[key] for key in alive for fold in folds}
-            rung = _train_rung(config, dataset, jobs, stop, checkpoints,
-                               record if last else None, publisher, runners,
-                               progress)  # fmt: skip
+            rung = _train_rung(config, dataset, jobs, stop, checkpoints, record, last,
+                               publisher, runners, progress)  # fmt: skip
             trained, cached = trained + rung.trained, cached + rung.cached
             restarts += rung.worker_restarts
             if last:
@@ -170,16 +172,18 @@ def _train_rung(
     jobs: dict[Item, dict[str, Any]],
     stop: int | None,
     checkpoints: dict[Item, Checkpoint],
-    record: RunRecord | None,
+    record: RunRecord,
+    last: bool,
     publisher: LivePublisher,
     runners: Runners,
     progress: SweepProgress,
 ) -> Sweep:
     """Train ``jobs`` (up to epoch ``stop``), from the fold cache where it has them.
 
-    ``record``: where each result goes as it arrives (the last rung). A worker process that
-    dies breaks its whole pool and bypasses Prefect's retries, so the unfinished trainings are
-    resubmitted to a fresh runner, up to ``execution.retries`` times.
+    ``record`` gets when each training starts (its MLflow run exists from then) and, in the
+    ``last`` rung, each result as it arrives. A worker process that dies breaks its whole pool
+    and bypasses Prefect's retries, so the unfinished trainings are resubmitted to a fresh
+    runner, up to ``execution.retries`` times.
     """
     logger = get_run_logger()
     cache = FoldCache(config.execution.cache_dir)
@@ -191,11 +195,15 @@ def _train_rung(
 
     def finished(item: Item, result: FoldResult, cached: bool) -> None:
         done[item] = result
-        if record is not None:
+        if last:
             record.add_fold(result)
             publisher.request()
         reporter().fold_finished(result, cached=cached)
         progress.advance()
+
+    def started(item: Item, at: int) -> None:
+        record.add_fold_start(jobs[item], item[1], at)
+        publisher.request()
 
     budget = stop or config.training.epochs
     for item, key in keys.items():
@@ -218,7 +226,7 @@ def _train_rung(
     while pending:
         try:
             runner = runners.current()
-            futures = {
+            futures: dict[PrefectFuture, Item] = {
                 runner.submit(
                     train_fold_task,
                     parameters={
@@ -233,7 +241,7 @@ def _train_rung(
                 ): item
                 for item in pending
             }
-            for future in as_completed(list(futures)):
+            for future in _as_completed(futures, started):
                 result, checkpoint = future.result()
                 item = futures[future]
                 cache.put(keys[item], result)
@@ -259,6 +267,56 @@ def _train_rung(
                 len(pending),
             )
     return Sweep([done[item] for item in keys], len(keys) - cached, cached, restarts)
+
+
+#: How often the sweep asks Prefect which of its trainings have started (seconds).
+START_POLL = 1.0
+
+
+def _as_completed(
+    futures: dict[PrefectFuture, Item], on_start: Callable[[Item, int], None]
+) -> Iterator[PrefectFuture]:
+    """The futures as they complete; meanwhile ``on_start(item, epoch ms)`` once per training
+    seen running.
+
+    A training starts when a worker takes its task run, not when it is submitted (a pool runs
+    as many at once as it has workers): Prefect's task runs say when, asked every
+    :data:`START_POLL` seconds while nothing completes.
+    """
+    completed: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(completed.put)
+    waiting = list(futures)  # not seen running yet, in submission order
+    for _ in futures:
+        while True:
+            try:
+                future = completed.get(timeout=START_POLL)
+                break
+            except queue.Empty:
+                for started, at in _started(waiting).items():
+                    on_start(futures[started], at)
+                    waiting.remove(started)
+        if future in waiting:  # done before a poll saw it run: its result says when
+            waiting.remove(future)
+        yield future
+
+
+def _started(futures: list[PrefectFuture]) -> dict[PrefectFuture, int]:
+    """Which of ``futures`` have started running, and when (epoch milliseconds).
+
+    One query to the Prefect API; if it fails, none is reported this time.
+    """
+    by_id = {future.task_run_id: future for future in futures[:200]}  # the API's page size
+    if not by_id:
+        return {}
+    query = TaskRunFilter(id=TaskRunFilterId(any_=list(by_id)),
+                          start_time=TaskRunFilterStartTime(is_null_=False))  # fmt: skip
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=query, limit=len(by_id))
+    except Exception:  # a missed poll only delays a run's appearance in MLflow
+        return {}
+    return {by_id[run.id]: int(run.start_time.timestamp() * 1000) for run in runs}
 
 
 def prepare_run(config: PipelineConfig) -> None:

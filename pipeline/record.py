@@ -4,6 +4,7 @@ One folder per execution under ``<execution.cache_dir>/runs/``, written only by 
 
     run.json                 what ran: flow, config, dataset, Prefect flow run, status, summary
     folds/lambda=<l2>[-<candidate id>]-fold=<k>.json   one FoldResult per (candidate, fold)
+    started/<the same name>  when that training started (MLflow shows its run from then)
     cv.json                  the CV table and the chosen candidate
     final-progress.json      the final model's history so far, while it trains
     final.json               the final model: history, test evaluation, checksums of its files
@@ -283,12 +284,16 @@ class FoldCache:
 # ------------------------------------------------------------------------------ run record
 def fold_file(result: FoldResult) -> str:
     """``lambda=<l2>-fold=<k>.json``; a candidate with other searched settings adds their id."""
-    from pipeline.search import candidate_id
+    return _fold_name(result.candidate, result.fold)
 
-    name = f"lambda={result.l2_lambda!r}"  # repr: exact, unique
-    if result.settings:
-        name += f"-{candidate_id(result.candidate)}"
-    return f"{name}-fold={result.fold}.json"
+
+def _fold_name(candidate: dict[str, Any], fold: int) -> str:
+    from pipeline.search import L2_KEY, candidate_id
+
+    name = f"lambda={float(candidate[L2_KEY])!r}"  # repr: exact, unique
+    if len(candidate) > 1:
+        name += f"-{candidate_id(candidate)}"
+    return f"{name}-fold={fold}.json"
 
 
 def _user() -> str:
@@ -369,6 +374,17 @@ class RunRecord:
 
     def _write_run(self, run: dict[str, Any]) -> None:
         write_json(self.folder / "run.json", "run", run)
+
+    def add_fold_start(self, candidate: dict[str, Any], fold: int, start_time: int) -> None:
+        """When a (candidate, fold) training started, in epoch milliseconds; the first start
+        counts (a halving survivor's later rungs continue the same training)."""
+        from pipeline.search import L2_KEY, other_settings
+
+        path = self.folder / "started" / _fold_name(candidate, fold)
+        if not path.exists():
+            start = {"l2_lambda": float(candidate[L2_KEY]), "settings": other_settings(candidate),
+                     "fold": fold, "start_time": start_time}  # fmt: skip
+            write_json(path, "fold-start", start)
 
     def add_fold(self, result: FoldResult) -> None:
         write_json(self.folder / "folds" / fold_file(result), "fold", asdict(result))
@@ -518,6 +534,12 @@ class RunRecord:
         paths = sorted((self.folder / "folds").glob("*.json"))
         results = [_fold_from(read_json(path, "fold"), path) for path in paths]
         return sorted(results, key=lambda r: (r.l2_lambda, _canonical(r.settings), r.fold))
+
+    def fold_starts(self) -> list[dict[str, Any]]:
+        """Every recorded training start: ``l2_lambda``, ``settings``, ``fold``, ``start_time``."""
+        paths = sorted((self.folder / "started").glob("*.json"))
+        return [_checked(read_json(path, "fold-start"), path, "a training start", _START_FIELDS,
+                         exact=True) for path in paths]  # fmt: skip
 
     def cv(self) -> dict[str, Any] | None:
         """``cv.json`` once recorded, its figure checked.
@@ -694,6 +716,9 @@ _FINAL_FIELDS: dict[str, Check] = {
     "l2_lambda": _real(0), "settings": _settings, "history": lambda v: _history(v) and "epoch" in v,
     "seconds": _real(0), "evaluation": _type(dict), "test_set": _type(str), "time": _count(),
     "files": _files, "input_example": _list_of(_list_of(_real())),
+}  # fmt: skip
+_START_FIELDS: dict[str, Check] = {
+    "l2_lambda": _real(0), "settings": _settings, "fold": _count(), "start_time": _count(),
 }  # fmt: skip
 _PROGRESS_FIELDS: dict[str, Check] = {
     "l2_lambda": _real(0), "settings": _settings,

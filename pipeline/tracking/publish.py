@@ -88,13 +88,23 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             _child(client, experiment_id, parent_id, existing, name, run_tags, inputs, **part)
 
     for fold in folds:
-        searched = f"{candidate_id(fold.candidate)} " if fold.settings else ""
         part = f"fold {fold.fold + 1} of {config.cv.folds}, seed {config.cv.seed}"
-        child(f"fold {fold.l2_lambda!r} {searched}{fold.fold}",
+        child(_fold_part_key(fold.candidate, fold.fold),
               f"cv {label(fold.candidate)} fold={fold.fold}", "cv",
               _fold_part(fold, config.training.epochs),
               [_dataset_input(run["dataset"], "train", "training", f"all but {part}"),
                _dataset_input(run["dataset"], "train", "validation", part)])  # fmt: skip
+    recorded = {_fold_part_key(fold.candidate, fold.fold) for fold in folds}
+    for start in record.fold_starts():  # trainings under way: their runs exist from the start
+        candidate = {L2_KEY: start["l2_lambda"], **start["settings"]}
+        key = _fold_part_key(candidate, start["fold"])
+        if key not in recorded:
+            _started_child(client, experiment_id, parent_id, children.get(key),
+                           f"cv {label(candidate)} fold={start['fold']}",
+                           {**tags, "stage": "cv", PART_TAG: key},
+                           {"l2_lambda": start["l2_lambda"], **start["settings"],
+                            "fold": start["fold"]},
+                           start["start_time"], run)  # fmt: skip
     uploaded = {artifact.path for artifact in client.list_artifacts(parent_id)}
     texts = {"config.json": json.dumps(config.redacted(), indent=2)}
     metrics: dict[str, tuple[float, int]] = {}
@@ -270,6 +280,12 @@ def _shared_tags(run: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
+def _fold_part_key(candidate: dict[str, Any], fold: int) -> str:
+    """The ``PART_TAG`` of a (candidate, fold) child run."""
+    searched = f"{candidate_id(candidate)} " if len(candidate) > 1 else ""
+    return f"fold {float(candidate[L2_KEY])!r} {searched}{fold}"
+
+
 def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
     """A fold's child run; ``epochs``: the full budget (a halving candidate pruned before it is
     tagged with the epoch it stopped at)."""
@@ -340,6 +356,23 @@ def _live_child(client, experiment_id, parent_id, existing, name, tags, history,
     _log(client, run_id, _epoch_points(client, run_id if existing else None, history))
     if ended_as is not None:
         client.set_terminated(run_id, ended_as, end_time=ended[-1] if ended else None)
+
+
+def _started_child(client, experiment_id, parent_id, existing, name, tags, params, start: int,
+                   run: dict[str, Any]) -> None:  # fmt: skip
+    """A (candidate, fold) child run while it trains (RUNNING since its training started); its
+    result completes it. An execution that ended first ends it too, as the execution ended."""
+    from mlflow.entities import Param
+
+    if existing is None:
+        run_id = _new_child(client, experiment_id, parent_id, name, tags, start)
+        _log(client, run_id, [], [Param(k, _text(v)) for k, v in params.items()])
+    elif existing.info.status == "RUNNING":
+        run_id = existing.info.run_id
+    else:
+        return
+    if run["status"] != "RUNNING":
+        client.set_terminated(run_id, run["status"], end_time=run["end_time"])
 
 
 def _new_child(client, experiment_id, parent_id, name, tags, start: int | None) -> str:

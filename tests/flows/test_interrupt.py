@@ -170,8 +170,11 @@ def _assert_killed_everywhere(record: RunRecord, tracking_uri: str, folds: int) 
     parents = _parents(runs)
     assert [p.info.status for p in parents] == ["KILLED"], f"parent runs: {statuses}"
     children = [r for r in runs if r.data.tags.get("stage") == "cv"]
-    assert len(children) == folds, f"{len(children)} fold runs for {folds} recorded folds"
-    assert {r.info.status for r in children} <= {"FINISHED"}, statuses
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == folds, f"{len(finished)} finished fold runs for {folds} recorded folds"
+    # The trainings the signal cut short keep the runs they had from their start, KILLED.
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}, statuses
+    assert len(children) <= TRAININGS, statuses
 
 
 def _interrupt_mid_sweep(
@@ -327,6 +330,38 @@ def test_the_same_command_after_a_signal_resumes_from_the_fold_cache(
         results_lost=interruption.folds_finished - min(reused, interruption.folds_finished),
         folds_retrained=retrained,
     )
+
+
+def test_a_trainings_mlflow_run_exists_from_its_start_and_a_signal_ends_it_killed(
+    tmp_path, tracking_uri, prefect_api_url, start_command
+):
+    # Arrange: trainings long enough to be seen mid-way (about 5x EPOCHS each).
+    cache = tmp_path / "cache"
+    args = _sweep_args(tracking_uri, cache, "thread")
+    args[args.index("--epochs") + 1] = str(5 * EPOCHS)
+    pipeline = start_command(args, tmp_path, _env(prefect_api_url))
+
+    def running() -> list:
+        runs = _mlflow_runs(tracking_uri) if (tmp_path / "cache" / "runs").exists() else []
+        return [r for r in runs if r.data.tags.get("stage") == "cv" and r.info.status == "RUNNING"]
+
+    # Act: the first trainings' runs appear while they train, before any result ...
+    wait_for(pipeline, lambda: len(running()) == WORKERS, "a run per training under way")
+    assert folds_recorded(cache) == 0, "a result came first: the runs did not show the start"
+    live = {run.info.run_id: run.info for run in running()}
+    pipeline.send_signal(signal.SIGTERM)
+    _, stderr = pipeline.communicate(timeout=120)
+
+    # Assert: ... and end KILLED when the signal stops them, from the same start.
+    _assert_ended_interrupted(pipeline, stderr, 130)
+    ended = {r.info.run_id: r for r in _mlflow_runs(tracking_uri)}
+    for run_id, info in live.items():
+        run = ended[run_id]
+        assert run.info.status == "KILLED", run.info
+        assert run.info.start_time == info.start_time <= run.info.end_time, run.info
+        assert run.data.params["l2_lambda"] and run.data.params["fold"], run.data.params
+    (record,) = records(cache)
+    _assert_killed_everywhere(record, tracking_uri, len(record.folds()))
 
 
 # ------------------------------------------------------------------------------ final model

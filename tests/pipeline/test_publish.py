@@ -47,7 +47,7 @@ from mlp import MLP
 from pipeline.config import PipelineConfig, build_config
 from pipeline.data import fingerprint_test_set
 from pipeline.errors import PipelineError, TrackingError
-from pipeline.record import RecordError, RunRecord, read_json, write_json
+from pipeline.record import RecordError, RunRecord, fold_file, read_json, write_json
 from pipeline.selection import cv_table, select_candidate
 from pipeline.tracking.model import load_network
 from pipeline.tracking.publish import (
@@ -1391,6 +1391,68 @@ def test_a_run_stopped_during_the_final_training_ends_its_final_run_too(trained,
     assert _steps(fresh.client, final.info.run_id) == [1, 2]
     ended = round(trained.final.history["wall_time"][1] * 1000)
     assert abs(final.info.end_time - ended) <= 1, (final.info.end_time, ended)
+
+
+def _fold_started(trained: SimpleNamespace) -> tuple[RunRecord, Any, int]:
+    """A record whose first fold's training started (recorded as the flow records it)."""
+    record = RunRecord.create(
+        trained.config, flow="mlp-pipeline", dataset=trained.dataset.summary(),
+        prefect_flow_run=PREFECT_RUN,
+    )  # fmt: skip
+    result = trained.folds[0]
+    started = round((result.history["wall_time"][0] - result.history["seconds"][0]) * 1000)
+    record.add_fold_start(result.candidate, result.fold, started)
+    return record, result, started
+
+
+def test_a_folds_run_exists_from_its_start_and_its_result_finishes_that_run(trained, fresh):
+    # Arrange
+    record, result, started = _fold_started(trained)
+
+    # Act: published while it trains ...
+    publish(record, fresh.uri)
+    (live,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+
+    # Assert: RUNNING since its training started, its values as params, no result yet.
+    assert (live.info.status, live.info.start_time) == ("RUNNING", started), live.info
+    assert live.info.run_name == f"cv lambda={result.l2_lambda:g} fold={result.fold}", live.info
+    params = {"l2_lambda": str(result.l2_lambda), "fold": str(result.fold)}
+    assert live.data.params == params, live.data.params
+    assert "fold_val_accuracy" not in live.data.metrics, live.data.metrics
+
+    # Act: ... and once its result is recorded: the same run, finished at its last epoch.
+    record.add_fold(result)
+    record.add_fold_start(result.candidate, result.fold, started + 5000)  # a later rung: ignored
+    publish(record, fresh.uri)
+    (done,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+
+    # Assert
+    assert (done.info.run_id, done.info.status) == (live.info.run_id, "FINISHED"), done.info
+    end = int(result.history["wall_time"][-1] * 1000)
+    assert (done.info.start_time, done.info.end_time) == (started, end), done.info
+    assert done.data.params["seed"] == str(result.seed), done.data.params
+    assert _steps(fresh.client, done.info.run_id) == list(range(1, result.epochs + 1))
+
+
+def test_a_run_stopped_mid_training_ends_its_started_fold_runs_as_it_ended(trained, fresh):
+    record, _, started = _fold_started(trained)
+    publish(record, fresh.uri)
+
+    record.finish("KILLED", error="interrupted (SIGTERM)")
+    publish(record, fresh.uri)
+
+    (child,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+    assert (child.info.status, child.info.start_time) == ("KILLED", started), child.info
+    assert child.info.end_time == record.run()["end_time"], child.info
+
+
+def test_a_tampered_fold_start_is_refused(trained):
+    record, result, _ = _fold_started(trained)
+    _edit(record, f"started/{fold_file(result)}", "fold-start",
+          lambda data: data.update(start_time="yesterday"))  # fmt: skip
+
+    with pytest.raises(RecordError, match="not a training start"):
+        record.fold_starts()
 
 
 def test_a_tampered_progress_file_is_refused(trained, tmp_path):
