@@ -26,10 +26,27 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 _PIPELINE_FILES = ("__init__.py", "errors.py", "normalize.py")
 
 
-def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -> Path:
-    """Write the pyfunc model of the weights and normalizer in ``final_dir`` to ``destination``."""
+MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model
+
+
+def logged_model(client: Any, run: Any) -> Any:
+    """The logged model ``run`` is the source of (None before it is logged)."""
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_NAME}'",
+    )
+    return found[0] if found else None
+
+
+def build_pyfunc(
+    final_dir: Path, input_example: list[Any], destination: Path, logged: Any = None
+) -> Path:
+    """Write the pyfunc model of the weights and normalizer in ``final_dir`` to ``destination``.
+
+    ``logged``: the MLflow logged model it will be uploaded to (its id goes into ``MLmodel``).
+    """
     import mlflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     import mlp
@@ -64,6 +81,13 @@ def build_pyfunc(final_dir: Path, input_example: list[Any], destination: Path) -
                 params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
             ),
             pip_requirements=[f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"],
+            mlflow_model=None
+            if logged is None
+            else Model(
+                artifact_path=logged.artifact_location,
+                run_id=logged.source_run_id,
+                model_id=logged.model_id,
+            ),
         )
     return destination
 
@@ -120,16 +144,25 @@ def _resolve(client: Any, model_uri: str) -> tuple[str, str | None]:
     scheme, _, rest = model_uri.partition(":/")
     rest = rest.strip("/")
     if scheme == "runs":
-        return model_uri, rest.partition("/")[0]
+        run_id, _, path = rest.partition("/")
+        model = logged_model(client, client.get_run(run_id)) if path == MODEL_NAME else None
+        # Models logged before they were logged models are the run's artifacts.
+        return (model_uri if model is None else model.artifact_location), run_id
     if scheme != "models":
         return model_uri, None
     name, at, alias = rest.partition("@")
     if at:
         version = client.get_model_version_by_alias(name, alias)
-    else:
+    elif "/" in name:
         name, _, number = name.rpartition("/")
         version = client.get_model_version(name, number)
-    return version.source, version.run_id
+    else:  # models:/<model id>
+        model = client.get_logged_model(name)
+        return model.artifact_location, model.source_run_id
+    source = version.source
+    if source.startswith("models:/"):  # a logged model's version (versions from before: a path)
+        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return source, version.run_id
 
 
 def accuracy(network: MLP, normalizer: Normalizer, images: np.ndarray, labels: np.ndarray):

@@ -26,7 +26,7 @@ from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
 from pipeline.search import L2_KEY, candidate_config, candidate_id, label
 from pipeline.selection import mean_curves, ranked
-from pipeline.tracking.model import build_pyfunc
+from pipeline.tracking.model import MODEL_NAME, build_pyfunc, logged_model
 from pipeline.tracking.registry import Registration, register
 from pipeline.tracking.store import default_tracking_uri, one_line, open_store, redact_uri
 
@@ -142,12 +142,18 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         }, [_dataset_input(run["dataset"], "train", "training")])  # fmt: skip
     _upload(client, parent_id, uploaded, record.folder, texts,
             CV_FIGURES * (cv is not None) + FINAL_FIGURES * (final is not None))  # fmt: skip
+    model_id = None
     if final is not None:
-        _log_model(client, parent, record.folder, final)
+        model_id = _log_model(client, parent, record.folder, final)
         registration = _register(client, uri, parent, run, config, final, cv is not None)
     if "wall_seconds" in run["summary"] and run["end_time"]:
         metrics["wall_seconds"] = (run["summary"]["wall_seconds"], run["end_time"])
-    _log(client, parent_id, _points(metrics, parent.data.metrics))
+    # The test metrics belong to the model too: its page and the Models list show them.
+    _log(
+        client,
+        parent_id,
+        _points(metrics, parent.data.metrics, model_id, ("test_accuracy", "test_loss")),
+    )
     note = _description(run, config, cv, final, registration)
     if parent.data.tags.get("mlflow.note.content") != note:
         client.set_tag(parent_id, "mlflow.note.content", note)  # the run page's description
@@ -405,10 +411,18 @@ def _epoch_points(client: Any, run_id: str | None, history: dict[str, list[float
     return points
 
 
-def _points(metrics: dict[str, tuple[float, int]], present: Any = ()) -> list[Any]:
+def _points(
+    metrics: dict[str, tuple[float, int]],
+    present: Any = (),
+    model_id: str | None = None,
+    of_model: tuple[str, ...] = (),
+) -> list[Any]:
+    """Metric points (step 0) of the ``metrics`` not ``present``; those ``of_model`` carry
+    ``model_id``."""
     from mlflow.entities import Metric
 
-    return [Metric(k, float(v), at, 0) for k, (v, at) in metrics.items() if k not in present]
+    return [Metric(k, float(v), at, 0, model_id=model_id if k in of_model else None)
+            for k, (v, at) in metrics.items() if k not in present]  # fmt: skip
 
 
 def _log(client: Any, run_id: str, metrics: list[Any], params: list[Any] = ()) -> None:
@@ -432,15 +446,34 @@ def _upload(client, run_id, uploaded, folder, texts: dict[str, str], files: list
             client.log_artifact(run_id, str(folder / name))
 
 
-def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) -> None:
-    """The pyfunc model at ``runs:/<parent id>/model``: uploaded whole, then marked done."""
+def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) -> str | None:
+    """The pyfunc model as an MLflow logged model of the parent (``runs:/<parent id>/model``,
+    the runs list's Models column): created, uploaded whole, READY, an output of the run.
+    Returns its id (None: logged as run artifacts by an earlier version of this package)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    run_id = parent.info.run_id
+    model = logged_model(client, parent)
     if parent.data.tags.get(MODEL_TAG) == "true":
-        return
-    with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
-        model = build_pyfunc(folder / "final", final["input_example"], Path(tmp) / "model")
-        client.log_artifacts(parent.info.run_id, str(model), "model")
-    client.set_tag(parent.info.run_id, "model_uri", f"runs:/{parent.info.run_id}/model")
-    client.set_tag(parent.info.run_id, MODEL_TAG, "true")
+        return None if model is None else model.model_id
+    if model is None:
+        model = client.create_logged_model(parent.info.experiment_id, name=MODEL_NAME,
+                                           source_run_id=run_id,
+                                           params={"l2_lambda": _text(final["l2_lambda"]),
+                                                   **{k: _text(v) for k, v in
+                                                      final["settings"].items()}})  # fmt: skip
+    if model.status != LoggedModelStatus.READY:
+        with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
+            built = build_pyfunc(folder / "final", final["input_example"], Path(tmp) / "model",
+                                 model)  # fmt: skip
+            client.log_model_artifacts(model.model_id, str(built))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    outputs = parent.outputs.model_outputs if parent.outputs else []
+    if model.model_id not in {output.model_id for output in outputs}:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    client.set_tag(run_id, "model_uri", f"runs:/{run_id}/{MODEL_NAME}")
+    client.set_tag(run_id, MODEL_TAG, "true")
+    return model.model_id
 
 
 def _register(client, uri, parent, run, config, final, cv_ran) -> Registration | None:

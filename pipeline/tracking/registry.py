@@ -7,6 +7,7 @@ this version's test set first, from its weights file, as MLflow's champion/chall
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tracking.model import accuracy, load_network
+from pipeline.tracking.model import MODEL_NAME, accuracy, load_network, logged_model
 from pipeline.tracking.store import one_line, store_lock
 
 CHAMPION = "champion"
@@ -61,16 +62,37 @@ def _version_of(client: Any, name: str, run: Any) -> str:
     """The version registered from ``run``, created if there is none yet."""
     from mlflow.exceptions import MlflowException
 
-    for existing in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-        if existing.name == name:
-            return str(existing.version)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"{run.info.artifact_uri}/model"
-    return str(client.create_model_version(name, source, run_id=run.info.run_id).version)
+    model = logged_model(client, run)
+    found = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")
+             if v.name == name]  # fmt: skip
+    if found:
+        version = str(found[0].version)
+    else:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if model is None:  # logged before models were logged models: the run's artifacts
+            source, model_id = f"{run.info.artifact_uri}/{MODEL_NAME}", None
+        else:  # where its files are: MLflow resolves a models:/ source on its global URI
+            source, model_id = model.artifact_location, model.model_id
+        version = str(client.create_model_version(name, source, run_id=run.info.run_id,
+                                                  model_id=model_id).version)  # fmt: skip
+    if model is not None:
+        _link(client, model, name, version)
+    return version
+
+
+def _link(client: Any, model: Any, name: str, version: str) -> None:
+    """List the version on its logged model's page, as ``mlflow.register_model`` does."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    versions = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": version}
+    if entry not in versions:
+        tags = {MLFLOW_MODEL_VERSIONS: json.dumps([*versions, entry])}
+        client.set_logged_model_tags(model.model_id, tags)
 
 
 def _challenge(client, tracking_uri, name, version, tags, test_set) -> tuple[bool, str]:

@@ -966,7 +966,7 @@ def test_evaluate_reads_the_data_folder_the_model_was_trained_from(
     assert re.search(rf"test accuracy {accuracy}\b", out), (accuracy, out)
 
 
-def test_evaluate_reads_only_the_test_files(cli, trained, shared_data_dir, tmp_path):
+def test_evaluate_reads_only_the_test_files(cli, trained, shared_data_dir, tmp_path, monkeypatch):
     import mlflow
     import numpy as np
 
@@ -986,11 +986,10 @@ def test_evaluate_reads_only_the_test_files(cli, trained, shared_data_dir, tmp_p
 
     # Assert: the same figure as the logged model's own predictions on that test subset.
     test = load_dataset("mnist", shared_data_dir, download=False).limit(None, 2000)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"runs:/{trained['run_id']}/model", dst_path=str(tmp_path / "model"),
-        tracking_uri=trained["store"],
-    )  # fmt: skip
-    predicted = mlflow.pyfunc.load_model(local).predict(test.X_test.astype(np.float32))
+    # As a user loads it: MLflow resolves runs:/ to the logged model on its tracking URI.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["store"])
+    model = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")
+    predicted = model.predict(test.X_test.astype(np.float32))
     expected = float(np.mean(np.asarray(predicted) == test.y_test))
     assert scored_on == "mnist/2000", scored_on
     assert accuracy == f"{expected:.4f}", f"evaluate printed {accuracy}, direct scoring {expected}"

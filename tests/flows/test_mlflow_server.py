@@ -35,7 +35,7 @@ EPOCHS = 2
 REGISTERED = "mlp-mnist-sample"
 PARENT_ARTIFACTS = {
     "config.json", "cv_results.csv", "cv_lambda.png", "training_curves.png",
-    "confusion_matrix.png", "misclassified.png", "model",
+    "confusion_matrix.png", "misclassified.png",
 }  # fmt: skip
 
 
@@ -121,6 +121,11 @@ def _shape(client: MlflowClient, parent_id: str) -> dict:
         "params": params,
         "metrics": metrics(parent),
         "artifacts": _artifacts(client, parent_id),
+        "models": [
+            (m.name, str(m.status), m.params)
+            for m in client.search_logged_models(experiment_ids=[parent.info.experiment_id])
+            if m.source_run_id == parent_id
+        ],  # fmt: skip
         "children": {
             r.data.tags["mlp_pipeline.part"]: (
                 r.data.tags["stage"],
@@ -180,6 +185,12 @@ def test_metrics_params_and_artifacts_on_the_server(remote):
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:"), parent.info.artifact_uri
     names = {path for path in _artifacts(client, parent_id) if "/" not in path}
     assert names >= PARENT_ARTIFACTS, f"missing on the server: {PARENT_ARTIFACTS - names}"
+    # The model: a logged model of the parent, its files on the server too.
+    (model,) = client.search_logged_models(experiment_ids=[parent.info.experiment_id])
+    assert (model.source_run_id, str(model.status)) == (parent_id, "READY"), model
+    assert model.artifact_location.startswith("mlflow-artifacts:"), model.artifact_location
+    files = {item.path for item in client.list_logged_model_artifacts(model.model_id)}
+    assert {"MLmodel", "artifacts"} <= files, files
 
 
 def test_the_model_loads_with_plain_mlflow_from_the_server(remote, server, monkeypatch):

@@ -32,6 +32,7 @@ from flows.pipeline_flow import cv_flow, mlp_pipeline
 from pipeline.config import PipelineConfig
 from pipeline.record import RunRecord, read_json
 from pipeline.results import FoldResult
+from pipeline.tracking.model import logged_model
 
 pytestmark = pytest.mark.slow
 
@@ -276,8 +277,11 @@ def test_the_parent_run_holds_the_config_the_summary_and_the_artifacts(pipeline_
         assert name in metrics, f"parent metric {name} missing: {sorted(metrics)}"
 
     names = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
-    expected = {"cv_results.csv", "config.json", "model", *FIGURES}
+    expected = {"cv_results.csv", "config.json", *FIGURES}
     assert expected <= names, f"missing artifacts: {expected - names}"
+    assert [o.model_id for o in parent.outputs.model_outputs] == [
+        logged_model(client, parent).model_id
+    ], "the model is not the parent's logged model"
     local = Path(client.download_artifacts(parent.info.run_id, "cv_results.csv", str(tmp_path)))
     table = pd.read_csv(local)
     assert sorted(table["l2_lambda"]) == LAMBDAS, table

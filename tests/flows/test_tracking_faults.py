@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.record import RunRecord
+from pipeline.tracking.model import logged_model
 
 pytestmark = pytest.mark.slow
 
@@ -153,8 +154,9 @@ def test_mlflow_lost_mid_run_keeps_every_result_and_publish_completes_it_later(
         assert parent.data.metrics["test_accuracy"] == final["evaluation"]["accuracy"]
         versions = client.search_model_versions(f"run_id = '{parent.info.run_id}'")
         assert len(versions) == 1, versions
-        model_files = {a.path for a in client.list_artifacts(parent.info.run_id, "model")}
-        assert "model/MLmodel" in model_files, model_files
+        model = logged_model(client, parent)
+        model_files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+        assert "MLmodel" in model_files and str(model.status) == "READY", (model, model_files)
     finally:
         restarted.stop()
     reliability_log(

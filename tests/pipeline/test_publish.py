@@ -49,7 +49,7 @@ from pipeline.data import fingerprint_test_set
 from pipeline.errors import PipelineError, TrackingError
 from pipeline.record import RecordError, RunRecord, fold_file, read_json, write_json
 from pipeline.selection import cv_table, select_candidate
-from pipeline.tracking.model import load_network
+from pipeline.tracking.model import load_network, logged_model
 from pipeline.tracking.publish import (
     MODEL_TAG,
     PART_TAG,
@@ -70,7 +70,7 @@ EXPERIMENT = "publish-tests"
 MODEL_NAME = "mlp-mnist-sample"  # tracking.registered_model "mlp-{dataset}"
 PREFECT_RUN = {"id": "0b1c2d3e-flow-run", "name": "brave-fox"}
 FIGURES = ("cv_lambda.png", "training_curves.png", "confusion_matrix.png", "misclassified.png")
-PARENT_ARTIFACTS = {"config.json", "cv_results.csv", *FIGURES, "model"}
+PARENT_ARTIFACTS = {"config.json", "cv_results.csv", *FIGURES}  # the model: a logged model
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -157,11 +157,12 @@ def mlflow_state(client: MlflowClient, experiment_id: str) -> dict[str, Any]:
     runs shows up as a list of two. Metric histories are every point (step, time, value).
     """
     runs = _runs(client, experiment_id)
-    ids = [run.info.run_id for run in runs]
+    models = client.search_logged_models(experiment_ids=[experiment_id])
+    ids = [run.info.run_id for run in runs] + [model.model_id for model in models]
 
     def scrub(text: str) -> str:
-        for run_id in ids:
-            text = text.replace(run_id, "<run id>")
+        for some_id in ids:
+            text = text.replace(some_id, "<id>")
         return text
 
     state: dict[str, Any] = {"runs": {}, "versions": [], "aliases": {}}
@@ -184,8 +185,20 @@ def mlflow_state(client: MlflowClient, experiment_id: str) -> dict[str, Any]:
                     for key in run.data.metrics
                 },
                 "artifacts": _artifacts(client, run.info.run_id),
+                "outputs": [o.step for o in run.outputs.model_outputs] if run.outputs else [],
             }
         )
+    parts = {run.info.run_id: run.data.tags.get(PART_TAG, "parent") for run in runs}
+    state["models"] = sorted(
+        (
+            parts.get(model.source_run_id, "?"), model.name, str(model.status),
+            sorted(model.params.items()),
+            sorted((k, scrub(v)) for k, v in model.tags.items()),
+            sorted((m.key, repr(m.value)) for m in model.metrics or []),
+            sorted(item.path for item in client.list_logged_model_artifacts(model.model_id)),
+        )
+        for model in models
+    )  # fmt: skip
     for model in client.search_registered_models():
         state["aliases"][model.name] = {k: str(v) for k, v in model.aliases.items()}
         for version in client.search_model_versions(f"name = '{model.name}'"):
@@ -626,7 +639,7 @@ def test_the_logged_model_carries_its_code_and_needs_no_project_install(
     reference, trained, tmp_path
 ):
     """The package is on no index: the model must load with numpy and mlflow alone."""
-    model_dir = Path(reference.parent.info.artifact_uri.removeprefix("file://")) / "model"
+    model_dir = _model_dir(reference.client, reference.parent.info.run_id)
     requirements = (model_dir / "requirements.txt").read_text(encoding="utf-8").split()
     np.save(tmp_path / "images.npy", trained.dataset.X_test.astype(np.float32))
     # A fresh interpreter where `mlp` and `pipeline` may come only from an MLflow model's code/
@@ -830,6 +843,8 @@ def _label(client: MlflowClient, method: str, bound: dict[str, Any]) -> str:
         return f"log_artifact {Path(bound['local_path']).name}"
     if method == "log_artifacts":
         return f"log_artifacts {bound.get('artifact_path')}"
+    if method in ("create_logged_model", "finalize_logged_model"):
+        return f"{method} {bound.get('name') or bound.get('status')}"
     if method in ("set_tag", "set_model_version_tag"):
         return f"{method} {bound['key']}"
     return method
@@ -901,7 +916,10 @@ FINAL_STEPS = [
     _slow("set_terminated final"),
     _slow("log_artifact training_curves.png"),
     _slow("log_artifact misclassified.png"),
-    "log_artifacts model",
+    _slow("create_logged_model model"),
+    "log_model_artifacts",
+    _slow("finalize_logged_model READY"),
+    _slow("log_outputs"),
     _slow("set_tag model_uri"),
     _slow("set_tag mlp_pipeline.model_logged"),
     _slow("create_model_version"),
@@ -960,7 +978,8 @@ def test_a_retried_cv_record_resumes_where_it_failed(
 @pytest.mark.parametrize(
     "step",
     [_slow("create_run pipeline"), "create_run cv", _slow("create_run final"),
-     _slow("create_model_version"), _slow("log_artifacts model")],
+     _slow("create_model_version"), _slow("create_logged_model model"),
+     _slow("log_model_artifacts"), _slow("log_outputs")],
 )  # fmt: skip
 def test_a_lost_reply_creates_nothing_twice(reference, fresh, monkeypatch, step, reliability_log):
     """The store did the call but its reply was lost: the retry finds what was made."""
@@ -986,11 +1005,14 @@ def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _em
             "create_run", "log_batch", "set_terminated", "log_artifact", "log_artifacts",
             "set_tag", "set_model_version_tag", "create_model_version", "create_registered_model",
             "set_registered_model_alias", "get_model_version_by_alias", "search_model_versions",
-            "search_runs", "list_artifacts",
+            "search_runs", "list_artifacts", "create_logged_model", "log_model_artifacts",
+            "finalize_logged_model", "log_outputs", "set_logged_model_tags",
+            "search_logged_models",
         ):  # fmt: skip
             Fault(patch, client, f"{method} (never)", calls=steps)
         publish(reference.record, uri, store=(client, experiment_id))
-    reads = ("get_model_version_by_alias", "search_model_versions", "search_runs", "list_artifacts")
+    reads = ("get_model_version_by_alias", "search_model_versions", "search_runs", "list_artifacts",
+             "search_logged_models")  # fmt: skip
     cases = [
         (step, lost_reply)
         for step in dict.fromkeys(steps)
@@ -1016,6 +1038,30 @@ def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _em
     assert failures == [], "\n".join(failures)
 
 
+def test_the_model_is_a_logged_model_of_the_parent(reference, trained):
+    # Arrange
+    client, parent = reference.client, reference.parent
+
+    # Act
+    (model,) = client.search_logged_models(experiment_ids=[reference.experiment_id])
+    files = {item.path for item in client.list_logged_model_artifacts(model.model_id)}
+    mlmodel = Path(model.artifact_location.removeprefix("file://"), "MLmodel").read_text()
+
+    # Assert: what MLflow's own log_model makes: the runs list's Models column, the model page.
+    assert (model.name, str(model.status), model.source_run_id) == (
+        "model", "READY", parent.info.run_id
+    ), model  # fmt: skip
+    assert [o.model_id for o in parent.outputs.model_outputs] == [model.model_id], parent.outputs
+    assert {"MLmodel", "pyfunc_model.py", "artifacts", "code"} <= files, files
+    assert f"model_id: {model.model_id}" in mlmodel, mlmodel
+    assert model.params == {"l2_lambda": str(trained.best["training.l2_lambda"])}, model.params
+    metrics = {m.key: m.value for m in model.metrics}
+    assert metrics == {
+        "test_accuracy": trained.evaluation.accuracy, "test_loss": trained.evaluation.loss
+    }, metrics  # fmt: skip
+    assert parent.data.tags["model_uri"] == f"runs:/{parent.info.run_id}/model", parent.data.tags
+
+
 # ------------------------------------------------------------------------------------ registry
 def test_the_first_version_becomes_the_champion(reference):
     # Assert: the module's publish registered version 1 and crowned it.
@@ -1025,9 +1071,10 @@ def test_the_first_version_becomes_the_champion(reference):
     champion = reference.client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == "1", champion
     assert champion.run_id == reference.parent.info.run_id, "registered from another run"
-    assert champion.source.endswith(f"{reference.parent.info.run_id}/artifacts/model"), (
-        champion.source
-    )
+    (model,) = reference.client.search_logged_models(experiment_ids=[reference.experiment_id])
+    assert champion.source == model.artifact_location, (champion.source, model)
+    versions = json.loads(model.tags["mlflow.modelVersions"])
+    assert versions == [{"name": MODEL_NAME, "version": "1"}], model.tags
 
 
 def test_the_version_tags_say_what_and_where_it_was_tested(reference, trained):
@@ -1136,7 +1183,9 @@ def test_a_champion_whose_recorded_figure_is_nonsense_is_scored_from_its_weights
 
 
 def _model_dir(client: MlflowClient, run_id: str) -> Path:
-    return Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
+    """Where the logged model of ``run_id`` keeps its files (a local store)."""
+    model = logged_model(client, client.get_run(run_id))
+    return Path(model.artifact_location.removeprefix("file://"))
 
 
 def test_a_champion_whose_files_are_gone_stays_and_says_why(reference, fresh, tmp_path):
@@ -1693,7 +1742,8 @@ def test_a_full_artifact_disk_ends_the_parent_failed_and_a_later_publish_finishe
     after = fresh.client.get_run(republished.run_id)
     assert after.info.status == "FINISHED", after.info.status
     assert "error" not in after.data.tags, after.data.tags
-    assert {a.path for a in fresh.client.list_artifacts(republished.run_id)} >= {"model"}
+    model = logged_model(fresh.client, after)
+    assert model is not None and str(model.status) == "READY", model
 
 
 @pytest.mark.slow
