@@ -281,21 +281,23 @@ def _as_completed(
 
     A training starts when a worker takes its task run, not when it is submitted (a pool runs
     as many at once as it has workers): Prefect's task runs say when, asked every
-    :data:`START_POLL` seconds while nothing completes.
+    :data:`START_POLL` seconds however often results arrive.
     """
     completed: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
     for future in futures:
         future.add_done_callback(completed.put)
     waiting = list(futures)  # not seen running yet, in submission order
+    next_poll = time.monotonic() + START_POLL
     for _ in futures:
         while True:
             try:
-                future = completed.get(timeout=START_POLL)
+                future = completed.get(timeout=max(0.0, next_poll - time.monotonic()))
                 break
             except queue.Empty:
                 for started, at in _started(waiting).items():
                     on_start(futures[started], at)
                     waiting.remove(started)
+                next_poll = time.monotonic() + START_POLL
         if future in waiting:  # done before a poll saw it run: its result says when
             waiting.remove(future)
         yield future
@@ -384,7 +386,8 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
             evaluation, predicted = evaluate_task(final, dataset)
             logger.info("test accuracy %.4f (%s)", evaluation.accuracy, label(best))
             test_set = fingerprint_test_set(dataset.X_test, dataset.y_test)
-            record.add_final(final, evaluation, dataset.X_test, dataset.y_test, predicted, test_set)
+            record.add_final(final, evaluation, dataset.X_test, dataset.y_test, predicted,
+                             test_set, dataset.class_names)  # fmt: skip
             summary.update(test_accuracy=evaluation.accuracy, test_loss=evaluation.loss)
         summary["wall_seconds"] = time.perf_counter() - started
         record.finish("FINISHED", summary=summary)

@@ -184,7 +184,7 @@ def plot_confusion_matrix(
     path: str | Path,
     class_names: Sequence[str] | None = None,
 ) -> Path:
-    """The confusion matrix with every count written in its cell.
+    """The confusion matrix, every count written in its cell (up to 20 classes).
 
     Parameters
     ----------
@@ -201,12 +201,13 @@ def plot_confusion_matrix(
     counts = np.asarray(confusion, dtype=np.int64)
     n = counts.shape[0]
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
-    figure = _new_figure(6.5, 5.5)
+    grow = max(0.0, 0.2 * (n - 10))  # EMNIST's 47 or 62 classes need room
+    figure = _new_figure(6.5 + grow, 5.5 + grow)
     axes = figure.add_subplot()
     image = axes.imshow(counts, cmap="Blues")
     figure.colorbar(image, ax=axes, shrink=0.8)
     threshold = counts.max() / 2 if counts.size else 0
-    for true in range(n):
+    for true in range(n if n <= 20 else 0):  # beyond, the colours say it: the digits would not
         for pred in range(n):
             value = counts[true, pred]
             axes.text(
@@ -218,8 +219,9 @@ def plot_confusion_matrix(
                 fontsize=7,
                 color="white" if value > threshold else "black",
             )
-    axes.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0)
-    axes.set_yticks(range(n), names)
+    small = {"fontsize": 7} if n > 20 else {}
+    axes.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 2 else 0, **small)
+    axes.set_yticks(range(n), names, **small)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     accuracy = np.trace(counts) / counts.sum() if counts.sum() else math.nan
@@ -233,8 +235,10 @@ def plot_misclassified(
     y_pred: np.ndarray,
     path: str | Path,
     max_images: int = 36,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """A grid of the first ``max_images`` test errors, each titled "pred P / true T".
+    """A grid of the first ``max_images`` test errors, each titled "pred P / true T" (the
+    classes' names when given).
 
     Parameters
     ----------
@@ -243,6 +247,7 @@ def plot_misclassified(
     y_true, y_pred : np.ndarray, shape (n_samples,)
     path : str or Path
     max_images : int
+    class_names : sequence of str, optional
 
     Returns
     -------
@@ -263,6 +268,12 @@ def plot_misclassified(
         return _save(figure, path)
     # One image of all tiles (a label band above each) instead of one axes per tile: 36 axes
     # under a constrained layout take seconds to draw, one mosaic a fraction of that.
+    # Short names fit a tile's title (EMNIST's letters); long ones (Fashion-MNIST's) would not.
+    short = class_names is not None and max(map(len, class_names)) <= 4
+
+    def name(label: Any) -> str:
+        return str(class_names[int(label)]) if short else str(int(label))
+
     side = int(round(math.sqrt(images.shape[1])))
     band, gap = side // 2, 2
     tile_h, tile_w = side + band + gap, side + gap
@@ -277,7 +288,7 @@ def plot_misclassified(
         axes.text(
             left + side / 2,
             top - 1,
-            f"pred {int(y_pred[index])} / true {int(y_true[index])}",
+            f"pred {name(y_pred[index])} / true {name(y_true[index])}",
             ha="center",
             va="bottom",
             fontsize=8,

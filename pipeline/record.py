@@ -40,7 +40,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import metadata
@@ -431,11 +431,13 @@ class RunRecord:
         test_labels: np.ndarray,
         predicted: np.ndarray,
         test_set: str,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         """The final model (weights, normalizer), its test evaluation and figures.
 
         ``final`` is a :class:`pipeline.training.FinalModel`; ``test_images`` are raw pixels,
-        shape (n_test, 784); ``test_set`` the fingerprint of the test set it was scored on.
+        shape (n_test, 784); ``test_set`` the fingerprint of the test set it was scored on;
+        ``class_names`` label the figures.
         """
         with _writing(self.folder / "final"):  # the files written by other modules
             (self.folder / "final").mkdir(exist_ok=True)
@@ -449,10 +451,14 @@ class RunRecord:
                     final.history, self.folder / "training_curves.png", self._chosen_curves()
                 ),
                 plots.plot_confusion_matrix(
-                    evaluation.confusion, self.folder / "confusion_matrix.png"
+                    evaluation.confusion, self.folder / "confusion_matrix.png", class_names
                 ),
                 plots.plot_misclassified(
-                    test_images, test_labels, predicted, self.folder / "misclassified.png"
+                    test_images,
+                    test_labels,
+                    predicted,
+                    self.folder / "misclassified.png",
+                    class_names=class_names,
                 ),
             ]
         write_json(

@@ -8,6 +8,8 @@ pipeline like the built-in datasets: a fingerprint of their content, read-only, 
 
 EMNIST is stored transposed; its images are turned upright here, as the EMNIST paper shows them.
 Labels are torchvision's: EMNIST ``letters`` counts 1..26 (class 0, ``N/A``, is never used).
+QMNIST's test split is torchvision's ``test``: all 60,000 QMNIST test images, the 10,000 that
+reconstruct MNIST's test set among them (accuracies are not comparable with MNIST's).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ def _torchvision_datasets() -> Any:
         raise DataError(
             f"the torchvision datasets ({', '.join(NAMES)}) need torchvision: {EXTRA_HINT}"
         ) from None
+    except Exception as exc:  # e.g. RuntimeError "operator torchvision::nms does not exist"
+        raise DataError(
+            f"torchvision is installed but does not load ({' '.join(str(exc).split())}): its "
+            "wheel needs the torch build it was made for; on a CPU-only machine install both "
+            "from PyTorch's CPU index"
+        ) from None
     return torchvision.datasets
 
 
@@ -108,6 +116,9 @@ def _open(
     datasets = _torchvision_datasets()
     cls = getattr(datasets, spec.class_name)
     kwargs = {"split": spec.split} if spec.split else {}
+    folder = raw_folder(spec.name, root)
+    # torchvision downloads only what is missing: with files there, a failure is in reading them.
+    present = folder.is_dir() and any(folder.iterdir())
     tried: list[str] = []
     for mirrored in [_mirrored(cls, base) for base in bases if download] or [cls]:
         try:
@@ -117,8 +128,7 @@ def _open(
         # torchvision checks a file's format with assert statements.
         except (RuntimeError, URLError, OSError, ValueError, TypeError, AssertionError) as exc:
             tried.append(" ".join(str(exc).split()) or type(exc).__name__)
-    folder = raw_folder(spec.name, root)
-    if not download and folder.is_dir() and any(folder.iterdir()):
+    if present:
         raise DataError(f"{spec.name}: torchvision cannot read {folder}/ ({'; '.join(tried)})")
     if not download:
         raise DataError(

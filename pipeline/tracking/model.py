@@ -147,7 +147,7 @@ def _resolve(client: Any, model_uri: str) -> tuple[str, str | None]:
         run_id, _, path = rest.partition("/")
         model = logged_model(client, client.get_run(run_id)) if path == MODEL_NAME else None
         # Models logged before they were logged models are the run's artifacts.
-        return (model_uri if model is None else model.artifact_location), run_id
+        return (model_uri if model is None else _files(model)), run_id
     if scheme != "models":
         return model_uri, None
     name, at, alias = rest.partition("@")
@@ -156,13 +156,27 @@ def _resolve(client: Any, model_uri: str) -> tuple[str, str | None]:
     elif "/" in name:
         name, _, number = name.rpartition("/")
         version = client.get_model_version(name, number)
-    else:  # models:/<model id>
+    elif name.startswith("m-"):  # models:/<logged model id>
         model = client.get_logged_model(name)
-        return model.artifact_location, model.source_run_id
+        return _files(model), model.source_run_id
+    else:
+        raise PipelineError(
+            "name a version (models:/NAME/VERSION) or an alias (models:/NAME@ALIAS)"
+        )
     source = version.source
     if source.startswith("models:/"):  # a logged model's version (versions from before: a path)
-        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+        source = _files(client.get_logged_model(source.removeprefix("models:/")))
     return source, version.run_id
+
+
+def _files(model: Any) -> str:
+    """Where a logged model's files are; PipelineError if they are not all there yet."""
+    if str(model.status) != "READY":
+        raise PipelineError(
+            f"logged model {model.model_id} is {model.status}: its upload did not finish "
+            "(`mlp-pipeline publish` on its run record finishes it)"
+        )
+    return model.artifact_location
 
 
 def accuracy(network: MLP, normalizer: Normalizer, images: np.ndarray, labels: np.ndarray):

@@ -328,18 +328,20 @@ def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, hi
 
     Its start and end are those of the training; each metric point carries its epoch's end.
     """
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     ended = _ended(history)
     end = ended[-1] if ended and ended[-1] else None
+    missing_tags = []
     if existing is None:
         start = end - int(seconds * 1000) if end is not None else None
         run_id = _new_child(client, experiment_id, parent_id, name, tags, start)
-    else:
+    else:  # made when the training started: the result's tags (pruned, diverged) are new
         run_id = existing.info.run_id
+        missing_tags = [RunTag(k, v) for k, v in tags.items() if existing.data.tags.get(k) != v]
     points = _epoch_points(client, run_id if existing else None, history)
     points += _points({key: (value, end or 0) for key, value in summary.items()})
-    _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()])
+    _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()], missing_tags)
     client.log_inputs(run_id, inputs)  # before FINISHED: a finished child is never revisited
     client.set_terminated(run_id, "FINISHED", end_time=end)
 
@@ -371,12 +373,12 @@ def _started_child(client, experiment_id, parent_id, existing, name, tags, param
     from mlflow.entities import Param
 
     if existing is None:
-        run_id = _new_child(client, experiment_id, parent_id, name, tags, start)
-        _log(client, run_id, [], [Param(k, _text(v)) for k, v in params.items()])
+        run_id, logged = _new_child(client, experiment_id, parent_id, name, tags, start), {}
     elif existing.info.status == "RUNNING":
-        run_id = existing.info.run_id
+        run_id, logged = existing.info.run_id, existing.data.params
     else:
         return
+    _log(client, run_id, [], [Param(k, _text(v)) for k, v in params.items() if k not in logged])
     if run["status"] != "RUNNING":
         client.set_terminated(run_id, run["status"], end_time=run["end_time"])
 
@@ -425,9 +427,11 @@ def _points(
             for k, (v, at) in metrics.items() if k not in present]  # fmt: skip
 
 
-def _log(client: Any, run_id: str, metrics: list[Any], params: list[Any] = ()) -> None:
-    if metrics or params:
-        client.log_batch(run_id, metrics=metrics, params=list(params))
+def _log(
+    client: Any, run_id: str, metrics: list[Any], params: list[Any] = (), tags: list[Any] = ()
+) -> None:
+    if metrics or params or tags:
+        client.log_batch(run_id, metrics=metrics, params=list(params), tags=list(tags))
 
 
 def _text(value: Any) -> str:

@@ -105,6 +105,17 @@ def test_confusion_matrix(tmp_path):
     _read_png(plots.plot_confusion_matrix(confusion, tmp_path / "cm-names.png", names))
 
 
+def test_a_confusion_matrix_of_many_classes_gets_room(tmp_path):
+    # EMNIST balanced: 47 classes; the figure grows with them instead of crowding 10 classes' room.
+    rng = np.random.default_rng(0)
+    names = [str(i) for i in range(10)] + [chr(c) for c in range(ord("A"), ord("A") + 37)]
+    few = _read_png(plots.plot_confusion_matrix(rng.integers(0, 9, (10, 10)), tmp_path / "a.png"))
+    many = _read_png(
+        plots.plot_confusion_matrix(rng.integers(0, 9, (47, 47)), tmp_path / "b.png", names)
+    )
+    assert many.shape[0] > 1.5 * few.shape[0] and many.shape[1] > 1.5 * few.shape[1]
+
+
 @pytest.mark.parametrize("n_wrong", [0, 5, 50])
 def test_misclassified(tmp_path, n_wrong):
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ accuracy, a part missing) copy the module's record and edit the copy's JSON thro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import inspect
 import json
@@ -622,6 +623,23 @@ def test_load_network_reads_the_weights_and_the_dataset(reference, trained):
         for mine, theirs in zip(network.params, weights.params, strict=True):
             np.testing.assert_array_equal(mine, theirs, err_msg=uri)
         assert normalizer.to_dict() == trained.final.normalizer.to_dict(), uri
+
+
+def test_a_models_uri_without_version_or_alias_says_what_it_needs(reference):
+    with pytest.raises(PipelineError, match=r"name a version \(models:/NAME/VERSION\)"):
+        load_network(f"models:/{MODEL_NAME}", reference.uri)
+
+
+def test_a_half_uploaded_model_is_refused_in_one_line(reference, fresh, monkeypatch):
+    # Arrange: the upload of the model's files failed; its logged model stays PENDING.
+    fault = _publish_with_fault(reference.record, fresh.uri, monkeypatch, "log_model_artifacts")
+    monkeypatch.undo()
+    (parent,) = _runs(fresh.client, _experiment_id(fresh.client), "pipeline")
+
+    # Act / Assert
+    with pytest.raises(PipelineError, match="is PENDING: its upload did not finish") as info:
+        load_network(f"runs:/{parent.info.run_id}/model", fresh.uri)
+    assert "\n" not in str(info.value) and fault.fired, str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -1493,6 +1511,41 @@ def test_a_run_stopped_mid_training_ends_its_started_fold_runs_as_it_ended(train
     (child,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
     assert (child.info.status, child.info.start_time) == ("KILLED", started), child.info
     assert child.info.end_time == record.run()["end_time"], child.info
+
+
+def test_a_started_fold_pruned_or_diverged_gets_its_tags_when_its_result_comes(trained, fresh):
+    # Arrange: a halving candidate pruned after its first epoch; its run made at the start.
+    record, result, _ = _fold_started(trained)
+    publish(record, fresh.uri)
+    pruned = dataclasses.replace(result, budget=1)
+
+    # Act
+    record.add_fold(pruned)
+    publish(record, fresh.uri)
+
+    # Assert
+    (child,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+    assert child.info.status == "FINISHED", child.info
+    assert child.data.tags["pruned_at_epoch"] == "1", child.data.tags
+
+
+@pytest.mark.parametrize(("step", "lost_reply"),
+                         [("create_run cv", True), ("log_batch cv", False)])  # fmt: skip
+def test_a_started_folds_run_failed_half_way_gets_its_params_on_the_retry(
+    trained, fresh, monkeypatch, step, lost_reply
+):
+    # Arrange + Act: the first publish of a started training fails at ``step``.
+    record, result, started = _fold_started(trained)
+    _publish_with_fault(record, fresh.uri, monkeypatch, step, lost_reply)
+    monkeypatch.undo()
+    record.finish("KILLED", error="interrupted (SIGTERM)")
+    publish(record, fresh.uri)
+
+    # Assert: one run, its params, ended with the execution.
+    (child,) = _runs(fresh.client, _experiment_id(fresh.client), "cv")
+    params = {"l2_lambda": str(result.l2_lambda), "fold": str(result.fold)}
+    assert child.data.params == params, child.data.params
+    assert (child.info.status, child.info.start_time) == ("KILLED", started), child.info
 
 
 def test_a_tampered_fold_start_is_refused(trained):

@@ -195,7 +195,8 @@ def test_without_download_a_missing_dataset_says_how_to_get_it(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x00\x08\x09" + bytes(8), b"not IDX at all"])
-def test_a_broken_raw_file_is_one_error_line(kmnist_mirror, tmp_path, content):
+@pytest.mark.parametrize("download", [False, True])  # with the files there: nothing to fetch
+def test_a_broken_raw_file_is_one_error_line(kmnist_mirror, tmp_path, content, download):
     # Arrange: downloaded, then one of the files torchvision reads broken.
     root = tmp_path / "data"
     data.load_dataset("kmnist", root)
@@ -204,7 +205,7 @@ def test_a_broken_raw_file_is_one_error_line(kmnist_mirror, tmp_path, content):
 
     # Act
     with pytest.raises(DataError) as caught:
-        data.load_dataset("kmnist", root, download=False)
+        data.load_dataset("kmnist", root, download=download)
 
     # Assert
     message = str(caught.value)
@@ -378,3 +379,19 @@ def test_a_27_class_dataset_trains_tracks_and_serves_probabilities(
     labels = model.predict(sample.X_test[:200])
     assert np.mean(labels == sample.y_test[:200] + 1) > 0.8
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_data_verify_checks_the_torchvision_downloads_too(kmnist_mirror, tmp_path, cli):
+    # Arrange
+    root = tmp_path / "data"
+    data.load_dataset("kmnist", root)
+
+    # Act: every dataset found, then one download damaged.
+    code, out, _ = cli(["data", "verify", "--data-dir", str(root)])
+    (root / "KMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"damaged")
+    bad_code, bad_out, bad_err = cli(["data", "verify", "--data-dir", str(root)])
+
+    # Assert
+    assert code == 0 and out.count(" ok") == 4 + 4, out  # the bundled sample's 4 arrays too
+    assert "KMNIST/raw/t10k-labels-idx1-ubyte.gz" in out, out
+    assert bad_code == 2 and "MISMATCH" in bad_out, (bad_out, bad_err)
