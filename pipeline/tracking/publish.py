@@ -461,11 +461,16 @@ def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) ->
     if parent.data.tags.get(MODEL_TAG) == "true":
         return None if model is None else model.model_id
     if model is None:
-        model = client.create_logged_model(parent.info.experiment_id, name=MODEL_NAME,
-                                           source_run_id=run_id,
-                                           params={"l2_lambda": _text(final["l2_lambda"]),
-                                                   **{k: _text(v) for k, v in
-                                                      final["settings"].items()}})  # fmt: skip
+        # Who and what made it, as MLflow's log_model tags a model from its run's context.
+        made_by = ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit")
+        params = {"l2_lambda": final["l2_lambda"], **final["settings"]}
+        model = client.create_logged_model(
+            parent.info.experiment_id,
+            name=MODEL_NAME,
+            source_run_id=run_id,
+            params={key: _text(value) for key, value in params.items()},
+            tags={key: value for key, value in parent.data.tags.items() if key in made_by},
+        )
     if model.status != LoggedModelStatus.READY:
         with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
             built = build_pyfunc(folder / "final", final["input_example"], Path(tmp) / "model",

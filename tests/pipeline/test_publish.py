@@ -1073,6 +1073,8 @@ def test_the_model_is_a_logged_model_of_the_parent(reference, trained):
     assert {"MLmodel", "pyfunc_model.py", "artifacts", "code"} <= files, files
     assert f"model_id: {model.model_id}" in mlmodel, mlmodel
     assert model.params == {"l2_lambda": str(trained.best["training.l2_lambda"])}, model.params
+    made_by = {k: parent.data.tags[k] for k in ("mlflow.user", "mlflow.source.name")}
+    assert made_by.items() <= model.tags.items(), model.tags
     metrics = {m.key: m.value for m in model.metrics}
     assert metrics == {
         "test_accuracy": trained.evaluation.accuracy, "test_loss": trained.evaluation.loss
