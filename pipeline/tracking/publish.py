@@ -144,8 +144,9 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             CV_FIGURES * (cv is not None) + FINAL_FIGURES * (final is not None))  # fmt: skip
     model_id = None
     if final is not None:
-        model_id = _log_model(client, parent, record.folder, final)
-        registration = _register(client, uri, parent, run, config, final, cv is not None)
+        description = _model_description(run, config, final, cv is not None)
+        model_id = _log_model(client, parent, record.folder, final, description)
+        registration = _register(client, uri, parent, run, config, final, description)
     if "wall_seconds" in run["summary"] and run["end_time"]:
         metrics["wall_seconds"] = (run["summary"]["wall_seconds"], run["end_time"])
     # The test metrics belong to the model too: its page and the Models list show them.
@@ -450,7 +451,9 @@ def _upload(client, run_id, uploaded, folder, texts: dict[str, str], files: list
             client.log_artifact(run_id, str(folder / name))
 
 
-def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) -> str | None:
+def _log_model(
+    client: Any, parent: Any, folder: Path, final: dict[str, Any], description: str
+) -> str | None:
     """The pyfunc model as an MLflow logged model of the parent (``runs:/<parent id>/model``,
     the runs list's Models column): created, uploaded whole, READY, an output of the run.
     Returns its id (None: logged as run artifacts by an earlier version of this package)."""
@@ -469,7 +472,10 @@ def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) ->
             name=MODEL_NAME,
             source_run_id=run_id,
             params={key: _text(value) for key, value in params.items()},
-            tags={key: value for key, value in parent.data.tags.items() if key in made_by},
+            tags={
+                **{key: value for key, value in parent.data.tags.items() if key in made_by},
+                "mlflow.note.content": description,
+            },  # fmt: skip
         )
     if model.status != LoggedModelStatus.READY:
         with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
@@ -485,7 +491,22 @@ def _log_model(client: Any, parent: Any, folder: Path, final: dict[str, Any]) ->
     return model.model_id
 
 
-def _register(client, uri, parent, run, config, final, cv_ran) -> Registration | None:
+def _model_description(run, config, final, cv_ran: bool) -> str:
+    """What the model is and how it scored: the logged model's and its versions' description."""
+    evaluation, dataset = final["evaluation"], run["dataset"]["name"]
+    chosen = {L2_KEY: final["l2_lambda"], **final["settings"]}
+    chosen_by = f"chosen by {config.cv.folds}-fold cross-validation" if cv_ran else "given"
+    hidden = candidate_config(config, chosen).model.hidden_sizes
+    n_classes = len(evaluation["confusion"])
+    shape = "-".join(map(str, [len(final["input_example"][0]), *hidden, n_classes]))
+    return (
+        f"A {shape} MLP trained on {dataset} ({label(chosen)}, {chosen_by}); test accuracy "
+        f"{evaluation['accuracy']:.4f} on {evaluation['n_samples']:,} images. "
+        f"Run record {run['id']}."
+    )
+
+
+def _register(client, uri, parent, run, config, final, description) -> Registration | None:
     """Register the parent's model once; the registration's tags on the parent mark it done."""
     name = config.tracking.registered_model_for(run["dataset"]["name"])
     tags = parent.data.tags
@@ -495,7 +516,6 @@ def _register(client, uri, parent, run, config, final, cv_ran) -> Registration |
         return Registration(name, tags["registered_model_version"], tags["champion"] == "true",
                             tags.get("champion_comparison", ""))  # fmt: skip
     evaluation, dataset = final["evaluation"], run["dataset"]["name"]
-    chosen = {L2_KEY: final["l2_lambda"], **final["settings"]}
     version_tags = {
         "test_accuracy": repr(evaluation["accuracy"]),
         "test_set": final["test_set"],
@@ -506,15 +526,6 @@ def _register(client, uri, parent, run, config, final, cv_ran) -> Registration |
         **{key: str(value) for key, value in final["settings"].items()},
         **({"git_commit": run["git_commit"]} if run.get("git_commit") else {}),
     }
-    chosen_by = f"chosen by {config.cv.folds}-fold cross-validation" if cv_ran else "given"
-    hidden = candidate_config(config, chosen).model.hidden_sizes
-    n_classes = len(evaluation["confusion"])
-    shape = "-".join(map(str, [len(final["input_example"][0]), *hidden, n_classes]))
-    description = (
-        f"A {shape} MLP trained on {dataset} ({label(chosen)}, {chosen_by}); test accuracy "
-        f"{evaluation['accuracy']:.4f} on {evaluation['n_samples']:,} images. "
-        f"Run record {run['id']}."
-    )
 
     def test_set() -> Any:
         from pipeline.data import load_test_set

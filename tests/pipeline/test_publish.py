@@ -1075,6 +1075,10 @@ def test_the_model_is_a_logged_model_of_the_parent(reference, trained):
     assert model.params == {"l2_lambda": str(trained.best["training.l2_lambda"])}, model.params
     made_by = {k: parent.data.tags[k] for k in ("mlflow.user", "mlflow.source.name")}
     assert made_by.items() <= model.tags.items(), model.tags
+    # Its description (the page's, the Models list's) is its registered version's.
+    version = client.get_model_version(MODEL_NAME, "1")
+    assert model.tags["mlflow.note.content"] == version.description, model.tags
+    assert version.description.startswith("A 784-8-10 MLP trained on mnist-sample"), version
     metrics = {m.key: m.value for m in model.metrics}
     assert metrics == {
         "test_accuracy": trained.evaluation.accuracy, "test_loss": trained.evaluation.loss
