@@ -15,7 +15,6 @@ reconstruct MNIST's test set among them (accuracies are not comparable with MNIS
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 from collections.abc import Sequence
@@ -208,7 +207,8 @@ def verify(name: str, root: Path) -> list[dict[str, Any]]:
     Returns rows ``file``, ``expected``, ``actual`` and ``ok``, as
     :func:`pipeline.data.verify_dataset` does.
     """
-    cls = getattr(_torchvision_datasets(), SPECS[name].class_name)
+    datasets = _torchvision_datasets()
+    cls = getattr(datasets, SPECS[name].class_name)
     if hasattr(cls, "splits"):
         expected = [(os.path.basename(cls.url), cls.md5)]
     elif isinstance(cls.resources, dict):
@@ -224,16 +224,6 @@ def verify(name: str, root: Path) -> list[dict[str, Any]]:
         path = folder / filename
         if not path.is_file():
             raise DataError(f"{path}: not found (torchvision keeps its downloads there)")
-        digest = hashlib.md5(usedforsecurity=False)
-        with path.open("rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-        rows.append(
-            {
-                "file": str(path),
-                "expected": md5,
-                "actual": digest.hexdigest(),
-                "ok": digest.hexdigest() == md5,
-            }
-        )
+        actual = datasets.utils.calculate_md5(path)
+        rows.append({"file": str(path), "expected": md5, "actual": actual, "ok": actual == md5})
     return rows

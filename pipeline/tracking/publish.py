@@ -142,18 +142,20 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         }, [_dataset_input(run["dataset"], "train", "training")])  # fmt: skip
     _upload(client, parent_id, uploaded, record.folder, texts,
             CV_FIGURES * (cv is not None) + FINAL_FIGURES * (final is not None))  # fmt: skip
-    model_id = None
+    model = None
     if final is not None:
         description = _model_description(run, config, final, cv is not None)
-        model_id = _log_model(client, parent, record.folder, final, description)
-        registration = _register(client, uri, parent, run, config, final, description)
+        model = _log_model(client, parent, record.folder, final, description)
+        registration = _register(client, uri, parent, run, config, final, description, model)
     if "wall_seconds" in run["summary"] and run["end_time"]:
         metrics["wall_seconds"] = (run["summary"]["wall_seconds"], run["end_time"])
     # The test metrics belong to the model too: its page and the Models list show them.
     _log(
         client,
         parent_id,
-        _points(metrics, parent.data.metrics, model_id, ("test_accuracy", "test_loss")),
+        _points(
+            metrics, parent.data.metrics, model and model.model_id, ("test_accuracy", "test_loss")
+        ),
     )
     note = _description(run, config, cv, final, registration)
     if parent.data.tags.get("mlflow.note.content") != note:
@@ -453,16 +455,16 @@ def _upload(client, run_id, uploaded, folder, texts: dict[str, str], files: list
 
 def _log_model(
     client: Any, parent: Any, folder: Path, final: dict[str, Any], description: str
-) -> str | None:
+) -> Any:
     """The pyfunc model as an MLflow logged model of the parent (``runs:/<parent id>/model``,
     the runs list's Models column): created, uploaded whole, READY, an output of the run.
-    Returns its id (None: logged as run artifacts by an earlier version of this package)."""
+    Returns it (None: logged as run artifacts by an earlier version of this package)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     run_id = parent.info.run_id
     model = logged_model(client, parent)
     if parent.data.tags.get(MODEL_TAG) == "true":
-        return None if model is None else model.model_id
+        return model
     if model is None:
         # Who and what made it, as MLflow's log_model tags a model from its run's context.
         made_by = ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit")
@@ -488,7 +490,7 @@ def _log_model(
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
     client.set_tag(run_id, "model_uri", f"runs:/{run_id}/{MODEL_NAME}")
     client.set_tag(run_id, MODEL_TAG, "true")
-    return model.model_id
+    return model
 
 
 def _model_description(run, config, final, cv_ran: bool) -> str:
@@ -506,7 +508,7 @@ def _model_description(run, config, final, cv_ran: bool) -> str:
     )
 
 
-def _register(client, uri, parent, run, config, final, description) -> Registration | None:
+def _register(client, uri, parent, run, config, final, description, model) -> Registration | None:
     """Register the parent's model once; the registration's tags on the parent mark it done."""
     name = config.tracking.registered_model_for(run["dataset"]["name"])
     tags = parent.data.tags
@@ -536,7 +538,7 @@ def _register(client, uri, parent, run, config, final, description) -> Registrat
                                  progress=False)  # fmt: skip
         return None
 
-    registration = register(client, uri, name, parent, version_tags, test_set, description)
+    registration = register(client, uri, name, parent, version_tags, test_set, description, model)
     for key, value in {
         "registered_model": name,
         "registered_model_version": registration.version,

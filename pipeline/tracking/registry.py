@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.tracking.model import MODEL_NAME, accuracy, load_network, logged_model
+from pipeline.tracking.model import MODEL_NAME, accuracy, load_network
 from pipeline.tracking.store import one_line, store_lock
 
 CHAMPION = "champion"
@@ -39,17 +39,19 @@ def register(
     tags: dict[str, str],
     test_set: Callable[[], tuple[np.ndarray, np.ndarray] | None],
     description: str = "",
+    model: Any = None,
 ) -> Registration:
     """Register the ``model`` of ``run`` (once) and give it the alias if it beats the champion.
 
-    ``tags`` go on the version and must hold ``test_accuracy`` and ``test_set``; so does
-    ``description``. ``test_set`` returns this version's test images and labels, for scoring a
-    champion tested elsewhere (None when they cannot be loaded).
+    ``model``: the run's logged model (None: a model logged as the run's artifacts, before
+    models were logged models). ``tags`` go on the version and must hold ``test_accuracy`` and
+    ``test_set``; so does ``description``. ``test_set`` returns this version's test images and
+    labels, for scoring a champion tested elsewhere (None when they cannot be loaded).
     """
     # One registration at a time per local store: choosing the champion reads the current one,
     # then moves the alias; two pipelines at once could both see no champion.
     with store_lock(tracking_uri):
-        version = _version_of(client, name, run)
+        version = _version_of(client, name, run, model)
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         if description:
@@ -58,11 +60,10 @@ def register(
     return Registration(name, version, champion, note)
 
 
-def _version_of(client: Any, name: str, run: Any) -> str:
-    """The version registered from ``run``, created if there is none yet."""
+def _version_of(client: Any, name: str, run: Any, model: Any) -> str:
+    """The version registered from ``run`` (its logged ``model``), created if there is none yet."""
     from mlflow.exceptions import MlflowException
 
-    model = logged_model(client, run)
     found = [v for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")
              if v.name == name]  # fmt: skip
     if found:
