@@ -443,11 +443,9 @@ def _text(value: Any) -> str:
 
 def _upload(client, run_id, uploaded, folder, texts: dict[str, str], files: list[str]) -> None:
     """Upload the texts and the record's files that ``run_id`` does not list yet."""
-    with tempfile.TemporaryDirectory(prefix="mlp-pipeline-") as tmp:
-        for name, text in texts.items():
-            if name not in uploaded:
-                (Path(tmp) / name).write_text(text, encoding="utf-8")
-                client.log_artifact(run_id, str(Path(tmp) / name))
+    for name, text in texts.items():
+        if name not in uploaded:
+            client.log_text(run_id, text, name)
     for name in files:
         if name not in uploaded:
             client.log_artifact(run_id, str(folder / name))
