@@ -308,10 +308,10 @@ def _print_cv_table(title: str, table: Any, best: dict[str, Any]) -> None:
     has only lambda, mean accuracy and mean loss.
     """
     from pipeline.search import candidate_id
-    from pipeline.selection import candidate_of, ranked, searched_columns
+    from pipeline.selection import candidate_of, pruned, ranked, searched_columns
 
     settings = searched_columns(table)
-    budget = "budget" in table and table["budget"].nunique() > 1  # halving: epochs reached
+    budget = bool(pruned(table).any())  # halving: the epochs each candidate reached
     diverged = "diverged_folds" in table and bool(table["diverged_folds"].fillna(0).any())
     if "n_folds" in table:
         table = ranked(table)

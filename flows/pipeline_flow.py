@@ -32,7 +32,15 @@ from pipeline.errors import PipelineError
 from pipeline.progress import reporter
 from pipeline.record import FoldCache, RunRecord, check_cache_dir, fold_key
 from pipeline.results import FoldResult
-from pipeline.search import L2_KEY, candidate_config, candidate_id, candidates, label, rungs
+from pipeline.search import (
+    L2_KEY,
+    candidate_config,
+    candidate_id,
+    candidates,
+    full_epochs,
+    label,
+    rungs,
+)
 from pipeline.selection import cv_table, ranked, select_candidate
 from pipeline.threads import cpu_count, set_blas_threads
 from pipeline.tracking.publish import LivePublisher, recorded
@@ -205,11 +213,12 @@ def _train_rung(
         record.add_fold_start(jobs[item], item[1], at)
         publisher.request()
 
-    budget = stop or config.training.epochs
     for item, key in keys.items():
+        full = full_epochs(config, jobs[item])
+        budget = stop or full
         hit = cache.get(key) if config.execution.resume else None
         if hit is not None and hit.budget is None:  # written before halving existed: all epochs
-            hit = dataclasses.replace(hit, budget=config.training.epochs)
+            hit = dataclasses.replace(hit, budget=full)
         # An entry copied under another key is sealed but not this training's result.
         if hit is not None and (candidate_id(hit.candidate), hit.fold, hit.budget) == (
             *item,

@@ -29,6 +29,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
 
 L2_KEY = "training.l2_lambda"
+EPOCHS_KEY = "training.epochs"
 MAX_CANDIDATES = 10_000  # each is validated as a whole config, and trained on every fold
 Candidate = dict[str, Any]
 
@@ -133,6 +134,11 @@ def candidate_config(config: PipelineConfig, candidate: Candidate) -> PipelineCo
 def candidate_id(candidate: Candidate) -> str:
     """A short name for the candidate, from its values alone (for file names and MLflow tags)."""
     return hashlib.sha256(_canonical(candidate).encode()).hexdigest()[:12]
+
+
+def full_epochs(config: PipelineConfig, candidate: Candidate) -> int:
+    """The epochs a candidate trains in all: its own when the space searches them."""
+    return int(candidate.get(EPOCHS_KEY, config.training.epochs))
 
 
 def other_settings(candidate: Candidate) -> Candidate:

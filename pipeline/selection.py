@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.results import FoldResult
-from pipeline.search import L2_KEY, candidate_id
+from pipeline.search import EPOCHS_KEY, L2_KEY, candidate_id
 
 SELECTION_RULES = ("best", "one-se")
 
@@ -168,13 +168,25 @@ def select_candidate(table: pd.DataFrame, rule: str = "best") -> dict[str, Any]:
     return candidate_of(chosen, searched_columns(table))
 
 
+def pruned(table: pd.DataFrame) -> pd.Series:
+    """Whether each row stopped below its full budget: successive halving pruned it.
+
+    The full budget is the row's own ``training.epochs`` when the space searches it (grid or
+    random: halving refuses it), else the table's largest (the last rung's). No budget: a
+    result recorded before halving existed, trained every epoch.
+    """
+    if "budget" not in table:
+        return pd.Series(False, index=table.index)
+    full = table[EPOCHS_KEY].astype(float) if EPOCHS_KEY in table else table["budget"].max()
+    return table["budget"].notna() & (table["budget"] < full)
+
+
 def _eligible(table: pd.DataFrame) -> pd.Series:
     return (
         (table["n_folds"] == table["n_folds"].max())
         & (table["diverged_folds"] == 0)
         & table["mean_val_accuracy"].notna()
-        # No budget: a result recorded before halving existed, trained the full epochs.
-        & (table["budget"].isna() | (table["budget"] == table["budget"].max()))
+        & ~pruned(table)
     )
 
 

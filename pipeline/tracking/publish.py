@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
-from pipeline.search import L2_KEY, candidate_config, candidate_id, label
+from pipeline.search import EPOCHS_KEY, L2_KEY, candidate_config, candidate_id, label
 from pipeline.selection import mean_curves, ranked
 from pipeline.tracking.model import MODEL_NAME, build_pyfunc, logged_model
 from pipeline.tracking.registry import Registration, register
@@ -301,7 +301,7 @@ def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
     tags = (
         {"diverged": "true", "diverged_message": result.message[:5000]} if result.diverged else {}
     )
-    if result.budget is not None and result.budget < epochs:
+    if result.budget is not None and result.budget < result.settings.get(EPOCHS_KEY, epochs):
         tags["pruned_at_epoch"] = str(result.budget)
     return {
         "tags": tags,

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from threadpoolctl import threadpool_limits
 
-from flows.pipeline_flow import mlp_pipeline
+from flows.pipeline_flow import cv_flow, mlp_pipeline
 from pipeline.config import preset
 from pipeline.record import FoldCache, RunRecord, fold_key
 from pipeline.search import L2_KEY, candidates, rungs
@@ -147,6 +147,33 @@ def test_a_second_run_trains_nothing(halving, tmp_path):
     assert (again["trained_folds"], again["cached_folds"]) == (0, 11 * config.cv.folds), again
     assert again["best"] == summary["best"]
     assert again["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_a_grid_over_the_epoch_count_prunes_nothing_and_resumes_from_the_cache(
+    prefect_api_url, tmp_path, _empty_store, sample_flow_config
+):
+    """Each candidate's full budget is its own ``training.epochs``: the shorter one is neither
+    pruned (table, MLflow tags) nor trained again by the same command."""
+    database = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_store, database)
+    uri = f"sqlite:///{database}"
+    config = sample_flow_config(tmp_path / "cache", uri, **{
+        "cv.l2_lambdas": [1e-4], "search.space": {"training.epochs": [1, 3]}})  # fmt: skip
+
+    first = cv_flow(config)
+    again = cv_flow(config)
+
+    table = pd.DataFrame(first["cv_table"])
+    assert sorted(table["budget"]) == [1, 3], table
+    assert first["best"] == select_candidate(table), first["best"]
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(first["published"].run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2 * config.cv.folds, children
+    assert not [run.data.tags for run in children if "pruned_at_epoch" in run.data.tags]
+    assert (again["trained_folds"], again["cached_folds"]) == (0, 2 * config.cv.folds), again
 
 
 def test_the_record_folder_names_every_candidate(halving):

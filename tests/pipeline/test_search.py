@@ -15,7 +15,7 @@ from pipeline.folds import fold_seed
 from pipeline.record import _canonical, fold_key, package_version
 from pipeline.results import FoldResult
 from pipeline.search import L2_KEY, candidate_id, candidates, label, rungs
-from pipeline.selection import cv_table, select_candidate
+from pipeline.selection import cv_table, pruned, select_candidate
 
 LAMBDAS = [1e-4, 1e-3]
 
@@ -269,6 +269,17 @@ def test_a_candidate_pruned_before_the_last_rung_is_never_chosen():
     results += [_result(low, f, 0.90, budget=6) for f in range(2)]
 
     assert select_candidate(cv_table(results)) == low
+
+
+def test_a_searched_epoch_count_is_no_pruning_the_most_accurate_is_chosen():
+    """Grid over ``training.epochs``: each candidate's budget is its own epochs, none pruned."""
+    short, long = {L2_KEY: 1e-3, "training.epochs": 5}, {L2_KEY: 1e-3, "training.epochs": 10}
+    results = [_result(short, f, 0.99, budget=5) for f in range(2)]
+    results += [_result(long, f, 0.90, budget=10) for f in range(2)]
+    table = cv_table(results)
+
+    assert not pruned(table).any(), table[["training.epochs", "budget"]]
+    assert select_candidate(table) == short
 
 
 def test_the_cv_table_has_one_column_per_searched_setting():
