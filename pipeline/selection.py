@@ -154,8 +154,10 @@ def select_candidate(table: pd.DataFrame, rule: str = "best") -> dict[str, Any]:
         raise PipelineError(f"unknown selection rule {rule!r}; choose one of {SELECTION_RULES}")
     eligible = table[_eligible(table)]
     if eligible.empty:
+        # Successive halving: the pruned candidates did not diverge, the survivors all did.
+        which = "of the last rung " if pruned(table).any() else ""
         raise PipelineError(
-            "every candidate diverged in at least one fold: try a smaller training.lr"
+            f"every candidate {which}diverged in at least one fold: try a smaller training.lr"
         )
     best = ranked(eligible).iloc[0]
     chosen = best

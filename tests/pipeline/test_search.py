@@ -3,6 +3,7 @@ successive halving, and the choice among candidates (best, one standard error)."
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -10,7 +11,7 @@ import math
 import pytest
 
 from pipeline.config import build_config, resolve_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.folds import fold_seed
 from pipeline.record import _canonical, fold_key, package_version
 from pipeline.results import FoldResult
@@ -269,6 +270,15 @@ def test_a_candidate_pruned_before_the_last_rung_is_never_chosen():
     results += [_result(low, f, 0.90, budget=6) for f in range(2)]
 
     assert select_candidate(cv_table(results)) == low
+
+
+def test_survivors_that_all_diverged_are_named_as_the_last_rung():
+    pruned_one = _result({L2_KEY: 1e-3, "training.lr": 0.1}, 0, 0.9, budget=2)
+    survivor = {L2_KEY: 1e-3, "training.lr": 0.2}
+    diverged = dataclasses.replace(_result(survivor, 0, 0.9, budget=6), diverged=True)
+
+    with pytest.raises(PipelineError, match="every candidate of the last rung diverged"):
+        select_candidate(cv_table([pruned_one, diverged]))
 
 
 def test_a_searched_epoch_count_is_no_pruning_the_most_accurate_is_chosen():
