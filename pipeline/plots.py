@@ -19,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.selection import pruned
+
 _DPI = 110
 
 
@@ -96,8 +98,11 @@ def _plot_setting(axes: Any, table: pd.DataFrame, setting: str, chosen: Any) -> 
     means = table["mean_val_accuracy"].to_numpy(dtype=float)
     stds = np.nan_to_num(table["std_val_accuracy"].to_numpy(dtype=float), nan=0.0)
     axes.scatter(positions, means, alpha=0.35, color="tab:blue", label="candidates")
-    # The profile: the best candidate at each value.
-    order = pd.DataFrame({"x": positions, "mean": means, "std": stds}).dropna(subset=["mean"])
+    # The profile: the best candidate at each value, of those that trained their full budget (a
+    # candidate pruned by successive halving has the mean of its fewer epochs).
+    full = ~pruned(table).to_numpy()
+    order = pd.DataFrame({"x": positions, "mean": means, "std": stds})[full]
+    order = order.dropna(subset=["mean"])
     top = order.sort_values("mean").groupby("x").tail(1).sort_values("x")
     axes.errorbar(top["x"], top["mean"], yerr=top["std"], marker="o", capsize=4,
                   label="best at each value")  # fmt: skip

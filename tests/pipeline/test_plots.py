@@ -130,3 +130,25 @@ def test_no_pyplot_figures_leak(tmp_path):
     before = plt.get_fignums()
     plots.plot_cv_search(_cv_table([1e-3, 1e-2]), None, tmp_path / "cv.png")
     assert plt.get_fignums() == before, "plots must not register figures with pyplot"
+
+
+def test_the_profile_of_a_halving_search_leaves_out_the_pruned_candidates():
+    """At each value the best candidate that trained every epoch, not a pruned one's mean."""
+    from matplotlib.figure import Figure
+
+    from pipeline.results import FoldResult
+    from pipeline.selection import cv_table
+
+    def result(lr: float, hidden: int, acc: float, budget: int) -> FoldResult:
+        return FoldResult(1e-3, 0, 0, acc, 0.3, acc, 0.2, budget, 1.0,
+                          settings={"training.lr": lr, "model.hidden_sizes": [hidden]},
+                          budget=budget)  # fmt: skip
+
+    # At lr 0.1 a pruned candidate (2 epochs) scored above the survivor (6 epochs).
+    table = cv_table([result(0.1, 16, 0.97, 2), result(0.1, 8, 0.93, 6), result(0.2, 8, 0.91, 6)])
+    axes = Figure().add_subplot()
+
+    plots._plot_setting(axes, table, "training.lr", None)
+
+    (profile,) = axes.containers
+    assert profile.lines[0].get_ydata().tolist() == pytest.approx([0.93, 0.91])
