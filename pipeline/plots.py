@@ -50,8 +50,9 @@ def plot_cv_search(table: pd.DataFrame, best: Mapping[str, Any] | None, path: st
     """Mean validation accuracy against each searched setting, one panel per setting.
 
     In each panel every candidate is a faint point; the line joins, for each value of the
-    setting, the best candidate with that value (error bars one std over its folds). Over
-    lambda alone that is the classic validation curve.
+    setting, the best candidate with that value (error bars one std over its folds) of those
+    that trained their full budget: a value whose candidates successive halving all pruned has
+    no point on it. Over lambda alone that is the classic validation curve.
 
     Parameters
     ----------

@@ -125,8 +125,8 @@ def mean_curves(
 def ranked(table: pd.DataFrame) -> pd.DataFrame:
     """The rows, best first: by mean validation accuracy, ties to the more regularized.
 
-    The eligible candidates come first: every fold present and none diverged, at the largest
-    budget of the table (in successive halving, the candidates that reached the last rung).
+    The eligible candidates come first: every fold present, none diverged and none pruned (in
+    successive halving, the candidates that reached the last rung; see :func:`pruned`).
     """
     keys = pd.DataFrame(
         {
@@ -154,7 +154,7 @@ def select_candidate(table: pd.DataFrame, rule: str = "best") -> dict[str, Any]:
         raise PipelineError(f"unknown selection rule {rule!r}; choose one of {SELECTION_RULES}")
     eligible = table[_eligible(table)]
     if eligible.empty:
-        # Successive halving: the pruned candidates did not diverge, the survivors all did.
+        # Successive halving: every survivor diverged (the pruned candidates never got there).
         which = "of the last rung " if pruned(table).any() else ""
         raise PipelineError(
             f"every candidate {which}diverged in at least one fold: try a smaller training.lr"

@@ -165,7 +165,6 @@ def test_a_grid_over_the_epoch_count_prunes_nothing_and_resumes_from_the_cache(
 
     table = pd.DataFrame(first["cv_table"])
     assert sorted(table["budget"]) == [1, 3], table
-    assert first["best"] == select_candidate(table), first["best"]
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(first["published"].run_id)
     children = client.search_runs(
