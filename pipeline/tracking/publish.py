@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
-from pipeline.search import EPOCHS_KEY, L2_KEY, candidate_config, candidate_id, label
+from pipeline.search import L2_KEY, candidate_config, candidate_id, full_epochs, label
 from pipeline.selection import mean_curves, ranked
 from pipeline.tracking.model import MODEL_NAME, build_pyfunc, logged_model
 from pipeline.tracking.registry import Registration, register
@@ -91,7 +91,7 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
         part = f"fold {fold.fold + 1} of {config.cv.folds}, seed {config.cv.seed}"
         child(_fold_part_key(fold.candidate, fold.fold),
               f"cv {label(fold.candidate)} fold={fold.fold}", "cv",
-              _fold_part(fold, config.training.epochs),
+              _fold_part(fold, full_epochs(config, fold.candidate)),
               [_dataset_input(run["dataset"], "train", "training", f"all but {part}"),
                _dataset_input(run["dataset"], "train", "validation", part)])  # fmt: skip
     recorded = {_fold_part_key(fold.candidate, fold.fold) for fold in folds}
@@ -296,12 +296,12 @@ def _fold_part_key(candidate: dict[str, Any], fold: int) -> str:
 
 
 def _fold_part(result: FoldResult, epochs: int) -> dict[str, Any]:
-    """A fold's child run; ``epochs``: the full budget (a halving candidate pruned before it is
-    tagged with the epoch it stopped at)."""
+    """A fold's child run; ``epochs``: its candidate's full budget (a halving candidate pruned
+    before it is tagged with the epoch it stopped at)."""
     tags = (
         {"diverged": "true", "diverged_message": result.message[:5000]} if result.diverged else {}
     )
-    if result.budget is not None and result.budget < result.settings.get(EPOCHS_KEY, epochs):
+    if result.budget is not None and result.budget < epochs:
         tags["pruned_at_epoch"] = str(result.budget)
     return {
         "tags": tags,
