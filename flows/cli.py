@@ -456,7 +456,16 @@ def cv(
 # ----------------------------------------------------------------------------- train
 @app.command()
 def train(
-    l2: Annotated[float, typer.Option("--l2", help="L2 strength lambda", min=0.0)] = 1e-4,
+    l2: Annotated[
+        float | None,
+        typer.Option(
+            "--l2",
+            help="L2 strength lambda [default: the config's training.l2_lambda if above 0, "
+            "else 1e-4]",
+            min=0.0,
+            show_default=False,
+        ),
+    ] = None,
     preset: Preset = None,
     config: ConfigFile = None,
     set_: SetOption = None,
@@ -488,6 +497,8 @@ def train(
         batch_size=batch_size, seed=seed, limit_train=limit_train, limit_test=limit_test,
         tracking_uri=tracking_uri, experiment=experiment,
     )  # fmt: skip
+    if l2 is None:  # the config's default, 0, is "no lambda chosen" for a search
+        l2 = cfg.training.l2_lambda or 1e-4
     data = load_configured_dataset(cfg.data)
     check_memory(cfg, data)
 
@@ -536,7 +547,8 @@ def publish(
     record = RunRecord(folder)
     run_ = record.run()  # a RecordError (exit 2) when it is not a record
     try:
-        published = publish_record(record, tracking_uri)
+        # The README's order: the flag, the environment, then the store the record names.
+        published = publish_record(record, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     except PipelineError:  # a damaged record, an unusable store: exit 2
         raise
     except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again
@@ -836,7 +848,9 @@ def _library_defaults() -> None:
     data, each fold's result, the choice, the test score), not "Finished in state Completed()"
     once per task run: task runs log their warnings and failures only (set
     PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL=INFO for all, Prefect's retry notices too).
-    No telemetry from offline machines. MLflow's HTTP retries are bounded, so a tracking server
+    No telemetry from offline machines. MLflow's own log lines are off: its errors carry
+    tracebacks (a full disk under the store), and the command reports every MLflow failure
+    itself in one line. MLflow's HTTP retries are bounded, so a tracking server
     lost mid-run costs seconds, not minutes: the run record keeps the results, and
     ``mlp-pipeline publish`` sends them later.
     """
@@ -847,7 +861,7 @@ def _library_defaults() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
-        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "CRITICAL",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     }.items():

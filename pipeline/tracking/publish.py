@@ -342,6 +342,8 @@ def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, hi
     else:  # made when the training started: the result's tags (pruned, diverged) are new
         run_id = existing.info.run_id
         missing_tags = [RunTag(k, v) for k, v in tags.items() if existing.data.tags.get(k) != v]
+        if "error" in existing.data.tags:  # marked stale when its process died: finished now
+            client.delete_tag(run_id, "error")
     points = _epoch_points(client, run_id if existing else None, history)
     points += _points({key: (value, end or 0) for key, value in summary.items()})
     _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()], missing_tags)

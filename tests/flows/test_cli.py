@@ -839,6 +839,62 @@ def test_ui_command_of_a_server_shows_no_credentials():
     assert ui_command(f"https://bob:{SECRET}@mlflow.example:443") == "https://mlflow.example:443"
 
 
+@pytest.mark.parametrize(
+    "store",
+    [f"sqlite:////srv/mlflow.db?password={SECRET}", f"postgresql://bob:{SECRET}@db.example/mlflow"],
+)
+def test_ui_command_of_a_database_shows_no_credentials(store):
+    from pipeline.tracking.store import ui_command
+
+    command = ui_command(store)
+
+    assert SECRET not in command, command
+    assert command.startswith("mlflow ui --backend-store-uri "), command
+
+
+def test_train_takes_its_l2_from_the_config_unless_the_flag_gives_one():
+    def scores(*extra: str) -> str:
+        code, out, err = _main([*QUICK_TRAIN, *extra])
+        assert code == 0, err
+        return re.search(r"test accuracy \S+  test loss \S+", out).group()
+
+    # Act
+    from_config = scores("--set", "training.l2_lambda=0.5")
+    from_flag = scores("--l2", "0.5")
+    flag_over_config = scores("--l2", "1e-4", "--set", "training.l2_lambda=0.5")
+    neither = scores()
+
+    # Assert: the same network and seed, so the same lambda gives the same scores.
+    assert from_config == from_flag, (from_config, from_flag)
+    assert flag_over_config == neither != from_flag, (flag_over_config, neither, from_flag)
+
+
+def test_mlflows_own_error_lines_and_their_tracebacks_stay_off_the_console():
+    # Arrange: the command's library defaults, then an error logged the way MLflow's store logs
+    # a failed write (a full disk under a SQLite store: an ERROR record with its traceback).
+    code = (
+        "from flows.cli import _library_defaults\n"
+        "_library_defaults()\n"
+        "import logging, mlflow\n"
+        "try:\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "except OSError:\n"
+        "    logging.getLogger('mlflow.store.db.utils').exception('database write failed')\n"
+        "logging.getLogger('pipeline').error('the line the command prints')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_LOGGING")}
+
+    # Act
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+    # Assert: nothing of MLflow's, while other loggers still reach the console.
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "database write failed" not in done.stderr, (
+        done.stderr
+    )
+    assert "the line the command prints" in done.stderr, done.stderr
+
+
 # ----------------------------------------------------------------------------- a tracked train
 
 
@@ -1071,6 +1127,21 @@ def test_a_record_published_later_matches_and_publishes_once(cli, trained, track
     assert f"{accuracy:.4f}" == trained["accuracy"], parent["metrics"]
     assert [str(v[1]) for v in once["versions"]] == ["1"], once["versions"]
     assert "model mlp-mnist-sample version 1 (new champion)" in first[1], first[1]
+
+
+@pytest.mark.slow
+def test_publish_goes_where_mlflow_tracking_uri_says(cli, trained, tracking_uri, monkeypatch):
+    # Arrange: the README's rule: --tracking-uri, else MLFLOW_TRACKING_URI, else the record's.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+
+    # Act
+    code, out, err = cli(["publish", str(trained["record"])])
+
+    # Assert
+    assert code == 0, err
+    parents = [r for r in _snapshot(tracking_uri)["runs"].values()
+               if r["tags"].get("stage") == "pipeline"]  # fmt: skip
+    assert [r["tags"]["mlp_pipeline.record_id"] for r in parents] == [trained["record"].name]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty-folder", "a-file", "runs-folder"])

@@ -1381,6 +1381,25 @@ def test_a_publish_killed_midway_is_finished_by_the_next_one(
     )
 
 
+def test_a_training_run_marked_stale_loses_the_mark_when_its_result_is_published(reference, fresh):
+    """A fold run was RUNNING when its process died (MLflow away, exit 3): the next start marks
+    it FAILED with an ``error`` tag; ``mlp-pipeline publish`` then finishes it from the record."""
+    # Arrange: a whole publish, then one fold run marked the way ``mark_stale_runs`` marks it.
+    publish(reference.record, fresh.uri)
+    experiment_id = _experiment_id(fresh.client)
+    child = next(r for r in _runs(fresh.client, experiment_id) if PART_TAG in r.data.tags)
+    fresh.client.set_tag(child.info.run_id, "error", "the process ended without closing the run")
+    fresh.client.set_terminated(child.info.run_id, "FAILED")
+
+    # Act
+    publish(reference.record, fresh.uri)
+
+    # Assert
+    run = fresh.client.get_run(child.info.run_id)
+    assert run.info.status == "FINISHED", run.info.status
+    assert "error" not in run.data.tags, f"a FINISHED run keeps the stale mark: {run.data.tags}"
+
+
 # ------------------------------------------------------------------------------------ live
 def _config_for(trained, uri: str, tmp_path: Path, **extra: Any) -> PipelineConfig:
     return trained.config.replace(
