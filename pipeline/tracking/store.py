@@ -241,9 +241,9 @@ def one_line(exc: BaseException) -> str:
 def ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store; never with its credentials (a
     database's password stays in ``MLFLOW_TRACKING_URI``, where the user put it)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return redact_uri(tracking_uri)
     tracking_uri = redact_uri(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
     database = sqlite_database(tracking_uri)
     if database is not None and not database.is_absolute() and "?" not in tracking_uri:
         tracking_uri = sqlite_uri(database.resolve())  # works from any folder
