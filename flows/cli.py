@@ -868,6 +868,16 @@ def _library_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+class _ConsoleWarnings(logging.Handler):
+    """``warning: <message>`` on stderr, above any progress bars, for WARNING and above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"warning: {' '.join(record.getMessage().split())}", markup=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app and turn every failure into an exit code."""
     debug = os.environ.get("MLP_PIPELINE_DEBUG", "") not in {"", "0"}
@@ -875,6 +885,11 @@ def main(argv: list[str] | None = None) -> None:
     # A library's failed log handler (Prefect's, sending to a server that is gone) stays
     # silent instead of printing its own error: the command reports what went wrong.
     logging.raiseExceptions = debug
+    # The pipeline's own warnings (a damaged fold-cache entry trained again) are the user's to
+    # see; Prefect's console shows only what stops a run.
+    pipeline_logger = logging.getLogger("pipeline")
+    if not any(isinstance(h, _ConsoleWarnings) for h in pipeline_logger.handlers):
+        pipeline_logger.addHandler(_ConsoleWarnings())
     # Registered first, so it runs last: Python's collections at exit would walk every object
     # Prefect and MLflow made, for nothing (benchmarks/README.md has the cost).
     atexit.register(gc.freeze)

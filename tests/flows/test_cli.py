@@ -405,6 +405,30 @@ def test_a_command_names_its_flow_run_and_prints_its_page(
     assert flow_run.name == name, flow_run.name
 
 
+@pytest.mark.slow
+def test_a_damaged_fold_cache_entry_is_reported_on_the_console(
+    cli, monkeypatch, prefect_api_url, tracking_uri, tmp_path
+):
+    # Arrange: a first cv fills the fold cache; one of its entries is then cut short.
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    cache = tmp_path / "cache"
+    argv = ["cv", "--preset", "quick", "--epochs", "1", "--no-progress", "--tracking-uri",
+            tracking_uri, "--set", f"execution.cache_dir={cache}"]  # fmt: skip
+    assert cli(argv)[0] == 0
+    damaged = sorted((cache / "folds").glob("*.json"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:20])
+
+    # Act
+    code, out, err = cli(argv)
+
+    # Assert: the run succeeds, retrains that fold, and says why in one line.
+    assert code == 0, err
+    assert "trainings: 1 run, 3 reused from cache" in out, out
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "trained again" in warnings[0] and damaged.name in warnings[0], warnings
+
+
 def test_a_flow_runs_log_tells_what_happened_not_each_task_runs_state(
     prefect_api_url, tracking_uri, tmp_path
 ):
