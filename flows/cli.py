@@ -579,13 +579,13 @@ def evaluate(
     """Test accuracy of a logged or registered model (reads only the test files)."""
     from pipeline.data import load_test_set
     from pipeline.tracking.model import accuracy, load_network
-    from pipeline.tracking.store import check_tracking_uri, default_tracking_uri
+    from pipeline.tracking.store import default_tracking_uri, require_store
 
     cfg = config_from_options(
         None, None, None, dataset=dataset, data_dir=data_dir, limit_test=limit_test
     )
     uri = default_tracking_uri(tracking_uri)
-    check_tracking_uri(uri)
+    require_store(uri)
     network, normalizer, trained_on = load_network(model, uri)
     name = dataset or trained_on.dataset or cfg.data.dataset
     # Without --data-dir: the folder the model's own data came from, if it is still there.

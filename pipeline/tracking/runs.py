@@ -17,12 +17,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.errors import TrackingError
-from pipeline.tracking.store import (
-    check_tracking_uri,
-    default_tracking_uri,
-    redact_uri,
-    sqlite_database,
-)
+from pipeline.tracking.store import default_tracking_uri, redact_uri, require_store
 
 DEFAULT_EXPERIMENT = "mlp-pipeline"  # TrackingConfig.experiment's default
 PIPELINE_FILTER = "tags.stage = 'pipeline'"
@@ -50,20 +45,6 @@ COLUMNS = (
     ("duration_seconds", "info.duration"),
     ("prefect_flow_run", "tags.prefect.flow_run_name"),
 )
-
-
-def _check_store(uri: str) -> None:
-    """A missing SQLite file is an error here: MLflow would silently create an empty store."""
-    database = sqlite_database(uri)
-    if database is not None and not database.is_file():
-        raise TrackingError(
-            f"no MLflow store at {database} (run `mlp-pipeline run` first, or pass "
-            f"--tracking-uri / set MLFLOW_TRACKING_URI)"
-        )
-    if database is None:
-        # http(s): one quick /health request before MLflow's retries; an in-memory SQLite
-        # store is refused there (it holds no runs).
-        check_tracking_uri(uri)
 
 
 def list_pipeline_runs(
@@ -97,7 +78,7 @@ def list_pipeline_runs(
     if last is not None and last < 1:
         raise TrackingError(f"--last must be at least 1, got {last}")
     uri = default_tracking_uri(tracking_uri)
-    _check_store(uri)
+    require_store(uri)
     runs = _search(uri, experiment, last)
     frame = pd.DataFrame([_row(run) for run in runs], columns=[name for name, _ in COLUMNS])
     frame["start_time"] = pd.to_datetime(frame["start_time"], unit="ms", utc=True)

@@ -155,6 +155,18 @@ def check_tracking_uri(uri: str, timeout: float = _HEALTH_TIMEOUT_SECONDS) -> No
         )
 
 
+def require_store(uri: str) -> None:
+    """:func:`check_tracking_uri` for commands that read a store: a missing SQLite file is an
+    error (MLflow would silently create an empty store there)."""
+    database = sqlite_database(uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(
+            f"no MLflow store at {database} (run `mlp-pipeline run` first, or pass "
+            f"--tracking-uri / set MLFLOW_TRACKING_URI)"
+        )
+    check_tracking_uri(uri)
+
+
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """Take turns with other processes on a SQLite store (elsewhere: no lock).

@@ -1005,6 +1005,18 @@ def _evaluated(cli, model_uri: str, store: str, *extra: str) -> tuple[str, str]:
     return match.group(1), f"{match.group(2)}/{match.group(3)}"
 
 
+def test_evaluate_in_a_folder_without_a_store_exits_2_and_creates_none(cli, tmp_path):
+    # Arrange: the default store (./mlruns/mlflow.db) does not exist here.
+    assert Path.cwd() == tmp_path and not (tmp_path / "mlruns").exists()
+
+    # Act
+    code, out, err = cli(["evaluate", "--model", "models:/mlp-mnist-sample@champion"])
+
+    # Assert: refused as `runs` refuses it; MLflow did not make an empty store.
+    _assert_one_error_line(code, err, "no MLflow store")
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists(), "an empty store was created"
+
+
 @pytest.mark.parametrize(
     "model_uri",
     ["models:/mlp-mnist-sample@champion", "models:/mlp-mnist-sample/1", "runs:/{run_id}/model"],
