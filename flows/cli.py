@@ -533,6 +533,16 @@ def train(
 
 
 # ----------------------------------------------------------------------------- publish
+def _with_credentials(run: dict[str, Any]) -> str | None:
+    """``MLFLOW_TRACKING_URI`` when it is the record's store with the credentials the record
+    left out (a database password), else None: the record's store, where the run began."""
+    from pipeline.config import redact_uri
+
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    recorded = run["config"]["tracking"]["tracking_uri"]
+    return environment if environment and redact_uri(environment) == recorded else None
+
+
 @app.command()
 def publish(
     folder: Annotated[Path, typer.Argument(help="A run record: .mlp-pipeline/runs/<id>")],
@@ -547,8 +557,7 @@ def publish(
     record = RunRecord(folder)
     run_ = record.run()  # a RecordError (exit 2) when it is not a record
     try:
-        # The README's order: the flag, the environment, then the store the record names.
-        published = publish_record(record, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        published = publish_record(record, tracking_uri or _with_credentials(run_))
     except PipelineError:  # a damaged record, an unusable store: exit 2
         raise
     except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again

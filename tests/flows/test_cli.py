@@ -1166,18 +1166,45 @@ def test_a_record_published_later_matches_and_publishes_once(cli, trained, track
 
 
 @pytest.mark.slow
-def test_publish_goes_where_mlflow_tracking_uri_says(cli, trained, tracking_uri, monkeypatch):
-    # Arrange: the README's rule: --tracking-uri, else MLFLOW_TRACKING_URI, else the record's.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+def test_publish_takes_a_password_for_the_records_store_from_mlflow_tracking_uri(
+    cli, trained, tracking_uri, monkeypatch
+):
+    """The record keeps its store without credentials; MLFLOW_TRACKING_URI holds them. Another
+    store in MLFLOW_TRACKING_URI is not the record's: the printed command finishes the job where
+    the run began."""
+    # Arrange: the record as if made on a store whose URI carried a password.
+    record = trained["record"]
+    run_file = record / "run.json"
+    saved = run_file.read_text(encoding="utf-8")
+    from pipeline.record import read_json, write_json
 
-    # Act
-    code, out, err = cli(["publish", str(trained["record"])])
+    data = read_json(run_file, "run")
+    data["config"]["tracking"]["tracking_uri"] = tracking_uri
+    write_json(run_file, "run", data)
+    elsewhere = f"sqlite:///{record.parent / 'elsewhere' / 'mlflow.db'}"
+    import pipeline.tracking.publish as publishing
 
-    # Assert
-    assert code == 0, err
+    real, used = publishing.publish, []
+    monkeypatch.setattr(
+        publishing, "publish", lambda rec, uri=None: used.append(uri) or real(rec, uri)
+    )
+    try:
+        # Act
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+        code_elsewhere, _, err_elsewhere = cli(["publish", str(record)])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"{tracking_uri}?password={SECRET}")
+        code, out, err = cli(["publish", str(record)])
+    finally:
+        run_file.write_text(saved, encoding="utf-8")
+
+    # Assert: both went to the record's store (one parent), never to the other one.
+    assert (code_elsewhere, code) == (0, 0), err_elsewhere + err
     parents = [r for r in _snapshot(tracking_uri)["runs"].values()
                if r["tags"].get("stage") == "pipeline"]  # fmt: skip
-    assert [r["tags"]["mlp_pipeline.record_id"] for r in parents] == [trained["record"].name]
+    assert [r["tags"]["mlp_pipeline.record_id"] for r in parents] == [record.name]
+    assert not (record.parent / "elsewhere").exists(), "published to MLFLOW_TRACKING_URI's store"
+    assert used == [None, f"{tracking_uri}?password={SECRET}"], used  # None: the record's store
+    assert SECRET not in out + err, out + err
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty-folder", "a-file", "runs-folder"])
