@@ -536,8 +536,6 @@ def train(
 def _with_credentials(run: dict[str, Any]) -> str | None:
     """``MLFLOW_TRACKING_URI`` when it is the record's store with the credentials the record
     left out (a database password), else None: the record's store, where the run began."""
-    from pipeline.config import redact_uri
-
     environment = os.environ.get("MLFLOW_TRACKING_URI")
     recorded = run["config"]["tracking"]["tracking_uri"]
     return environment if environment and redact_uri(environment) == recorded else None
@@ -698,7 +696,6 @@ def serve(
     """
     from flows import deployments as dep
     from flows.server import check_api
-    from pipeline.tracking.store import redact_uri
 
     url = dep.require_api_url()
     cfg = dep.absolute_paths(config_from_options(preset, config, set_))
