@@ -9,6 +9,7 @@ Exit codes: 0 success; 2 bad input, configuration or data (one ``error:`` line, 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import logging
@@ -233,6 +234,7 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
 
         from flows.pipeline_flow import cv_flow, mlp_pipeline
         from pipeline.progress import ConsoleReporter, reporting
+        from pipeline.tracking.publish import NotPublishedError
 
         flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
         run_name = f"{cfg.data.dataset}-{preset_name}-{generate_slug(2)}"
@@ -240,7 +242,11 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
         # Named, not tagged: Prefect's tags context tags every task run too, and a tagged task
         # run asks the server for its tag's concurrency slot (it hangs when the server is gone).
         with reporting(ConsoleReporter(enabled=progress, links=links)):
-            summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
+            try:
+                summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
+            except NotPublishedError as exc:  # the results are in the record: shown all the same
+                _print_recorded_summary(exc.record, cfg)
+                raise
     _print_summary(summary, cfg)
 
 
@@ -298,7 +304,19 @@ def _print_summary(summary: dict[str, Any], cfg: PipelineConfig) -> None:
                 f"notebook: λ={notebook.BEST_LAMBDA:g} chosen, test accuracy "
                 f"{notebook.TEST_ACCURACY_ONE_HIDDEN_PERCENT / 100:.4f}"
             )
-    _print_published(summary["published"])
+    if "published" in summary:  # a record's own summary: MLflow did not record it
+        _print_published(summary["published"])
+
+
+def _print_recorded_summary(folder: Path | None, cfg: PipelineConfig) -> None:
+    """The summary a finished run's record holds (its MLflow publish failed)."""
+    from pipeline.record import RunRecord
+
+    if folder is not None:
+        with contextlib.suppress(PipelineError):  # the exit-3 line names the folder anyway
+            run = RunRecord(folder).run()
+            if run["status"] == "FINISHED":
+                _print_summary(run["summary"], cfg)
 
 
 def _print_cv_table(title: str, table: Any, best: dict[str, Any]) -> None:
@@ -533,14 +551,6 @@ def train(
 
 
 # ----------------------------------------------------------------------------- publish
-def _with_credentials(run: dict[str, Any]) -> str | None:
-    """``MLFLOW_TRACKING_URI`` when it is the record's store with the credentials the record
-    left out (a database password), else None: the record's store, where the run began."""
-    environment = os.environ.get("MLFLOW_TRACKING_URI")
-    recorded = run["config"]["tracking"]["tracking_uri"]
-    return environment if environment and redact_uri(environment) == recorded else None
-
-
 @app.command()
 def publish(
     folder: Annotated[Path, typer.Argument(help="A run record: .mlp-pipeline/runs/<id>")],
@@ -555,7 +565,7 @@ def publish(
     record = RunRecord(folder)
     run_ = record.run()  # a RecordError (exit 2) when it is not a record
     try:
-        published = publish_record(record, tracking_uri or _with_credentials(run_))
+        published = publish_record(record, tracking_uri)
     except PipelineError:  # a damaged record, an unusable store: exit 2
         raise
     except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import tempfile
 import threading
@@ -41,9 +42,16 @@ FINAL_FIGURES = ["training_curves.png", "confusion_matrix.png", "misclassified.p
 
 
 class NotPublishedError(PipelineError):
-    """The pipeline finished, but its record could not reach MLflow (exit code 3)."""
+    """The pipeline finished, but its record could not reach MLflow (exit code 3).
+
+    ``record``: the run record's folder, which holds every result.
+    """
 
     exit_code = 3
+
+    def __init__(self, message: str, record: Path | None = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,14 @@ class Published:
 def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = None) -> Published:
     """Copy into MLflow what ``record`` holds and MLflow lacks; returns where it went.
 
-    ``tracking_uri`` overrides the record's; ``store`` is an ``(MlflowClient, experiment_id)``
-    already opened on it. The whole record is read and checked before MLflow sees any of it.
+    ``tracking_uri`` overrides the record's store (see :func:`_record_store`); ``store`` is an
+    ``(MlflowClient, experiment_id)`` already opened on it. The whole record is read and checked
+    before MLflow sees any of it.
     """
     run, folds, cv, final = record.run(), record.folds(), record.cv(), record.final()
     progress = record.final_progress() if final is None else None
     config = PipelineConfig.model_validate(run["config"])
-    uri = default_tracking_uri(tracking_uri or config.tracking.tracking_uri)
+    uri = default_tracking_uri(tracking_uri or _record_store(config.tracking.tracking_uri))
     client, experiment_id = store or open_store(uri, config.tracking.experiment)
     # The chosen values as params too: MLflow's charts and compare view plot params as values.
     best = {f"best.{key}": value for key, value in cv["best"].items()} if cv else {}
@@ -167,6 +176,16 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
             client.delete_tag(parent_id, "error")
         client.set_terminated(parent_id, run["status"], end_time=run["end_time"])
     return Published(parent_id, uri, registration)
+
+
+def _record_store(recorded: str | None) -> str | None:
+    """Where a record is published: the store it names (kept without credentials), or
+    ``MLFLOW_TRACKING_URI`` when that is the same store with the credentials the record left out
+    (a database password). Another store there does not take the record away from its start."""
+    environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if recorded and environment and redact_uri(environment) == recorded:
+        return environment
+    return recorded
 
 
 def _parent(
@@ -643,7 +662,8 @@ class LivePublisher:
                     client.set_terminated(run_id, "FAILED")
             raise NotPublishedError(
                 f"the pipeline finished but MLflow at {redact_uri(self.tracking_uri)} could not "
-                f"record it ({reason}); the results are in {self.record.folder}: {later}"
+                f"record it ({reason}); the results are in {self.record.folder}: {later}",
+                record=self.record.folder,
             )
 
 

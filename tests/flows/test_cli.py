@@ -1186,9 +1186,9 @@ def test_publish_takes_a_password_for_the_records_store_from_mlflow_tracking_uri
     elsewhere = f"sqlite:///{record.parent / 'elsewhere' / 'mlflow.db'}"
     import pipeline.tracking.publish as publishing
 
-    real, used = publishing.publish, []
+    real, used = publishing.open_store, []  # the store each publish opens
     monkeypatch.setattr(
-        publishing, "publish", lambda rec, uri=None: used.append(uri) or real(rec, uri)
+        publishing, "open_store", lambda uri, experiment: used.append(uri) or real(uri, experiment)
     )
     try:
         # Act
@@ -1205,7 +1205,7 @@ def test_publish_takes_a_password_for_the_records_store_from_mlflow_tracking_uri
                if r["tags"].get("stage") == "pipeline"]  # fmt: skip
     assert [r["tags"]["mlp_pipeline.record_id"] for r in parents] == [record.name]
     assert not (record.parent / "elsewhere").exists(), "published to MLFLOW_TRACKING_URI's store"
-    assert used == [None, f"{tracking_uri}?password={SECRET}"], used  # None: the record's store
+    assert used == [tracking_uri, f"{tracking_uri}?password={SECRET}"], used
     assert SECRET not in out + err, out + err
 
 

@@ -128,6 +128,10 @@ def test_mlflow_lost_mid_run_keeps_every_result_and_publish_completes_it_later(
     assert record.cv() is not None, "cv.json is recorded"
     final = record.final()  # checks weights.npz and normalizer.json against their SHA-256
     assert final is not None and "final/weights.npz" in final["files"], final
+    # The results show all the same: the CV table, its choice and the test accuracy.
+    assert "← chosen" in stdout, stdout
+    assert f"test accuracy {final['evaluation']['accuracy']:.4f}" in stdout, stdout
+    assert "MLflow run" not in stdout, stdout
 
     # The server back on the same store and port; then the command the message named.
     restarted = mlflow_servers(tracking_uri, tmp_path / "server", port=server.port)

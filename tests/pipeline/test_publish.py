@@ -1912,6 +1912,35 @@ def test_credentials_in_an_http_tracking_uri_go_to_mlflows_environment(monkeypat
     ), "the credentials did not reach MLflow's environment variables"  # fmt: skip
 
 
+# SQLite has no password: its driver ignores the one this test puts in the URI, and says so.
+@pytest.mark.filterwarnings("ignore:Query string argument.*pysqlite")
+def test_publish_takes_the_records_store_with_the_password_mlflow_tracking_uri_holds(
+    trained, tmp_path, fresh, monkeypatch
+):
+    """A record keeps its store without credentials; publishing it later, from Python as from
+    the CLI, connects with MLFLOW_TRACKING_URI when that names the same store with them. Another
+    store there is not the record's: the record goes where its run began."""
+    # Arrange
+    record = RunRecord.create(
+        _config_for(trained, fresh.uri, tmp_path), flow="cv", dataset=_dataset(trained)
+    )
+    record.finish("FINISHED")
+    with_password = f"{fresh.uri}?password=hunter2"
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+
+    # Act
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", with_password)
+    same_store = publish(record)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    other_store = publish(record)
+
+    # Assert
+    assert same_store.tracking_uri == with_password, same_store
+    assert other_store.tracking_uri == fresh.uri, other_store
+    assert other_store.run_id == same_store.run_id, "published twice"
+    assert not (tmp_path / "elsewhere").exists(), "published to MLFLOW_TRACKING_URI's store"
+
+
 def test_a_database_uri_keeps_its_password_for_the_connection_but_not_in_the_record(
     trained, tmp_path
 ):
