@@ -15,6 +15,10 @@ os.environ.setdefault("PREFECT_HOME", os.path.join(SESSION_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# Test workers share the cores, and a training often runs two BLAS threads (a final model, a
+# one-worker pool). OpenBLAS's idle threads busy-wait 2^28 cycles after each call before they
+# sleep: CPU taken from the other workers' tests (benchmarks/README.md, "The suite's BLAS threads").
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import pytest  # noqa: E402
 

@@ -39,6 +39,11 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _reapable(pid: int) -> bool:
+    """True once our child ``pid`` has exited, every thread of it; it is left unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -272,7 +277,9 @@ def test_a_server_killed_mid_block_turns_the_failure_into_one_line(no_api, child
     def command() -> None:
         with prefect_api(launched.prepare):
             os.kill(launched.pid, signal.SIGKILL)
-            _wait_for(lambda: _gone(launched.pid), "the killed server")
+            # Reapable, not just a zombie leader: its other threads may still be exiting, and
+            # until they have, the server reads as running (``poll()`` is None).
+            _wait_for(lambda: _reapable(launched.pid), "the killed server")
             raise ConnectionError("the flow lost its API")
 
     with pytest.raises(PrefectServerError) as failure:
