@@ -229,6 +229,7 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
 
         prepare_run(cfg)
 
+    not_published = None  # a NotPublishedError: MLflow lost, the record whole
     with prefect_api(prepare) as temporary_server:
         from prefect.utilities.names import generate_slug
 
@@ -244,9 +245,12 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
         with reporting(ConsoleReporter(enabled=progress, links=links)):
             try:
                 summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
-            except NotPublishedError as exc:  # the results are in the record: shown all the same
-                _print_recorded_summary(exc.record, cfg)
-                raise
+            except NotPublishedError as exc:
+                not_published = exc
+    # Printed once the progress bars are gone: their last redraw would overwrite it.
+    if not_published is not None:  # the results are in the record: shown all the same
+        _print_recorded_summary(not_published.record, cfg)
+        raise not_published
     _print_summary(summary, cfg)
 
 
@@ -313,7 +317,9 @@ def _print_recorded_summary(folder: Path | None, cfg: PipelineConfig) -> None:
     from pipeline.record import RunRecord
 
     if folder is not None:
-        with contextlib.suppress(PipelineError):  # the exit-3 line names the folder anyway
+        # Whatever goes wrong here, the exit-3 line that follows matters more (it names the
+        # folder): never a traceback in its place.
+        with contextlib.suppress(Exception):
             run = RunRecord(folder).run()
             if run["status"] == "FINISHED":
                 _print_summary(run["summary"], cfg)

@@ -181,7 +181,9 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
 def _record_store(recorded: str | None) -> str | None:
     """Where a record is published: the store it names (kept without credentials), or
     ``MLFLOW_TRACKING_URI`` when that is the same store with the credentials the record left out
-    (a database password). Another store there does not take the record away from its start."""
+    (a database password). Another store there does not take the record away from its start.
+    A record that names no store (made by hand: the pipeline's always do) goes where
+    :func:`default_tracking_uri` says."""
     environment = os.environ.get("MLFLOW_TRACKING_URI")
     if recorded and environment and redact_uri(environment) == recorded:
         return environment

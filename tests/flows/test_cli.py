@@ -429,6 +429,56 @@ def test_a_damaged_fold_cache_entry_is_reported_on_the_console(
     assert "trained again" in warnings[0] and damaged.name in warnings[0], warnings
 
 
+def test_a_run_mlflow_lost_during_prints_its_results_once_the_bars_are_gone(
+    cli, monkeypatch, prefect_api_url, tracking_uri, tmp_path
+):
+    """MLflow answers the first publish, then is gone: the run goes on, prints the CV table and
+    the test accuracy from its record (after its progress bars, whose last redraw would
+    overwrite them on a terminal), and exits 3 in one line naming the record."""
+    # Arrange
+    import flows.cli
+    import pipeline.progress
+    import pipeline.tracking.publish as publishing
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    real_publish, calls = publishing.publish, []
+
+    def publish_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) > 1:
+            raise ConnectionError("MLflow went away")
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(publishing, "publish", publish_once)
+    real_print, reporters = flows.cli._print_recorded_summary, []
+
+    def print_recorded(*args: Any) -> None:
+        reporters.append(pipeline.progress.reporter())
+        real_print(*args)
+
+    monkeypatch.setattr(flows.cli, "_print_recorded_summary", print_recorded)
+    cache = tmp_path / "cache"
+    argv = ["run", "--preset", "quick", "--epochs", "1", "--final-epochs", "1", "--tracking-uri",
+            tracking_uri, "--set", f"execution.cache_dir={cache}"]  # fmt: skip
+
+    # Act
+    code, out, err = cli(argv)
+
+    # Assert
+    assert code == 3, f"exit {code}: {err}"
+    (record,) = (cache / "runs").iterdir()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"mlp-pipeline publish {record}" in errors[0], err
+    assert "Traceback" not in err, err
+    from pipeline.record import RunRecord
+
+    accuracy = RunRecord(record).final()["evaluation"]["accuracy"]
+    assert out.count("← chosen") == 1, out
+    assert out.count(f"test accuracy {accuracy:.4f}") == 1, out
+    assert "MLflow run" not in out, out
+    assert [type(r) for r in reporters] == [pipeline.progress.Reporter], "printed under the bars"
+
+
 def test_a_flow_runs_log_tells_what_happened_not_each_task_runs_state(
     prefect_api_url, tracking_uri, tmp_path
 ):

@@ -40,8 +40,12 @@ def _gone(pid: int) -> bool:
 
 
 def _reapable(pid: int) -> bool:
-    """True once our child ``pid`` has exited, every thread of it; it is left unreaped."""
-    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    """True once our child ``pid`` has exited, every thread of it (left unreaped), or is reaped
+    already (the server's boot-lock thread polls it while it waits for an answer)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
