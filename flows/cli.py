@@ -29,7 +29,7 @@ from rich.table import Table
 from flows.interrupt import interruptible
 from mlp import MLPError
 from pipeline.config import PipelineConfig, parse_set_options, redact_uri, resolve_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, NotPublishedError, PipelineError
 from pipeline.search import L2_KEY
 
 app = typer.Typer(
@@ -229,28 +229,26 @@ def _run_flow(name: str, cfg: PipelineConfig, progress: bool, preset_name: str) 
 
         prepare_run(cfg)
 
-    not_published = None  # a NotPublishedError: MLflow lost, the record whole
-    with prefect_api(prepare) as temporary_server:
-        from prefect.utilities.names import generate_slug
+    try:
+        with prefect_api(prepare) as temporary_server:
+            from prefect.utilities.names import generate_slug
 
-        from flows.pipeline_flow import cv_flow, mlp_pipeline
-        from pipeline.progress import ConsoleReporter, reporting
-        from pipeline.tracking.publish import NotPublishedError
+            from flows.pipeline_flow import cv_flow, mlp_pipeline
+            from pipeline.progress import ConsoleReporter, reporting
 
-        flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
-        run_name = f"{cfg.data.dataset}-{preset_name}-{generate_slug(2)}"
-        links = temporary_server is None  # a temporary server's pages end with the run
-        # Named, not tagged: Prefect's tags context tags every task run too, and a tagged task
-        # run asks the server for its tag's concurrency slot (it hangs when the server is gone).
-        with reporting(ConsoleReporter(enabled=progress, links=links)):
-            try:
+            flow_fn = {"mlp-pipeline": mlp_pipeline, "cv": cv_flow}[name]
+            run_name = f"{cfg.data.dataset}-{preset_name}-{generate_slug(2)}"
+            links = temporary_server is None  # a temporary server's pages end with the run
+            # Named, not tagged: Prefect's tags context tags every task run too, and a tagged
+            # task run asks the server for its tag's concurrency slot (it hangs when the server
+            # is gone).
+            with reporting(ConsoleReporter(enabled=progress, links=links)):
                 summary = flow_fn.with_options(flow_run_name=run_name)(cfg)
-            except NotPublishedError as exc:
-                not_published = exc
-    # Printed once the progress bars are gone: their last redraw would overwrite it.
-    if not_published is not None:  # the results are in the record: shown all the same
-        _print_recorded_summary(not_published.record, cfg)
-        raise not_published
+    except NotPublishedError as exc:
+        # The results are in the record: shown all the same, once the progress bars are gone
+        # (their last redraw would overwrite them).
+        _print_recorded_summary(exc.record, cfg)
+        raise
     _print_summary(summary, cfg)
 
 
@@ -564,7 +562,6 @@ def publish(
 ) -> None:
     """Publish a run record to MLflow (again): what MLflow lacks is added, nothing twice."""
     from pipeline.record import RunRecord
-    from pipeline.tracking.publish import NotPublishedError
     from pipeline.tracking.publish import publish as publish_record
     from pipeline.tracking.store import one_line
 

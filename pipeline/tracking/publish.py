@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import NotPublishedError, PipelineError
 from pipeline.record import RunRecord
 from pipeline.results import WALL_TIME, FoldResult
 from pipeline.search import L2_KEY, candidate_config, candidate_id, full_epochs, label
@@ -39,19 +39,6 @@ EPOCH_METRICS = ("train_loss", "train_objective", "train_accuracy", "val_loss", 
                  "lr")  # fmt: skip
 CV_FIGURES = ["cv_lambda.png"]
 FINAL_FIGURES = ["training_curves.png", "confusion_matrix.png", "misclassified.png"]
-
-
-class NotPublishedError(PipelineError):
-    """The pipeline finished, but its record could not reach MLflow (exit code 3).
-
-    ``record``: the run record's folder, which holds every result.
-    """
-
-    exit_code = 3
-
-    def __init__(self, message: str, record: Path | None = None) -> None:
-        super().__init__(message)
-        self.record = record
 
 
 @dataclass(frozen=True)
