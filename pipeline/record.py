@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import plots
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.idx import open_regular_file
@@ -391,6 +390,9 @@ class RunRecord:
 
     def add_cv(self, table: pd.DataFrame, best: dict[str, Any]) -> None:
         """The CV table and the chosen candidate, with their figure."""
+        # matplotlib loads where figures are drawn, not at import: process-pool workers import
+        # this module with the flow they unpickle, and never draw.
+        from pipeline import plots
         from pipeline.search import L2_KEY
 
         with _writing(self.folder / "cv_lambda.png"):
@@ -439,6 +441,8 @@ class RunRecord:
         shape (n_test, 784); ``test_set`` the fingerprint of the test set it was scored on;
         ``class_names`` label the figures.
         """
+        from pipeline import plots
+
         with _writing(self.folder / "final"):  # the files written by other modules
             (self.folder / "final").mkdir(exist_ok=True)
             files = [

@@ -957,6 +957,22 @@ CV_STEPS = [
     _slow("log_artifact cv_results.csv"),
     _slow("log_artifact cv_lambda.png"),
 ]
+LOST_REPLY_STEPS = [
+    _slow("create_run pipeline"), "create_run cv", _slow("create_run final"),
+    _slow("create_model_version"), _slow("create_logged_model model"),
+    _slow("log_model_artifacts"), _slow("log_outputs"),
+]  # fmt: skip
+
+
+def _named_cases() -> set[tuple[str, bool]]:
+    """The (step, lost reply) cases the tests above name, each with its own test id."""
+
+    def step(param: Any) -> str:
+        return param.values[0] if hasattr(param, "values") else param
+
+    return {(step(p), False) for p in FINAL_STEPS + CV_STEPS} | {
+        (step(p), True) for p in LOST_REPLY_STEPS
+    }
 
 
 @pytest.mark.parametrize("step", FINAL_STEPS)
@@ -993,12 +1009,7 @@ def test_a_retried_cv_record_resumes_where_it_failed(
     reliability_log(f"MLflow failing once in the CV record ({step})", survived=True, results_lost=0)
 
 
-@pytest.mark.parametrize(
-    "step",
-    [_slow("create_run pipeline"), "create_run cv", _slow("create_run final"),
-     _slow("create_model_version"), _slow("create_logged_model model"),
-     _slow("log_model_artifacts"), _slow("log_outputs")],
-)  # fmt: skip
+@pytest.mark.parametrize("step", LOST_REPLY_STEPS)
 def test_a_lost_reply_creates_nothing_twice(reference, fresh, monkeypatch, step, reliability_log):
     """The store did the call but its reply was lost: the retry finds what was made."""
     # Act
@@ -1013,7 +1024,8 @@ def test_a_lost_reply_creates_nothing_twice(reference, fresh, monkeypatch, step,
 
 @pytest.mark.slow
 def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _empty_store):
-    """Every distinct client call of a publish, failed once (and its reply lost once)."""
+    """Every distinct client call of a publish, failed once (and its reply lost once): the
+    cases the tests above do not name, so that a step added to ``publish`` is covered too."""
     # Arrange: the steps of a clean publish, in order.
     uri = _store(tmp_path / "probe", _empty_store)
     client, experiment_id = open_store(uri, EXPERIMENT)
@@ -1031,12 +1043,15 @@ def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _em
         publish(reference.record, uri, store=(client, experiment_id))
     reads = ("get_model_version_by_alias", "search_model_versions", "search_runs", "list_artifacts",
              "search_logged_models")  # fmt: skip
-    cases = [
+    every_case = [
         (step, lost_reply)
         for step in dict.fromkeys(steps)
         for lost_reply in (False, True)
         if not (lost_reply and step.split()[0] in reads)  # a lost read reply is a failed read
     ]
+    named = _named_cases()
+    assert named <= set(every_case), f"named steps a publish never takes: {named - set(every_case)}"
+    cases = [case for case in every_case if case not in named]
     failures = []
 
     # Act
@@ -1052,7 +1067,7 @@ def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _em
             failures.append(f"{step} (lost reply: {lost_reply}): {str(exc)[:300]}")
 
     # Assert
-    assert len(cases) > 30, f"only {len(cases)} steps found: {steps}"
+    assert len(cases) > 30, f"only {len(cases)} cases besides the named ones: {steps}"
     assert failures == [], "\n".join(failures)
 
 
