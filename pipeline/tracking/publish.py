@@ -57,6 +57,8 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     ``(MlflowClient, experiment_id)`` already opened on it. The whole record is read and checked
     before MLflow sees any of it.
     """
+    from mlflow.entities import Metric
+
     run, folds, cv, final = record.run(), record.folds(), record.cv(), record.final()
     progress = record.final_progress() if final is None else None
     config = PipelineConfig.model_validate(run["config"])
@@ -146,13 +148,10 @@ def publish(record: RunRecord, tracking_uri: str | None = None, store: Any = Non
     if "wall_seconds" in run["summary"] and run["end_time"]:
         metrics["wall_seconds"] = (run["summary"]["wall_seconds"], run["end_time"])
     # The test metrics belong to the model too: its page and the Models list show them.
-    _log(
-        client,
-        parent_id,
-        _points(
-            metrics, parent.data.metrics, model and model.model_id, ("test_accuracy", "test_loss")
-        ),
-    )
+    of_model = {"test_accuracy", "test_loss"} if model else set()
+    points = [Metric(k, float(v), at, 0, model_id=model.model_id if k in of_model else None)
+              for k, (v, at) in metrics.items() if k not in parent.data.metrics]  # fmt: skip
+    _log(client, parent_id, points)
     note = _description(run, config, cv, final, registration)
     if parent.data.tags.get("mlflow.note.content") != note:
         client.set_tag(parent_id, "mlflow.note.content", note)  # the run page's description
@@ -339,7 +338,7 @@ def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, hi
 
     Its start and end are those of the training; each metric point carries its epoch's end.
     """
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     ended = _ended(history)
     end = ended[-1] if ended and ended[-1] else None
@@ -353,7 +352,7 @@ def _child(client, experiment_id, parent_id, existing, name, tags, inputs, *, hi
         if "error" in existing.data.tags:  # marked stale when its process died: finished now
             client.delete_tag(run_id, "error")
     points = _epoch_points(client, run_id if existing else None, history)
-    points += _points({key: (value, end or 0) for key, value in summary.items()})
+    points += [Metric(key, float(value), end or 0, 0) for key, value in summary.items()]
     _log(client, run_id, points, [Param(k, _text(v)) for k, v in params.items()], missing_tags)
     client.log_inputs(run_id, inputs)  # before FINISHED: a finished child is never revisited
     client.set_terminated(run_id, "FINISHED", end_time=end)
@@ -424,20 +423,6 @@ def _epoch_points(client: Any, run_id: str | None, history: dict[str, list[float
                    for epoch, at, value in zip(epochs, ended, history[key], strict=True)
                    if epoch not in logged]  # fmt: skip
     return points
-
-
-def _points(
-    metrics: dict[str, tuple[float, int]],
-    present: Any = (),
-    model_id: str | None = None,
-    of_model: tuple[str, ...] = (),
-) -> list[Any]:
-    """Metric points (step 0) of the ``metrics`` not ``present``; those ``of_model`` carry
-    ``model_id``."""
-    from mlflow.entities import Metric
-
-    return [Metric(k, float(v), at, 0, model_id=model_id if k in of_model else None)
-            for k, (v, at) in metrics.items() if k not in present]  # fmt: skip
 
 
 def _log(

@@ -97,18 +97,14 @@ def _link(client: Any, model: Any, name: str, version: str) -> None:
 
 
 def _challenge(client, tracking_uri, name, version, tags, test_set) -> tuple[bool, str]:
-    from mlflow.exceptions import MlflowException
-
     ours = float(tags["test_accuracy"])
     if not math.isfinite(ours):
         return False, "not compared: its test accuracy is not finite"
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if not _alias_not_found(exc):
-            raise  # a timeout or a locked store says nothing about the champion
+    # Asked, not inferred from an error: a timeout or a locked store says nothing about it.
+    if CHAMPION not in client.get_registered_model(name).aliases:
         client.set_registered_model_alias(name, CHAMPION, version)
         return True, ""
+    current = client.get_model_version_by_alias(name, CHAMPION)
     if str(current.version) == version:  # an earlier publish moved the alias, then failed
         return True, current.tags.get("champion_comparison", "")
     recorded = _finite(current.tags.get("test_accuracy"))
@@ -148,11 +144,3 @@ def _finite(text: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def _alias_not_found(exc: Any) -> bool:
-    """Whether an alias lookup failed because the alias (or its model) does not exist."""
-    code = getattr(exc, "error_code", "")
-    return code == "RESOURCE_DOES_NOT_EXIST" or (
-        code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc)
-    )

@@ -137,18 +137,12 @@ def _row(run: Any) -> dict[str, Any]:
             if info.end_time and info.start_time
             else math.nan
         ),
+        **{f"params.{key}": value for key, value in data.params.items()},
+        **{f"metrics.{key}": value for key, value in data.metrics.items()},
+        **{f"tags.{key}": value for key, value in data.tags.items()},
     }
-    row = {}
-    for name, source in COLUMNS:
-        kind, _, key = source.partition(".")
-        if kind == "info":
-            row[name] = values[source]
-        elif kind == "params":
-            row[name] = data.params.get(key)
-        elif kind == "metrics":
-            row[name] = data.metrics.get(key, math.nan)
-        else:
-            row[name] = data.tags.get(key)
+    row = {name: values.get(source, math.nan if source.startswith("metrics.") else None)
+           for name, source in COLUMNS}  # fmt: skip
     for name in ("hidden_sizes", "l2_lambdas"):
         row[name] = _json_list(row[name])
     with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):

@@ -13,7 +13,6 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,31 +166,25 @@ def require_store(uri: str) -> None:
     check_tracking_uri(uri)
 
 
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Take turns with other processes on a SQLite store (elsewhere: no lock).
+def store_lock(uri: str) -> contextlib.AbstractContextManager[Any]:
+    """Take turns with other processes on a SQLite store (elsewhere: no lock): ``with
+    store_lock(uri):`` holds it for the block.
 
     For a store's first use (two pipelines would both create its schema) and for registering
     a model (both could see no champion).
     """
     database = sqlite_database(uri)
     if database is None:
-        yield
-        return
+        return contextlib.nullcontext()
     from filelock import FileLock, Timeout
 
-    lock = FileLock(f"{database.absolute()}.lock", timeout=_LOCK_TIMEOUT_SECONDS)
-    try:
-        lock.acquire()
+    try:  # released when the block ends
+        return FileLock(f"{database.absolute()}.lock").acquire(timeout=_LOCK_TIMEOUT_SECONDS)
     except Timeout:
         raise TrackingError(
             f"the MLflow store {database} stayed locked by another process for "
             f"{_LOCK_TIMEOUT_SECONDS} s"
         ) from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def open_store(uri: str, experiment: str) -> tuple[Any, str]:

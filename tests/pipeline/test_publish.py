@@ -1037,12 +1037,12 @@ def test_every_step_of_publish_survives_a_failure_there(reference, tmp_path, _em
             "set_registered_model_alias", "get_model_version_by_alias", "search_model_versions",
             "search_runs", "list_artifacts", "create_logged_model", "log_model_artifacts",
             "finalize_logged_model", "log_outputs", "set_logged_model_tags",
-            "search_logged_models",
+            "search_logged_models", "get_registered_model",
         ):  # fmt: skip
             Fault(patch, client, f"{method} (never)", calls=steps)
         publish(reference.record, uri, store=(client, experiment_id))
     reads = ("get_model_version_by_alias", "search_model_versions", "search_runs", "list_artifacts",
-             "search_logged_models")  # fmt: skip
+             "search_logged_models", "get_registered_model")  # fmt: skip
     every_case = [
         (step, lost_reply)
         for step in dict.fromkeys(steps)
