@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+from prefect.context import FlowRunContext
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from flows.interrupt import init_worker, stop_event
@@ -42,11 +43,13 @@ def task_runner(execution: ExecutionConfig, data: DataConfig) -> Iterator[TaskRu
             initializer=_init_process_worker,
             initargs=(stop_event(), blas, data),
         )
-        shared_api = _flows_api_for_workers()
-    elif execution.runner == "dask":
+        # This flow run's API for the workers and Prefect's own threads, when it is not in the
+        # environment already (a flow called from Python in a settings context).
+        context = FlowRunContext.get()
+        if context is not None and not os.environ.get("PREFECT_API_URL"):
+            shared_api = prefect_settings(PREFECT_API_URL=str(context.client.api_url))
+    else:  # "dask": the config allows no other value
         runner = _dask_runner(execution, workers)
-    else:
-        raise ConfigError(f"unknown runner {execution.runner!r}")
     with shared_api, runner:
         try:
             yield runner
@@ -64,16 +67,6 @@ def _init_process_worker(stop: Any, blas_threads: int, data: DataConfig) -> None
     set_blas_threads(blas_threads)
     with contextlib.suppress(Exception):  # the first task reports it in its own words
         load_configured_dataset(data)
-
-
-def _flows_api_for_workers() -> Any:
-    """This flow run's Prefect API, for the worker processes and Prefect's own threads."""
-    from prefect.context import FlowRunContext
-
-    context = FlowRunContext.get()
-    if os.environ.get("PREFECT_API_URL") or context is None:
-        return nullcontext()
-    return prefect_settings(PREFECT_API_URL=str(context.client.api_url))
 
 
 def _dask_runner(execution: ExecutionConfig, workers: int) -> TaskRunner:

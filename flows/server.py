@@ -103,31 +103,9 @@ def prefect_home() -> Path:
     return home
 
 
-def _boot_lock(home: Path) -> Callable[[], None]:
-    """Wait (``BOOT_LOCK_SECONDS`` at most) for the other launches in ``home`` to be served;
-    returns the release of the lock now held (a no-op if the wait timed out)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(home / BOOT_LOCK, thread_local=False)
-    try:
-        lock.acquire(timeout=BOOT_LOCK_SECONDS)
-    except Timeout:  # a launch stuck elsewhere: start anyway rather than wait forever
-        return lambda: None
-    return lock.release
-
-
-def _release_when_served(
-    server: subprocess.Popen[bytes], url: str, release: Callable[[], None]
-) -> None:
-    """In a thread: release the boot lock once the server answers, exits or times out."""
-    try:
-        _wait_for_health(server, url, time.monotonic() + BOOT_LOCK_SECONDS)
-    finally:
-        release()
-
-
-def _wait_for_health(server: subprocess.Popen[bytes], url: str, deadline: float) -> bool:
-    """True once ``url`` answers ``/health``; False if the server exits or ``deadline`` passes."""
+def _wait_for_health(server: subprocess.Popen[bytes], url: str, timeout: float) -> bool:
+    """True once ``url`` answers ``/health``; False if the server exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and server.poll() is None:
         with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
             return True  # any answer but an error status: it serves
@@ -135,20 +113,19 @@ def _wait_for_health(server: subprocess.Popen[bytes], url: str, deadline: float)
     return False
 
 
-def exit_cause(server: subprocess.Popen[bytes], limit: int = 200) -> str:
-    """The last exception line (else the last line) the server wrote to its stderr, or ''."""
-    log = getattr(server, "log", None)
-    if log is None:
-        return ""
-    with contextlib.suppress(OSError, ValueError):
+def exit_status(server: subprocess.Popen[bytes], limit: int = 200) -> str:
+    """An exited server's code and, when its stderr log has one, the last exception line
+    (else the last line) it wrote there: ``3: sqlite3.OperationalError: ...``, or ``3``."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no log, or closed
+        log = server.log  # type: ignore[attr-defined]
         log.seek(0, os.SEEK_END)
         log.seek(max(0, log.tell() - 20_000))
         lines = [line.strip() for line in log.read().decode(errors="replace").splitlines()]
         lines = [line for line in lines if line]
-        errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
-        cause = (errors or lines or [""])[-1]
-        return cause if len(cause) <= limit else cause[: limit - 3] + "..."
-    return ""
+        if cause := ([line for line in lines if _EXCEPTION_LINE.match(line)] or lines or [""])[-1]:
+            cause = cause if len(cause) <= limit else cause[: limit - 3] + "..."
+            return f"{server.returncode}: {cause}"
+    return str(server.returncode)
 
 
 def _die_with_parent() -> None:
@@ -163,17 +140,25 @@ def launch() -> tuple[ServerProcess, str]:
     home take turns until each server answers (a file lock there), so that two first runs do
     not migrate one new database at once.
     """
+    from filelock import FileLock, Timeout
+
     home = prefect_home()
-    release = _boot_lock(home)
+    lock = FileLock(home / BOOT_LOCK, thread_local=False)  # released when not held: a no-op
     try:
+        with contextlib.suppress(Timeout):  # a launch stuck elsewhere: start anyway
+            lock.acquire(timeout=BOOT_LOCK_SECONDS)
         server, url = _start(home)
     except BaseException:
-        release()
+        lock.release()
         raise
-    threading.Thread(
-        target=_release_when_served, args=(server, url, release), name="prefect-boot-lock",
-        daemon=True,
-    ).start()  # fmt: skip
+
+    def release_when_served() -> None:  # in a thread: once it answers, exits or times out
+        try:
+            _wait_for_health(server, url, BOOT_LOCK_SECONDS)
+        finally:
+            lock.release()
+
+    threading.Thread(target=release_when_served, name="prefect-boot-lock", daemon=True).start()
     return server, url
 
 
@@ -206,13 +191,9 @@ def _start(home: Path) -> tuple[ServerProcess, str]:
 
 def wait_ready(server: subprocess.Popen[bytes], url: str, timeout: float = 90.0) -> None:
     """Block until the server answers ``/health``; a one-line error if it exits or stays mute."""
-    if _wait_for_health(server, url, time.monotonic() + timeout):
+    if _wait_for_health(server, url, timeout):
         return
-    if server.poll() is None:
-        why = "did not answer in time"
-    else:
-        cause = exit_cause(server)
-        why = f"exited ({server.returncode}{': ' + cause if cause else ''})"
+    why = "did not answer in time" if server.poll() is None else f"exited ({exit_status(server)})"
     raise PrefectServerError(
         f"the temporary Prefect server {why}; run `prefect server start` to see why, or set "
         "PREFECT_API_URL to a running server"
@@ -273,16 +254,20 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
                 yield url
         except Exception:
             if server.poll() is not None:
-                cause = exit_cause(server)
                 raise PrefectServerError(
                     f"the temporary Prefect server stopped during the run (exit code "
-                    f"{server.returncode}{': ' + cause if cause else ''}); finished folds are "
-                    "cached: run the command again to resume, or set PREFECT_API_URL to a "
-                    "running server"
+                    f"{exit_status(server)}); finished folds are cached: run the command again "
+                    "to resume, or set PREFECT_API_URL to a running server"
                 ) from None
             raise
         finally:
-            _send_pending_logs(alive=server.poll() is None)
+            if server.poll() is None:  # queued logs and events sent while it answers, not at
+                # exit (Prefect's default) to a server that is gone by then
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=10)
+                EventsWorker.drain_all(timeout=10)
     finally:
         if server is not None:
             stop(server)
@@ -308,14 +293,3 @@ def prefect_settings(**values: str) -> Iterator[None]:
         for name in values:
             os.environ.pop(name, None)
         refresh_global_settings_context()
-
-
-def _send_pending_logs(alive: bool) -> None:
-    """Send Prefect's queued logs and events while the server answers (left queued, Prefect
-    would send them at exit to a server that is gone)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    if alive:
-        APILogWorker.drain_all(timeout=10)
-        EventsWorker.drain_all(timeout=10)
