@@ -3,7 +3,7 @@
 A progress artifact that moves as the sweep's trainings finish, the CV table, and a markdown
 summary: the chosen candidate, the test accuracy, the model version and where the MLflow run is.
 An artifact that cannot be made is a warning in the flow's log, never a failed run: the results
-are already in the run record and MLflow.
+are already in the run record and MLflow. Once the API stopped answering, none is tried again.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import httpx
 from prefect import get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -23,37 +24,57 @@ from pipeline.search import L2_KEY, candidate_id, label
 from pipeline.selection import candidate_of
 
 
-def _quietly(make: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return make(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 -- decoration: the results are recorded elsewhere
-        get_run_logger().warning("Prefect artifact not made: %s", " ".join(str(exc).split()))
-        return None
+class FlowArtifacts:
+    """The artifacts of one flow run. Once the Prefect API did not answer (its server gone),
+    the rest are skipped: each would cost seconds of Prefect's client retries, for decoration."""
 
+    def __init__(self) -> None:
+        self.api_lost = False
+        self.progress_id: Any = None
+        self.total = self.done = 0
 
-class SweepProgress:
-    """The ``cv-progress`` artifact: the share of the sweep's trainings done, in percent."""
+    def _quietly(self, make: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.api_lost:
+            return None
+        try:
+            return make(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- decoration: the results are recorded elsewhere
+            self.api_lost = isinstance(exc, httpx.TransportError)
+            get_run_logger().warning("Prefect artifact not made: %s", " ".join(str(exc).split()))
+            return None
 
-    def __init__(self, total: int) -> None:
+    def sweep_started(self, total: int) -> None:
+        """The ``cv-progress`` artifact: the share of the sweep's trainings done, in percent."""
         self.total, self.done = max(total, 1), 0
         description = f"cross-validation: {total} trainings"
-        self.id = _quietly(create_progress_artifact, 0.0, key="cv-progress",
-                           description=description)  # fmt: skip
+        self.progress_id = self._quietly(
+            create_progress_artifact, 0.0, key="cv-progress", description=description
+        )
 
-    def advance(self) -> None:
+    def training_finished(self) -> None:
         self.done += 1
-        if self.id is not None:
-            _quietly(update_progress_artifact, self.id, 100.0 * self.done / self.total)
+        if self.progress_id is not None:  # after a failure, no more tries
+            self.progress_id = self._quietly(
+                update_progress_artifact, self.progress_id, 100.0 * self.done / self.total
+            )
 
+    def cv_table(self, table: Any, description: str) -> None:
+        """The CV table (``cv-table``): one row per candidate, JSON-safe values (NaN as empty)."""
+        per_fold = ("val_accuracy_fold", "val_loss_fold")  # in the MLflow run's cv_results.csv
+        rows = [
+            {key: _cell(value) for key, value in row.items() if not key.startswith(per_fold)}
+            for row in table.to_dict(orient="records")
+        ]
+        self._quietly(create_table_artifact, rows, key="cv-table", description=description)
 
-def table_artifact(table: Any, description: str) -> None:
-    """The CV table (``cv-table``): one row per candidate, JSON-safe values (NaN as empty)."""
-    per_fold = ("val_accuracy_fold", "val_loss_fold")  # in the MLflow run's cv_results.csv
-    rows = [
-        {key: _cell(value) for key, value in row.items() if not key.startswith(per_fold)}
-        for row in table.to_dict(orient="records")
-    ]
-    _quietly(create_table_artifact, rows, key="cv-table", description=description)
+    def run_summary(
+        self, summary: dict[str, Any], flow: str, dataset: str, ui_command: str
+    ) -> None:
+        """The run in a few lines (``run-summary``): what was chosen, how it scored, where it
+        is."""
+        markdown = _summary_markdown(summary, flow, dataset, ui_command)
+        about = f"{flow} on {dataset}"
+        self._quietly(create_markdown_artifact, markdown, key="run-summary", description=about)
 
 
 def _cell(value: Any) -> Any:
@@ -64,8 +85,7 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def summary_artifact(summary: dict[str, Any], flow: str, dataset: str, ui_command: str) -> None:
-    """The run in a few lines (``run-summary``): what was chosen, how it scored, where it is."""
+def _summary_markdown(summary: dict[str, Any], flow: str, dataset: str, ui_command: str) -> str:
     best, published = summary["best"], summary["published"]
     settings = [key for key in best if key != L2_KEY]
     chosen = next(
@@ -97,5 +117,4 @@ def summary_artifact(summary: dict[str, Any], flow: str, dataset: str, ui_comman
         lines += ["", f"[Open the MLflow tracking server]({ui_command})"]
     else:
         lines += ["", "Open the MLflow UI:", "", f"```\n{ui_command}\n```"]
-    _quietly(create_markdown_artifact, "\n".join(lines), key="run-summary",
-             description=f"{flow} on {dataset}")  # fmt: skip
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
-from flows.artifacts import SweepProgress, summary_artifact, table_artifact
+from flows.artifacts import FlowArtifacts
 from flows.runners import check_scheduler_reachable, task_runner
 from flows.tasks import step, train_fold_task
 from pipeline.config import PipelineConfig
@@ -84,7 +84,11 @@ Item = tuple[str, int]  # (candidate id, fold)
 
 
 def run_sweep(
-    config: PipelineConfig, dataset: Dataset, record: RunRecord, publisher: LivePublisher
+    config: PipelineConfig,
+    dataset: Dataset,
+    record: RunRecord,
+    publisher: LivePublisher,
+    artifacts: FlowArtifacts,
 ) -> Sweep:
     """Train every (candidate, fold) of the search; record each result once it is final.
 
@@ -106,7 +110,7 @@ def run_sweep(
     )  # fmt: skip
     total = sum(count for _, count in plan) * config.cv.folds
     reporter().sweep_started(total)
-    progress = SweepProgress(total)
+    artifacts.sweep_started(total)
     parameters = {
         key: parameter_count(candidate_config(config, c), dataset.n_features, dataset.n_classes)
         for key, c in searched.items()
@@ -121,7 +125,7 @@ def run_sweep(
             stop = epochs if halving and not last else None  # the last rung: to the end
             jobs = {(key, fold): searched[key] for key in alive for fold in folds}
             rung = _train_rung(config, dataset, jobs, stop, checkpoints, record, last,
-                               publisher, runners, progress)  # fmt: skip
+                               publisher, runners, artifacts)  # fmt: skip
             trained, cached = trained + rung.trained, cached + rung.cached
             restarts += rung.worker_restarts
             if last:
@@ -184,7 +188,7 @@ def _train_rung(
     last: bool,
     publisher: LivePublisher,
     runners: Runners,
-    progress: SweepProgress,
+    artifacts: FlowArtifacts,
 ) -> Sweep:
     """Train ``jobs`` (up to epoch ``stop``), from the fold cache where it has them.
 
@@ -207,7 +211,7 @@ def _train_rung(
             record.add_fold(result)
             publisher.request()
         reporter().fold_finished(result, cached=cached)
-        progress.advance()
+        artifacts.training_finished()
 
     def started(item: Item, at: int) -> None:
         record.add_fold_start(jobs[item], item[1], at)
@@ -366,14 +370,15 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
         dataset=dataset.summary(),
         prefect_flow_run=prefect_run,
     ) as (record, publisher):
-        sweep = run_sweep(config, dataset, record, publisher)
+        artifacts = FlowArtifacts()
+        sweep = run_sweep(config, dataset, record, publisher, artifacts)
         table = cv_table_task(sweep.results, sweep.parameters)
         best = select_candidate_task(table, config.cv.selection)
         record.add_cv(table, best)
         publisher.request()
         logger.info("chosen: %s (%s rule)", label(best), config.cv.selection)
-        table_artifact(table, f"cross-validation, {config.cv.folds} folds, "
-                              f"{config.search.strategy}; chosen {label(best)}")  # fmt: skip
+        artifacts.cv_table(table, f"cross-validation, {config.cv.folds} folds, "
+                                  f"{config.search.strategy}; chosen {label(best)}")  # fmt: skip
         summary: dict[str, Any] = {
             "best_l2_lambda": best[L2_KEY],
             "best": best,
@@ -404,7 +409,7 @@ def run_pipeline(config: PipelineConfig, flow_name: str, final_model: bool) -> d
     # Published: ``recorded`` raised otherwise (NotPublishedError names the record's folder).
     published = publisher.published
     logger.info("run record %s; MLflow run %s", record.folder, published.run_id)
-    summary_artifact(result, flow_name, dataset.name, ui_command(published.tracking_uri))
+    artifacts.run_summary(result, flow_name, dataset.name, ui_command(published.tracking_uri))
     return result
 
 
