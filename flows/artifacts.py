@@ -3,7 +3,8 @@
 A progress artifact that moves as the sweep's trainings finish, the CV table, and a markdown
 summary: the chosen candidate, the test accuracy, the model version and where the MLflow run is.
 An artifact that cannot be made is a warning in the flow's log, never a failed run: the results
-are already in the run record and MLflow. Once the API stopped answering, none is tried again.
+are already in the run record and MLflow. Once the API did not answer (a transport error or a
+timeout, after Prefect's own retries), none is tried again.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pipeline.selection import candidate_of
 
 
 class FlowArtifacts:
-    """The artifacts of one flow run. Once the Prefect API did not answer (its server gone),
-    the rest are skipped: each would cost seconds of Prefect's client retries, for decoration."""
+    """The artifacts of one flow run. Once the Prefect API did not answer (its server gone, or
+    hung: a transport error or a timeout), the rest are skipped, with one warning: each would
+    cost seconds of Prefect's client retries, for decoration. An artifact the server refuses
+    (an HTTP error status) is skipped alone."""
 
     def __init__(self) -> None:
         self.api_lost = False
@@ -40,7 +43,9 @@ class FlowArtifacts:
             return make(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- decoration: the results are recorded elsewhere
             self.api_lost = isinstance(exc, httpx.TransportError)
-            get_run_logger().warning("Prefect artifact not made: %s", " ".join(str(exc).split()))
+            skipped = "; no other artifact is tried in this run" if self.api_lost else ""
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            get_run_logger().warning("Prefect artifact not made: %s%s", reason, skipped)
             return None
 
     def sweep_started(self, total: int) -> None:
@@ -53,10 +58,9 @@ class FlowArtifacts:
 
     def training_finished(self) -> None:
         self.done += 1
-        if self.progress_id is not None:  # after a failure, no more tries
-            self.progress_id = self._quietly(
-                update_progress_artifact, self.progress_id, 100.0 * self.done / self.total
-            )
+        if self.progress_id is not None:
+            percent = 100.0 * self.done / self.total
+            self._quietly(update_progress_artifact, self.progress_id, percent)
 
     def cv_table(self, table: Any, description: str) -> None:
         """The CV table (``cv-table``): one row per candidate, JSON-safe values (NaN as empty)."""

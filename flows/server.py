@@ -116,8 +116,10 @@ def _wait_for_health(server: subprocess.Popen[bytes], url: str, timeout: float) 
 def exit_status(server: subprocess.Popen[bytes], limit: int = 200) -> str:
     """An exited server's code and, when its stderr log has one, the last exception line
     (else the last line) it wrote there: ``3: sqlite3.OperationalError: ...``, or ``3``."""
-    with contextlib.suppress(AttributeError, OSError, ValueError):  # no log, or closed
-        log = server.log  # type: ignore[attr-defined]
+    log = getattr(server, "log", None)  # a plain Popen has none
+    if log is None:
+        return str(server.returncode)
+    with contextlib.suppress(OSError, ValueError):  # closed, or unreadable
         log.seek(0, os.SEEK_END)
         log.seek(max(0, log.tell() - 20_000))
         lines = [line.strip() for line in log.read().decode(errors="replace").splitlines()]
