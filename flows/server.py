@@ -263,8 +263,9 @@ def prefect_api(prepare: Callable[[], None]) -> Iterator[str | None]:
                 ) from None
             raise
         finally:
-            if server.poll() is None:  # queued logs and events sent while it answers, not at
-                # exit (Prefect's default) to a server that is gone by then
+            # Queued logs and events sent while the server answers: Prefect would send them at
+            # exit, to a server that is gone by then.
+            if server.poll() is None:
                 from prefect.events.worker import EventsWorker
                 from prefect.logging.handlers import APILogWorker
 
