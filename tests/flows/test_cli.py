@@ -479,6 +479,7 @@ def test_a_run_mlflow_lost_during_prints_its_results_once_the_bars_are_gone(
     assert [type(r) for r in reporters] == [pipeline.progress.Reporter], "printed under the bars"
 
 
+@pytest.mark.slow
 def test_a_flow_runs_log_tells_what_happened_not_each_task_runs_state(
     prefect_api_url, tracking_uri, tmp_path
 ):

@@ -40,7 +40,7 @@ def silent_api() -> Iterator[str]:
 # ------------------------------------------------------------------------------ a configured API
 
 
-@pytest.mark.parametrize("kind", ["silent", "refusing"])
+@pytest.mark.parametrize("kind", [pytest.param("silent", marks=pytest.mark.slow), "refusing"])
 def test_run_against_a_dead_configured_api_fails_in_seconds(
     cli, monkeypatch, silent_api, dead_endpoint, kind, one_error_line
 ):
@@ -60,6 +60,7 @@ def test_run_against_a_dead_configured_api_fails_in_seconds(
     assert seconds < 30, f"{seconds:.1f} s to fail"  # the health check's 5 s, plus the imports
 
 
+@pytest.mark.slow
 def test_an_api_from_prefects_settings_is_checked_too(
     cli, monkeypatch, silent_api, tmp_path, one_error_line
 ):
