@@ -380,6 +380,7 @@ def test_grid_strategy_and_selection_set_the_search(
     assert (config.search.strategy, config.cv.selection) == ("halving", "one-se")
 
 
+@pytest.mark.slow
 def test_a_command_names_its_flow_run_and_prints_its_page(
     cli, monkeypatch, prefect_api_url, tracking_uri, tmp_path
 ):

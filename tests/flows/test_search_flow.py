@@ -139,6 +139,7 @@ def test_mlflow_has_a_child_per_candidate_and_fold_with_its_values(halving):
     assert {key: parent.data.params[key] for key in best} == best, parent.data.params
 
 
+@pytest.mark.slow
 def test_a_second_run_trains_nothing(halving, tmp_path):
     config, summary, *_ = halving
 

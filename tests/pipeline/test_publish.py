@@ -1610,6 +1610,7 @@ def test_a_tampered_progress_file_is_refused(trained, tmp_path):
         record.final_progress()
 
 
+@pytest.mark.slow
 def test_system_metrics_are_sampled_into_the_parent_while_it_runs(
     trained, fresh, tmp_path, monkeypatch
 ):
