@@ -333,7 +333,7 @@ def test_the_same_command_after_a_signal_resumes_from_the_fold_cache(
 
 
 def test_a_trainings_mlflow_run_exists_from_its_start_and_a_signal_ends_it_killed(
-    tmp_path, tracking_uri, prefect_api_url, start_command
+    tmp_path, tracking_uri, prefect_api_url, start_command, reliability_log
 ):
     # Arrange: trainings long enough to be seen mid-way (about 5x EPOCHS each).
     cache = tmp_path / "cache"
@@ -362,6 +362,11 @@ def test_a_trainings_mlflow_run_exists_from_its_start_and_a_signal_ends_it_kille
         assert run.data.params["l2_lambda"] and run.data.params["fold"], run.data.params
     (record,) = records(cache)
     _assert_killed_everywhere(record, tracking_uri, len(record.folds()))
+    reliability_log(
+        "SIGTERM during the first trainings: their MLflow runs, there from the start, end KILLED",
+        survived=True,
+        results_lost=len(record.folds()) - len(fold_cache(cache)),
+    )
 
 
 # ------------------------------------------------------------------------------ final model
