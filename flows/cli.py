@@ -573,7 +573,7 @@ def publish(
         raise
     except Exception as exc:  # noqa: BLE001 -- the store failed mid-way: publish again
         raise NotPublishedError(f"publishing {folder} failed: {one_line(exc)}") from None
-    out.print(f"published {run_['flow']} run {run_['id']} ({record.run()['status']})")
+    out.print(f"published {run_['flow']} run {run_['id']} ({run_['status']})")
     _print_published(published)
 
 
