@@ -144,9 +144,9 @@ def _env(prefect_api_url: str | None) -> dict[str, str]:
 
 @dataclass
 class Interruption:
-    """What a signal left: folds finished before it, and the fold cache as it was then."""
+    """What a signal left: the folds its run record holds, and the fold cache as it was then."""
 
-    folds_finished: int
+    folds_recorded: int
     fold_cache: dict[str, tuple[int, int]]
 
 
@@ -233,7 +233,13 @@ def _interrupt_mid_sweep(
     )
     assert record.cv() is None, "an interrupted sweep records no CV table"
     _assert_killed_everywhere(record, tracking_uri, recorded)
-    assert len(fold_cache(cache)) == recorded, "every finished fold is in the fold cache"
+    # The fold cache is written before the record, so a training that ends as the signal
+    # comes can be cached and not recorded: the cache, which a resume reuses, holds every
+    # recorded fold and at most one more per worker.
+    cached = len(fold_cache(cache))
+    assert recorded <= cached <= recorded + workers, (
+        f"{cached} folds in the fold cache, {recorded} recorded, {workers} workers"
+    )
     # The trainings stopped at their next epoch: a training left running would spend over 2
     # CPU-s more (EPOCHS epochs), a stopped run a few tenths.
     assert after_signal < AFTER_SIGNAL_CPU[runner], (
@@ -279,7 +285,7 @@ def test_a_signal_mid_sweep_stops_the_trainings_at_their_next_epoch(
     reliability_log(
         f"{signame} mid-sweep ({runner} runner): trainings stop at their next epoch",
         survived=True,
-        results_lost=interruption.folds_finished - len(interruption.fold_cache),
+        results_lost=max(0, interruption.folds_recorded - len(interruption.fold_cache)),
     )
 
 
@@ -312,9 +318,8 @@ def test_the_same_command_after_a_signal_resumes_from_the_fold_cache(
 
     assert again.returncode == 0, f"exit {again.returncode}: {stderr[-3000:]}"
     trained, reused = _trainings(stdout)
-    assert reused == interruption.folds_finished, (
-        f"{reused} folds reused, {interruption.folds_finished} had finished: {stdout}"
-    )
+    finished = len(interruption.fold_cache)
+    assert reused == finished, f"{reused} folds reused, {finished} had finished: {stdout}"
     assert trained + reused == TRAININGS, stdout
     retrained = rewritten(interruption.fold_cache, cache)
     assert retrained == 0, f"{retrained} finished folds were trained again"
@@ -327,7 +332,7 @@ def test_the_same_command_after_a_signal_resumes_from_the_fold_cache(
         f"{'Ctrl-C' if to_group else signame} mid-sweep ({runner} runner), then the same "
         "command again",
         survived=True,
-        results_lost=interruption.folds_finished - min(reused, interruption.folds_finished),
+        results_lost=finished - min(reused, finished),
         folds_retrained=retrained,
     )
 
@@ -365,7 +370,7 @@ def test_a_trainings_mlflow_run_exists_from_its_start_and_a_signal_ends_it_kille
     reliability_log(
         "SIGTERM during the first trainings: their MLflow runs, there from the start, end KILLED",
         survived=True,
-        results_lost=len(record.folds()) - len(fold_cache(cache)),
+        results_lost=max(0, len(record.folds()) - len(fold_cache(cache))),
     )
 
 
@@ -496,5 +501,5 @@ def test_ctrl_c_in_a_terminal_ends_the_run_and_its_temporary_server_cleanly(
     reliability_log(
         f"Ctrl-C to the whole process group mid-sweep ({runner} runner, temporary server)",
         survived=True,
-        results_lost=len(record.folds()) - len(fold_cache(cache)),
+        results_lost=max(0, len(record.folds()) - len(fold_cache(cache))),
     )
