@@ -423,8 +423,7 @@ def run(
     experiment: Experiment = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Run the whole pipeline: the cross-validated search, final model, test evaluation, MLflow
-    record."""
+    """Run the whole pipeline: cross-validated search, final model, test evaluation, MLflow."""
     cfg = config_from_options(
         preset, config, set_, grid, strategy=strategy, selection=selection, dataset=dataset,
         data_dir=data_dir, limit_train=limit_train,
