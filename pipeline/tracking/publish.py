@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -622,7 +623,15 @@ class LivePublisher:
     def __exit__(self, *exc_info: Any) -> None:
         self._closing.set()
         self._wanted.set()
-        self._thread.join()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:  # a signal while the closing publish runs: it may stop short
+            logging.getLogger(__name__).warning(
+                "interrupted while publishing to MLflow; the run record %s holds the results: "
+                "publish them with `mlp-pipeline publish %s`",
+                self.record.folder, self.record.folder,
+            )  # fmt: skip
+            raise
 
     def raise_if_unpublished(self) -> None:
         """Raise :class:`NotPublishedError`, naming the record's folder, if MLflow stayed away."""

@@ -17,6 +17,7 @@ import dataclasses
 import getpass
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -1753,6 +1754,65 @@ def test_an_exception_inside_recorded_ends_record_and_runs(
         assert run["error"] == "RuntimeError: boom second line", run["error"]
     children = _runs(fresh.client, _experiment_id(fresh.client), "cv")
     assert [r.info.status for r in children] == ["FINISHED"] * len(trained.folds), children
+
+
+def test_a_signal_during_the_closing_publish_names_the_command_that_finishes_it(
+    trained, fresh, tmp_path, monkeypatch, caplog
+):
+    # Arrange: the closing publish of a finished record is under way (a slow model upload, say)
+    # when the signal comes, and the process ends before it does.
+    closing, signalled, cut = threading.Event(), threading.Event(), threading.Event()
+    real_publish = publish_module.publish
+
+    def cut_short(record: RunRecord, *args: Any, **kwargs: Any) -> Any:
+        if record.run()["status"] == "RUNNING":
+            return real_publish(record, *args, **kwargs)
+        closing.set()
+        signalled.wait(60)
+        cut.set()
+        raise RuntimeError("the process ended")
+
+    def send_signal() -> None:
+        if closing.wait(120):
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def handle(signum: int, frame: Any) -> None:  # as the command's handler does
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish_module, "publish", cut_short)
+    config = _config_for(trained, fresh.uri, tmp_path)
+    sender = threading.Thread(target=send_signal, daemon=True)
+    previous = signal.signal(signal.SIGUSR1, handle)
+    records = []
+
+    # Act
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="pipeline"),
+            pytest.raises(KeyboardInterrupt),
+            recorded(config, flow="mlp-pipeline", dataset=_dataset(trained)) as (record, live),
+        ):
+            records.append(record)
+            deadline = time.monotonic() + 120  # a hang guard
+            while live.published is None:  # the first publish done: the next is the closing one
+                assert time.monotonic() < deadline and live.error is None, live.error
+                time.sleep(0.01)
+            _fill(record, trained)
+            sender.start()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        signalled.set()
+    assert cut.wait(60), "the closing publish never ran"
+
+    # Assert: the record is whole, and the one command the warning names finishes MLflow's copy.
+    (record,) = records
+    assert record.run()["status"] == "FINISHED", record.run()["status"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    command = f"`mlp-pipeline publish {record.folder}`"
+    assert [w for w in warnings if "interrupted while publishing" in w and command in w], warnings
+    parent = fresh.client.get_run(real_publish(record).run_id)
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert "test_accuracy" in parent.data.metrics, parent.data.metrics
 
 
 def test_mlflow_lost_during_the_run_is_exit_3_and_a_later_publish_records_it(
