@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.interrupt import interruptible
+from flows.interrupt import exit_code, interruptible
 from mlp import MLPError
 from pipeline.config import PipelineConfig, parse_set_options, redact_uri, resolve_config
 from pipeline.errors import ConfigError, NotPublishedError, PipelineError
@@ -924,6 +924,9 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         err.print("error: interrupted")
         sys.exit(130)
+    except KeyboardInterrupt as exc:  # a signal while the handlers are set up or put back
+        err.print("error: interrupted")
+        sys.exit(exit_code(getattr(exc, "signum", None)))
     except typer.TyperException as exc:  # an unknown option, a bad value, a missing argument
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(0)  # the help was printed: asking for it is not an error

@@ -52,6 +52,11 @@ def raise_if_stopped(record: dict[str, Any] | None = None) -> None:
         raise TrainingStopped(f"training stopped{after}: the run was interrupted")
 
 
+def exit_code(signum: int | None) -> int:
+    """The command's exit code after signal ``signum``: 129 after SIGHUP, else 130."""
+    return 129 if signum == signal.SIGHUP else 130
+
+
 class Caught:
     """The signal an :func:`interruptible` block received, if any."""
 
@@ -59,7 +64,7 @@ class Caught:
 
     @property
     def exit_code(self) -> int:
-        return 129 if self.signum == signal.SIGHUP else 130
+        return exit_code(self.signum)
 
 
 @contextmanager

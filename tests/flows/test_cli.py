@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -836,8 +837,6 @@ def test_serve_puts_no_credentials_in_the_deployment_parameters(
 
 def test_trigger_refuses_credentials_in_a_runs_overrides():
     # Arrange: a deployment as the API returns it (its stored parameters).
-    from types import SimpleNamespace
-
     from flows.deployments import config_parameters, deployment_config
     from pipeline.config import build_config
     from pipeline.errors import ConfigError
@@ -1298,6 +1297,28 @@ def _statuses(database: Path) -> list[str]:
             return [row[0] for row in db.execute("select status from runs")]
         except sqlite3.OperationalError:  # locked or being written: ask again
             return []
+
+
+@pytest.mark.parametrize(("signum", "expected"), [(signal.SIGINT, 130), (signal.SIGHUP, 129)],
+                         ids=["SIGINT", "SIGHUP"])  # fmt: skip
+def test_a_signal_as_the_handlers_are_put_back_is_the_one_line_too(monkeypatch, signum, expected):
+    # Arrange: the signal lands just outside the command, as its handlers are put back.
+    import flows.cli
+    from flows.interrupt import Interrupted
+
+    @contextlib.contextmanager
+    def interrupted_at_exit():
+        yield SimpleNamespace(signum=None)
+        raise Interrupted(signum)
+
+    monkeypatch.setattr(flows.cli, "interruptible", interrupted_at_exit)
+
+    # Act
+    code, _, err = _main(["data", "--help"])
+
+    # Assert
+    assert code == expected, f"exit {code}, expected {expected}: {err}"
+    assert err.strip().splitlines() == ["error: interrupted"], err
 
 
 @pytest.mark.slow
