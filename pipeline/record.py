@@ -347,28 +347,29 @@ class RunRecord:
         stamp = datetime.fromtimestamp(started / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
         root = Path(config.execution.cache_dir).resolve() / RUNS
         record = cls(root / f"{stamp}-{secrets.token_hex(4)}")
+        # Gathered before the folder is made (git runs twice): a signal meanwhile leaves no
+        # record folder without its run.json.
+        run = {
+            "id": record.folder.name,
+            "flow": flow,
+            "config": config.redacted(),
+            "dataset": dataset,
+            "prefect_flow_run": prefect_flow_run or {},
+            "params": params or {},
+            "package_version": package_version(),
+            "git_commit": git_commit(),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "pid": os.getpid(),
+            "start_time": started,
+            "end_time": None,
+            "status": "RUNNING",
+            "error": "",
+            "summary": {},
+        }
         with _writing(record.folder):
             record.folder.mkdir(parents=True)
-        record._write_run(
-            {
-                "id": record.folder.name,
-                "flow": flow,
-                "config": config.redacted(),
-                "dataset": dataset,
-                "prefect_flow_run": prefect_flow_run or {},
-                "params": params or {},
-                "package_version": package_version(),
-                "git_commit": git_commit(),
-                "host": socket.gethostname(),
-                "user": _user(),
-                "pid": os.getpid(),
-                "start_time": started,
-                "end_time": None,
-                "status": "RUNNING",
-                "error": "",
-                "summary": {},
-            }
-        )
+        record._write_run(run)
         return record
 
     def _write_run(self, run: dict[str, Any]) -> None:
