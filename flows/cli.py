@@ -921,10 +921,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("error: interrupted")
-        sys.exit(130)
-    except KeyboardInterrupt as exc:  # a signal while the handlers are set up or put back
+    except (typer.Abort, KeyboardInterrupt) as exc:  # also a signal just outside the app
         err.print("error: interrupted")
         sys.exit(exit_code(getattr(exc, "signum", None)))
     except typer.TyperException as exc:  # an unknown option, a bad value, a missing argument

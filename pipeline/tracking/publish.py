@@ -32,6 +32,8 @@ from pipeline.tracking.model import MODEL_NAME, build_pyfunc, logged_model
 from pipeline.tracking.registry import Registration, register
 from pipeline.tracking.store import default_tracking_uri, one_line, open_store, redact_uri
 
+logger = logging.getLogger(__name__)
+
 RECORD_TAG = "mlp_pipeline.record_id"
 PART_TAG = "mlp_pipeline.part"
 MODEL_TAG = "mlp_pipeline.model_logged"
@@ -621,12 +623,12 @@ class LivePublisher:
         return monitor
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._closing.set()
-        self._wanted.set()
         try:
+            self._closing.set()
+            self._wanted.set()
             self._thread.join()
         except KeyboardInterrupt:  # a signal while the closing publish runs: it may stop short
-            logging.getLogger(__name__).warning(
+            logger.warning(
                 "interrupted while publishing to MLflow; the run record %s holds the results: "
                 "publish them with `mlp-pipeline publish %s`",
                 self.record.folder, self.record.folder,

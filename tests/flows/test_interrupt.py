@@ -192,7 +192,7 @@ def _interrupt_mid_sweep(
 ) -> Interruption:
     """Run the sweep, signal it once a fold is done and the next trainings are under way (the
     whole process group, as a terminal's Ctrl-C does, with ``to_group``), and check how it
-    ended. Returns what finished before the signal.
+    ended. Returns the folds recorded and the fold cache once the run has ended.
     """
     cache = tmp_path / "cache"
     cpu_before = _children_cpu()
@@ -283,7 +283,7 @@ def test_a_signal_mid_sweep_stops_the_trainings_at_their_next_epoch(
     reliability_log(
         f"{signame} mid-sweep ({runner} runner): trainings stop at their next epoch",
         survived=True,
-        results_lost=max(0, interruption.folds_recorded - len(interruption.fold_cache)),
+        results_lost=interruption.folds_recorded - len(interruption.fold_cache),
     )
 
 
