@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -630,8 +631,8 @@ class LivePublisher:
         except KeyboardInterrupt:  # a signal while the closing publish runs: it may stop short
             logger.warning(
                 "interrupted while publishing to MLflow; the run record %s holds the results: "
-                "publish them with `mlp-pipeline publish %s`",
-                self.record.folder, self.record.folder,
+                "publish them with `%s`",
+                self.record.folder, publish_command(self.record.folder),
             )  # fmt: skip
             raise
 
@@ -639,7 +640,7 @@ class LivePublisher:
         """Raise :class:`NotPublishedError`, naming the record's folder, if MLflow stayed away."""
         if self.error is not None or self.published is None:
             reason = one_line(self.error or RuntimeError("not published"))
-            later = f"publish them with `mlp-pipeline publish {self.record.folder}`"
+            later = f"publish them with `{publish_command(self.record.folder)}`"
             if self.published is not None:  # the parent exists: not left RUNNING (best effort)
                 client, run_id = self.store[0], self.published.run_id
                 with contextlib.suppress(Exception):
@@ -650,6 +651,11 @@ class LivePublisher:
                 f"record it ({reason}); the results are in {self.record.folder}: {later}",
                 record=self.record.folder,
             )
+
+
+def publish_command(folder: Path) -> str:
+    """The command that publishes the run record in ``folder``, quoted for a shell."""
+    return f"mlp-pipeline publish {shlex.quote(str(folder))}"
 
 
 @contextlib.contextmanager

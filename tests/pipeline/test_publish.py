@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1780,7 +1782,7 @@ def test_a_signal_during_the_closing_publish_names_the_command_that_finishes_it(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(publish_module, "publish", cut_short)
-    config = _config_for(trained, fresh.uri, tmp_path)
+    config = _config_for(trained, fresh.uri, tmp_path / "my runs")  # a space, as in many homes
     sender = threading.Thread(target=send_signal, daemon=True)
     previous = signal.signal(signal.SIGUSR1, handle)
     records = []
@@ -1808,8 +1810,10 @@ def test_a_signal_during_the_closing_publish_names_the_command_that_finishes_it(
     (record,) = records
     assert record.run()["status"] == "FINISHED", record.run()["status"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    command = f"`mlp-pipeline publish {record.folder}`"
-    assert [w for w in warnings if "interrupted while publishing" in w and command in w], warnings
+    found = [w for w in warnings if "interrupted while publishing" in w]
+    assert len(found) == 1, warnings
+    command = re.search(r"`(mlp-pipeline publish [^`]+)`", found[0])
+    assert command and shlex.split(command.group(1))[2:] == [str(record.folder)], found[0]
     parent = fresh.client.get_run(real_publish(record).run_id)
     assert parent.info.status == "FINISHED", parent.info.status
     assert "test_accuracy" in parent.data.metrics, parent.data.metrics
