@@ -74,8 +74,7 @@ class FlowArtifacts:
     def run_summary(
         self, summary: dict[str, Any], flow: str, dataset: str, ui_command: str
     ) -> None:
-        """The run in a few lines (``run-summary``): what was chosen, how it scored, where it
-        is."""
+        """The run in a few lines (``run-summary``): what was chosen, its score, where it is."""
         markdown = _summary_markdown(summary, flow, dataset, ui_command)
         about = f"{flow} on {dataset}"
         self._quietly(create_markdown_artifact, markdown, key="run-summary", description=about)

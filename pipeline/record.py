@@ -347,8 +347,8 @@ class RunRecord:
         stamp = datetime.fromtimestamp(started / 1000, UTC).strftime("%Y%m%dT%H%M%SZ")
         root = Path(config.execution.cache_dir).resolve() / RUNS
         record = cls(root / f"{stamp}-{secrets.token_hex(4)}")
-        # Gathered before the folder is made: the git calls, the slow part, run before it exists
-        # (a signal there leaves no record folder without its run.json).
+        # The content first, then the folder: a signal during the git calls (the slow part)
+        # leaves no record folder without its run.json.
         run = {
             "id": record.folder.name,
             "flow": flow,
